@@ -1,0 +1,293 @@
+"""The one configuration path: nested frozen dataclasses, loaded from YAML, overridden by --section.key=value.
+
+Unknown sections or keys, wrong types and invalid combinations raise ConfigError, whose message names
+the key, the value and what is allowed. `python -m dist_llama.config --config FILE [overrides]` prints
+the resolved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dist_llama.model import PRESETS, ModelArgs, RopeScaling
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; printed without a traceback by the entry points."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "auto"  # local | hub | auto (local paths when they match files, else the Hub dataset)
+    paths: list[str] = field(default_factory=list)  # globs of .jsonl, .jsonl.zst, .parquet, .txt files
+    hub_dataset: str = "ashaba1in/small_openwebtext"
+    hub_split: str = "train"
+    text_field: str = "text"
+    val_paths: list[str] = field(default_factory=list)  # held-out files; empty: a hash rule on the stream
+    val_per_mille: int = 5  # with no val_paths: documents whose hash falls below this are held out
+    val_docs: int = 64  # documents in the held-out set
+    tokenizer: str = "auto"  # hub | offline | auto | a saved tokenizer folder
+    seq_len: int = 1024
+    shuffle: bool = True
+    prefetch_steps: int = 4  # batches tokenized ahead by the background thread
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "debug"
+    run_root: str = "runs"  # the run directory is run_root/name
+    seed: int = 1337
+    steps: int = 1000
+    tokens_per_step: int = 524288  # global batch in tokens; gradient accumulation follows from it
+    micro_batch_size: int = 8  # sequences per forward pass per rank
+    eval_every: int = 250
+    eval_batches: int = 4
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda
+    init_from: str | None = None  # a checkpoint: load model weights only (Position Interpolation fine-tune)
+    init_data_stream: str = "restart"  # with init_from: restart the data stream, or continue it
+    max_bad_steps: int = 0  # non-finite loss/grad-norm steps skipped before the run stops
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500
+    keep_last: int = 2
+    resume: str = "auto"  # auto (latest complete checkpoint of the run) | none | PATH
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    progress: bool = True  # live progress line on rank 0
+    peak_tflops: float | None = None  # None: detected from the GPU name
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    activation_checkpointing: str = "none"  # none | full | selective (every other block)
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool = False
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mmlu_data: str | None = None  # local tinyMMLU-format jsonl; None: lm-eval's tinyMMLU task (Hub)
+    limit: int | None = None
+    batch_size: int = 4
+    irt_params: str | None = None  # tinyBenchmarks parameter file; None: the official one, if reachable
+    ppl_data: str | None = None  # held-out jsonl for loss by position
+    ppl_docs: int = 32
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelArgs = field(default_factory=lambda: PRESETS["debug"])
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.run_root) / self.train.name
+
+
+CHOICES = {
+    "data.source": ("local", "hub", "auto"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.init_data_stream": ("restart", "continue"),
+    "parallel.activation_checkpointing": ("none", "full", "selective"),
+    "parallel.mixed_precision": ("auto", "bf16", "fp32"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def _validate(config: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
+    positive = ["data.seq_len", "train.steps", "train.tokens_per_step", "train.micro_batch_size",
+                "train.eval_every", "train.log_every", "checkpoint.every", "checkpoint.keep_last"]
+    for key in positive:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if config.data.seq_len > config.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}; "
+                          "lower data.seq_len or raise model.max_seq_len (with rope_scaling for Position Interpolation)")
+    if config.train.tokens_per_step % config.data.seq_len:
+        raise ConfigError(f"train.tokens_per_step={config.train.tokens_per_step} must be a multiple of "
+                          f"data.seq_len={config.data.seq_len} (batches are whole sequences, no padding)")
+    if len(config.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={config.optim.betas} must have two values, e.g. [0.9, 0.95]")
+
+
+# --- Building dataclasses from plain dicts, with messages that name the key -------------------------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check (and where lossless, convert) a YAML value to the annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{key} may not be null")
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {[f.name for f in dataclasses.fields(tp)]}, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}={value!r} must be of type {_type_name(tp)}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        if prefix:
+            raise ConfigError(f"unknown key {prefix}.{unknown[0]}; valid keys of {prefix}: {', '.join(names)}")
+        raise ConfigError(f"unknown section {unknown[0]}; valid sections: {', '.join(names)}")
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{prefix}: {error}") from None
+
+
+def _model_section(values: dict) -> dict:
+    """A model section may name a preset (default: debug); its other keys override the preset's fields."""
+    values = dict(values)
+    preset = values.pop("preset", "debug")
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset={preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    return {**to_dict(PRESETS[preset]), **values}
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def from_dict(values: dict) -> Config:
+    values = dict(values or {})
+    if "model" in values:
+        values["model"] = _model_section(values["model"] or {})
+    for name, section in values.items():
+        if not isinstance(section, (dict, type(None))):
+            raise ConfigError(f"section {name} must be a mapping of keys, got {section!r}")
+    config = _build(Config, {name: dict(section or {}) for name, section in values.items()}, "")
+    _validate(config)
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'--train.steps=10' -> (['train', 'steps'], 10); values are parsed as YAML (ints, floats, bools, lists, null)."""
+    if not text.startswith("--") or "=" not in text:
+        raise ConfigError(f"override {text!r} must look like --section.key=value")
+    key, raw = text[2:].split("=", 1)
+    parts = key.split(".")
+    if len(parts) < 2:
+        raise ConfigError(f"override {text!r} must name a section and a key, e.g. --train.steps=100")
+    return parts, yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; the presets are in configs/ (e.g. configs/debug.yaml)")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
+    for text in overrides:
+        parts, value = parse_override(text)
+        target = values
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"cannot override {text!r}: {part} is not a section")
+        target[parts[-1]] = value
+    return from_dict(values)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def config_argument_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     epilog="Any --section.key=value after the options overrides the config file.")
+    parser.add_argument("--config", default=None, help="YAML file in configs/ (default: the built-in debug config)")
+    return parser
+
+
+def parse_cli(description: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    """Parse --config and --section.key=value overrides; exit with a one-line message on a user mistake."""
+    parser = config_argument_parser(description)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        return args, load_config(args.config, overrides)
+    except ConfigError as error:
+        parser.exit(2, f"config error: {error}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    _, config = parse_cli("Print the resolved configuration.", argv)
+    sys.stdout.write(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+if __name__ == "__main__":
+    main()
