@@ -6,7 +6,7 @@ configuration is all that needs translating, both ways.
 
 from __future__ import annotations
 
-from dist_llama.model import ModelArgs, RopeScaling
+from .model import ModelArgs, RopeScaling  # relative: the release folder carries this file verbatim
 
 
 def llama_config_dict(args: ModelArgs) -> dict:

@@ -99,13 +99,13 @@ PRESETS: dict[str, ModelArgs] = {
 
 
 def rope_angles(head_dim: int, positions: torch.Tensor, theta: float, factor: float = 1.0) -> torch.Tensor:
-    """Rotation angles (len(positions), head_dim/2); Position Interpolation divides positions by factor."""
+    """Rotation angles (*positions.shape, head_dim/2); Position Interpolation divides positions by factor."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    return torch.outer(positions.float() / factor, inv_freq)
+    return (positions.float() / factor)[..., None] * inv_freq  # positions may be (seq,) or (batch, seq)
 
 
 def precompute_rope(head_dim: int, positions: torch.Tensor, theta: float, factor: float = 1.0):
-    """cos and sin of shape (len(positions), head_dim), duplicated over the two halves."""
+    """cos and sin of shape (*positions.shape, head_dim), duplicated over the two halves."""
     angles = rope_angles(head_dim, positions, theta, factor)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
