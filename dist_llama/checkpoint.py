@@ -1,0 +1,255 @@
+"""Sharded training checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of run_dir/checkpoints/step_00000100/: DCP's `.metadata` and `__R_0.distcp` shards (model and
+optimizer through the state-dict APIs, so wrapper prefixes never reach the files), and `meta.json`:
+step, tokens seen, data-loader state of every lane, RNG states, resolved config, and a sha256 of every
+file. A checkpoint is written under `step_X.tmp` and renamed when complete, so an interrupted write is
+never picked; the checksums catch files damaged afterwards. DCP reshards on load: a checkpoint from N
+ranks resumes on M ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from dist_llama.parallel import all_gather_objects, broadcast_object
+
+log = logging.getLogger(__name__)
+
+META_FILE = "meta.json"
+PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, incomplete, corrupted or incompatible."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def _files_digest(folder: Path) -> dict[str, str]:
+    digests = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != META_FILE:
+            sha = hashlib.sha256()
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 22), b""):
+                    sha.update(chunk)
+            digests[path.name] = sha.hexdigest()
+    return digests
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Finished checkpoints under folder, oldest first (temporary `.tmp` folders are never listed)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and not p.name.endswith(".tmp") and (p / META_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def read_meta(checkpoint: Path) -> dict:
+    meta_path = checkpoint / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{checkpoint} is not a complete checkpoint: {META_FILE} is missing")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{meta_path} is corrupted ({error}); use an earlier checkpoint") from None
+
+
+def verify_checkpoint(checkpoint: Path) -> dict:
+    """Compare every file with the checksums written at save time; returns the metadata."""
+    meta = read_meta(checkpoint)
+    expected = meta.get("files", {})
+    actual = _files_digest(checkpoint)
+    missing = sorted(set(expected) - set(actual))
+    if missing:
+        raise CheckpointError(f"{checkpoint} is incomplete: missing {', '.join(missing)}")
+    damaged = sorted(name for name in expected if actual[name] != expected[name])
+    if damaged:
+        raise CheckpointError(f"{checkpoint} is corrupted: checksum mismatch in {', '.join(damaged)}")
+    return meta
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run directory / checkpoints folder for its latest complete checkpoint."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        found = complete_checkpoints(folder)
+        if found:
+            return found[-1]
+    raise CheckpointError(f"no complete checkpoint at {path}: expected a {PREFIX}N folder with {META_FILE}, "
+                          "or a run directory holding checkpoints/")
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    python_state = state["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _json_default(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    raise TypeError(f"cannot store {type(obj).__name__} in checkpoint metadata")
+
+
+def params_are_finite(model: torch.nn.Module) -> bool:
+    local_ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+    flag = torch.tensor([0.0 if local_ok else 1.0])
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+class Checkpointer:
+    def __init__(self, folder: Path, keep_last: int, is_main: bool):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+        self.is_main = is_main
+
+    def save(self, step: int, model, optimizer, data_state: dict, extra: dict) -> Path:
+        """Collective: every rank calls it. `extra` (tokens seen, config, ...) goes to meta.json."""
+        if not params_are_finite(model):
+            raise CheckpointError(f"step {step}: model weights are not finite; refusing to write a checkpoint")
+        final = self.folder / checkpoint_name(step)
+        staging = final.with_name(final.name + ".tmp")
+        if self.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        dist.barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=staging)
+        lane_states = all_gather_objects(data_state)
+        rng_states = all_gather_objects(rng_state())
+        if self.is_main:
+            meta = {"step": step, **extra, "data_lanes": lane_states, "rng": rng_states,
+                    "world_size": dist.get_world_size(), "files": _files_digest(staging)}
+            (staging / META_FILE).write_text(json.dumps(meta, default=_json_default))
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        for old in complete_checkpoints(self.folder)[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def find_resume(self, resume: str) -> Path | None:
+        """The checkpoint to resume from: `none`, `auto` (latest intact, falling back past damaged ones), or a path."""
+        if resume == "none":
+            return None
+        if resume != "auto":
+            checkpoint = resolve_checkpoint(resume)
+            self._verify_everywhere(checkpoint)
+            return checkpoint
+        for checkpoint in reversed(complete_checkpoints(self.folder)):
+            try:
+                self._verify_everywhere(checkpoint)
+                return checkpoint
+            except CheckpointError as error:
+                log.warning("skipping damaged checkpoint: %s", error)
+        return None
+
+    def _verify_everywhere(self, checkpoint: Path) -> None:
+        # Rank 0 reads every file once; the others take its verdict, so all ranks pick the same checkpoint.
+        verdict = None
+        if self.is_main:
+            try:
+                verify_checkpoint(checkpoint)
+            except CheckpointError as error:
+                verdict = str(error)
+        verdict = broadcast_object(verdict)
+        if verdict is not None:
+            raise CheckpointError(verdict)
+
+    def load(self, checkpoint: Path, model, optimizer) -> dict:
+        """Restore model and optimizer shards (resharding as needed); returns meta.json's contents."""
+        meta = read_meta(checkpoint)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        try:
+            dcp.load(state, checkpoint_id=checkpoint)
+        except Exception as error:  # DCP raises many types for unreadable or mismatched files
+            raise CheckpointError(f"cannot load {checkpoint}: {error}") from error
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if meta.get("world_size") == dist.get_world_size():
+            set_rng_state(meta["rng"][dist.get_rank()])
+        return meta
+
+
+def load_model_weights(checkpoint: str | Path, model) -> dict:
+    """Weights only, for a fine-tune starting from a trained model (fresh optimizer and schedule)."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    meta = verify_checkpoint(checkpoint)
+    state = {"model": get_model_state_dict(model)}
+    try:
+        dcp.load(state, checkpoint_id=checkpoint)
+    except Exception as error:
+        raise CheckpointError(f"cannot load model weights from {checkpoint}: {error}") from error
+    set_model_state_dict(model, state["model"])
+    return meta
+
+
+def load_full_model_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The full (unsharded) model state dict of a checkpoint, on CPU, with no process group."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    meta = verify_checkpoint(checkpoint)
+    try:
+        metadata = dcp.FileSystemReader(checkpoint).read_metadata()
+        # Empty tensors of the stored shapes for the "model" entries only (the optimizer's are twice as
+        # large and not needed); dcp.load fills them in place.
+        model_state = {}
+        for key, item in metadata.state_dict_metadata.items():
+            path = metadata.planner_data.get(key, ())
+            if path[:1] == ("model",) and isinstance(item, TensorStorageMetadata):
+                model_state[".".join(map(str, path[1:]))] = torch.empty(item.size, dtype=item.properties.dtype)
+        if not model_state:
+            raise CheckpointError(f"{checkpoint} holds no model weights")
+        with warnings.catch_warnings():  # "no process group: assuming a single process" is the intent here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": model_state}, checkpoint_id=checkpoint, no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as error:  # DCP raises many types for unreadable files
+        raise CheckpointError(f"cannot read model weights from {checkpoint}: {error}") from error
+    return model_state, meta
+
+
+__all__ = ["Checkpointer", "CheckpointError", "complete_checkpoints", "load_full_model_state", "load_model_weights",
+           "resolve_checkpoint", "verify_checkpoint", "StateDictOptions"]

@@ -1,0 +1,117 @@
+"""Everything distributed: process group, device, FSDP2 sharding, activation checkpointing, compile.
+
+The model (model.py) knows nothing of this file. `python -m dist_llama.train` without torchrun runs
+the same code path with a one-process group, so there is no second, untested single-device branch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from dist_llama.config import ParallelConfig
+from dist_llama.model import Transformer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(parallel: ParallelConfig, device_request: str) -> DistEnv:
+    """Join the torchrun group, or make a one-process group when launched with plain python."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(device_request, local_rank)
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        else:
+            # An in-process store: no ports, no environment variables for the single-process user.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def compute_dtype(parallel: ParallelConfig, device: torch.device) -> torch.dtype:
+    if parallel.mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[parallel.mixed_precision]
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+    """Recompute block activations in backward: `full` every block, `selective` every other one."""
+    if mode == "none":
+        return
+    for index, block in enumerate(model.model.layers):
+        if mode == "full" or index % 2 == 0:
+            # Non-reentrant: works with FSDP2 and keeps results bitwise equal to no checkpointing.
+            model.model.layers[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def parallelize(model: Transformer, parallel: ParallelConfig, env: DistEnv) -> Transformer:
+    """Activation checkpointing, per-block compile, then FSDP2: each block its own unit, then the root.
+
+    The model must already hold its full, seeded weights (see Transformer.init_weights): sharding a
+    meta-initialised model and re-initialising per rank gives every rank the same random stream.
+    """
+    model.to(env.device)
+    apply_activation_checkpointing(model, parallel.activation_checkpointing)
+    if parallel.compile:
+        for block in model.model.layers:
+            block.compile()  # in place: parameter names stay those of transformers' Llama
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    # Parameters stay fp32 (the optimizer's master copy); bf16 only for compute, fp32 for gradient reduction.
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype(parallel, env.device), reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_gather_objects(obj) -> list:
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj, src: int = 0):
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
