@@ -64,3 +64,23 @@ def make_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model_dir(tmp_path_factory) -> Path:
+    """A stock LlamaForCausalLM folder (random weights from seed 0, 4.2M parameters, mostly the 32k
+    embeddings) with the offline Mistral tokenizer: an evaluation target that needs no release code."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dist_llama.tokenizer import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_hf_model")
+    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without moving other tests' random stream
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+    load_tokenizer("offline").save_pretrained(folder)
+    return folder

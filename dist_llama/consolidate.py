@@ -1,0 +1,376 @@
+"""Turn a sharded training checkpoint into a Hugging Face release folder, on one CPU process.
+
+`python -m dist_llama.consolidate --checkpoint CKPT_OR_RUN_DIR --out DIR [--dtype bf16|fp32] [--stock-llama]`
+writes everything `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` needs:
+
+- model.safetensors (or shards + model.safetensors.index.json), with transformers' Llama parameter names;
+- config.json (model_type dist_llama, auto_map) and generation_config.json;
+- the tokenizer the run trained with (`data.tokenizer`), saved with save_pretrained;
+- the model code: dist_llama/model.py and interop.py plus hub_release/*.py, copied at release time so
+  the release runs the very code that trained (one source of truth), and loads without dist_llama;
+- README.md (model card filled from the run) and training_config.yaml (the resolved run config).
+
+With --stock-llama, config.json is a stock LlamaConfig instead (no code files, no trust_remote_code):
+the weights need no conversion, since model.py uses Llama's names and layouts.
+No weights are ever unpickled: the checkpoint is read through DCP, the release holds safetensors only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from dist_llama.checkpoint import CheckpointError, load_full_model_state, resolve_checkpoint
+from dist_llama.config import Config, ConfigError, from_dict, save_config
+from dist_llama.interop import llama_config_dict
+from dist_llama.model import ModelArgs, Transformer, count_parameters
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODEL_SOURCE = Path(__file__).resolve().parent / "model.py"
+INTEROP_SOURCE = Path(__file__).resolve().parent / "interop.py"
+RELEASE_CODE = Path(__file__).resolve().parents[1] / "hub_release"
+AUTO_MAP = {"AutoConfig": "configuration_dist_llama.DistLlamaConfig",
+            "AutoModelForCausalLM": "modeling_dist_llama.DistLlamaForCausalLM"}
+WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class ReleaseError(RuntimeError):
+    """A release that cannot be built or loaded: missing files, mismatched vocab or dtype, bad checkpoint."""
+
+
+# --- Weights ----------------------------------------------------------------------------------------
+
+
+def release_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The checkpoint's model weights checked against args, cast to dtype, tied head dropped."""
+    with torch.device("meta"):
+        expected = Transformer(args).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ReleaseError(f"checkpoint weights do not match the run's model config: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    embed = state["model.embed_tokens.weight"]
+    if embed.shape[0] != args.vocab_size:
+        raise ReleaseError(f"vocab mismatch: the checkpoint's embeddings have {embed.shape[0]} rows but "
+                           f"model.vocab_size={args.vocab_size} in its config")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ReleaseError(f"{name} has shape {tuple(tensor.shape)} in the checkpoint, "
+                               f"{tuple(expected[name].shape)} from its config")
+        if not tensor.is_floating_point():
+            raise ReleaseError(f"dtype mismatch: {name} is {tensor.dtype} in the checkpoint, expected a float tensor")
+    if args.tie_embeddings:
+        # One matrix; transformers re-ties lm_head.weight from config.tie_word_embeddings on load.
+        state = {name: tensor for name, tensor in state.items() if name != "lm_head.weight"}
+    return {name: tensor.detach().to(dtype).contiguous() for name, tensor in state.items()}
+
+
+def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> None:
+    from huggingface_hub import save_torch_state_dict
+
+    # Same layout as transformers' save_pretrained: one model.safetensors, or shards and an index.
+    save_torch_state_dict(state, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
+
+
+# --- Config files -----------------------------------------------------------------------------------
+
+
+def _release_config_class():
+    """DistLlamaConfig from hub_release/ (it imports only transformers, so it loads from its path)."""
+    import importlib.util
+
+    path = RELEASE_CODE / "configuration_dist_llama.py"
+    if not path.is_file():
+        raise ReleaseError(f"{path} not found: consolidate runs from a source checkout of dist_llama (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("dist_llama_release_configuration", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.DistLlamaConfig
+
+
+def model_config(args: ModelArgs, dtype: str, stock_llama: bool, bos_id: int, eos_id: int):
+    """The transformers config object of a release (DistLlamaConfig, or LlamaConfig with stock_llama)."""
+    fields = {**llama_config_dict(args), "bos_token_id": bos_id, "eos_token_id": eos_id,
+              "dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}
+    if stock_llama:
+        from transformers import LlamaConfig
+
+        config = LlamaConfig(**fields)
+        config.architectures = ["LlamaForCausalLM"]
+        return config
+    # The training backend may be xformers (training-only, no masks); inference uses SDPA, same weights.
+    config = _release_config_class()(**fields, attention="eager" if args.attention == "eager" else "sdpa")
+    config.architectures = ["DistLlamaForCausalLM"]
+    config.auto_map = dict(AUTO_MAP)
+    return config
+
+
+# --- Code files -------------------------------------------------------------------------------------
+
+
+def _absolute_dist_llama_imports(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "dist_llama":
+            found.append(f"from {node.module} import ...")
+        elif isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name.split(".")[0] == "dist_llama"]
+    return found
+
+
+def release_code_files() -> dict[str, str]:
+    """File name -> source of the code a release folder carries.
+
+    model.py and interop.py are copied verbatim (interop.py imports `.model` relatively, so it resolves
+    both inside the package and inside the folder). Any dist_llama import is an error: the folder must
+    be self-contained.
+    """
+    if not RELEASE_CODE.is_dir():
+        raise ReleaseError(f"{RELEASE_CODE} not found: consolidate runs from a source checkout of dist_llama")
+    files = {path.name: path.read_text() for path in sorted(RELEASE_CODE.glob("*.py"))}
+    files["model.py"] = MODEL_SOURCE.read_text()
+    files["interop.py"] = INTEROP_SOURCE.read_text()
+    for name, source in files.items():
+        if leftover := _absolute_dist_llama_imports(source):
+            raise ReleaseError(f"{name} imports {', '.join(leftover)}; a release folder cannot follow that import")
+    return files
+
+
+# --- Model card -------------------------------------------------------------------------------------
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[name] = value
+    return flat
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(rows) -> str:
+    return "\n".join(["| | |", "|---|---|", *(f"| {key} | {_fmt(value)} |" for key, value in rows)])
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M ({n:,})"
+
+
+def model_card(config: Config, meta: dict, eval_summary: dict | None, repo_name: str, stock_llama: bool,
+               dtype: str) -> str:
+    args = config.model
+    counts = count_parameters(args)
+    data = config.data
+    data_source = ", ".join(data.paths) if data.source == "local" or (data.source == "auto" and data.paths) else data.hub_dataset
+    rope = f"linear Position Interpolation, factor {args.rope_scaling.factor}" if args.rope_scaling else "none"
+    architecture = [
+        ("layers", args.n_layers), ("hidden size", args.dim), ("attention heads", args.n_heads),
+        ("key/value heads", args.kv_heads), ("SwiGLU hidden size", args.hidden_dim), ("vocabulary", args.vocab_size),
+        ("context length", args.max_seq_len), ("RoPE theta", f"{args.rope_theta:g}"), ("RoPE scaling", rope),
+        ("tied embeddings", args.tie_embeddings), ("RMSNorm eps", f"{args.norm_eps:g}"),
+    ]
+    training = [
+        ("data", data_source), ("tokenizer", f"Mistral-7B-v0.1 ({data.tokenizer})"), ("sequence length", data.seq_len),
+        ("steps", meta.get("step")), ("tokens seen", meta.get("tokens_seen")),
+        ("tokens per step", config.train.tokens_per_step), ("peak learning rate", f"{config.optim.lr:g}"),
+        ("final train loss", meta.get("final_loss")), ("validation loss", meta.get("val_loss")),
+    ]
+    if stock_llama:
+        load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_name}")\n'
+                f'model = AutoModelForCausalLM.from_pretrained("{repo_name}")  # stock LlamaForCausalLM')
+    else:
+        load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_name}", trust_remote_code=True)\n'
+                f'model = AutoModelForCausalLM.from_pretrained("{repo_name}", trust_remote_code=True)')
+    load += ('\n\ninputs = tokenizer("The capital of France is", return_tensors="pt")\n'
+             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20, do_sample=False)[0]))")
+    sections = [
+        "---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: text-generation\n"
+        "tags:\n- llama\n- dist_llama\n- pretrained-from-scratch\n---\n",
+        f"# {repo_name}\n\nA {_millions(counts['total'])}-parameter LLaMA-architecture language model pretrained "
+        "from scratch with dist_llama (PyTorch FSDP2). A base model: it continues text, "
+        "it does not follow instructions.\n",
+        f"## Architecture\n\nPre-norm decoder (RMSNorm), rotary position embeddings (half rotation, as in "
+        f"transformers' Llama), grouped-query attention, SwiGLU feed-forward, no biases.\n\n{_table(architecture)}\n",
+        "## Parameters\n\n" + _table([("total", _millions(counts["total"])),
+                                      ("non-embedding", _millions(counts["non_embedding"])),
+                                      ("embedding", _millions(counts["embedding"])),
+                                      ("output head", _millions(counts["lm_head"]) if counts["lm_head"] else "tied")]) + "\n",
+        f"## Training\n\n{_table(training)}\n\nThe resolved run configuration is in `training_config.yaml`.\n",
+    ]
+    if eval_summary:
+        rows = list(_flatten(eval_summary).items())
+        sections.append(f"## Evaluation\n\n{_table(rows)}\n")
+    else:
+        sections.append("## Evaluation\n\nNo evaluation results were recorded for this checkpoint.\n")
+    weights = f"safetensors, {dtype}"
+    sections.append(f"## Usage\n\n```python\n{load}\n```\n\nWeights: {weights}; parameter names are transformers' "
+                    "Llama names" + ("." if stock_llama else ", and the same files also load into stock "
+                                     "`LlamaForCausalLM` with a Llama config.") + "\n")
+    return "\n".join(sections)
+
+
+def _find_eval_summary(checkpoint_dir: Path, eval_summary) -> dict | None:
+    if isinstance(eval_summary, dict):
+        return eval_summary
+    if eval_summary is not None:
+        path = Path(eval_summary)
+        if not path.is_file():
+            raise ReleaseError(f"evaluation summary {path} not found")
+    else:
+        # run_dir/checkpoints/step_N -> run_dir/eval/summary.json, when the run was evaluated
+        path = checkpoint_dir.parent.parent / "eval" / "summary.json"
+        if checkpoint_dir.parent.name != "checkpoints" or not path.is_file():
+            return None
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ReleaseError(f"evaluation summary {path} is not valid JSON: {error}") from None
+    if not isinstance(summary, dict):
+        raise ReleaseError(f"evaluation summary {path} must hold a JSON object")
+    return summary
+
+
+# --- The release ------------------------------------------------------------------------------------
+
+
+def _prepare_output(out: Path) -> Path:
+    """A fresh staging folder beside out; out itself is replaced only when the release is complete."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise ReleaseError(f"{out} exists and is not a release folder; refusing to overwrite it")
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def consolidate(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", stock_llama: bool = False,
+                eval_summary: str | Path | dict | None = None, *, tokenizer: str | None = None,
+                max_shard_size: int | str = "5GB", repo_name: str | None = None) -> Path:
+    """Write a release folder for `checkpoint` (a step_N folder, or a run directory for its latest).
+
+    eval_summary: a JSON file or dict for the model card (default: run_dir/eval/summary.json if present).
+    tokenizer: a load_tokenizer source overriding the run config's data.tokenizer.
+    Raises CheckpointError, ConfigError or ReleaseError with a one-line message.
+    """
+    from transformers import GenerationConfig
+
+    from dist_llama.tokenizer import check_tokenizer, load_tokenizer
+
+    if dtype not in DTYPES:
+        raise ReleaseError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    checkpoint_dir = resolve_checkpoint(checkpoint)
+    state, meta = load_full_model_state(checkpoint_dir)
+    if not isinstance(meta.get("config"), dict):
+        raise ReleaseError(f"{checkpoint_dir} holds no run config in meta.json; cannot tell the model's shape")
+    config = from_dict(meta["config"])
+    args = config.model
+    weights = release_state_dict(state, args, DTYPES[dtype])
+    summary = _find_eval_summary(checkpoint_dir, eval_summary)
+    try:
+        tok = load_tokenizer(tokenizer or config.data.tokenizer, model_max_length=args.max_seq_len)
+        check_tokenizer(tok, args.vocab_size)
+    except (ValueError, OSError) as error:
+        raise ReleaseError(f"tokenizer {tokenizer or config.data.tokenizer!r} does not fit the model: {error}") from None
+
+    out = Path(out_dir).resolve()
+    staging = _prepare_output(out)
+    try:
+        save_weights(weights, staging, max_shard_size)
+        model_config(args, dtype, stock_llama, tok.bos_token_id, tok.eos_token_id).save_pretrained(staging)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=pad_id).save_pretrained(staging)
+        tok.save_pretrained(staging)
+        if not stock_llama:
+            for name, source in release_code_files().items():
+                (staging / name).write_text(source)
+        save_config(config, staging / "training_config.yaml")
+        card = model_card(config, meta, summary, repo_name or out.name, stock_llama, dtype)
+        (staging / "README.md").write_text(card)
+        check_release_folder(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def check_release_folder(folder: str | Path) -> list[Path]:
+    """Check that a release folder is complete and pickle-free; returns its files. Raises ReleaseError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ReleaseError(f"release folder {folder} not found")
+    if not (folder / "config.json").is_file():
+        raise ReleaseError(f"{folder} has no config.json; it is not a release folder (make one with "
+                           "python -m dist_llama.consolidate)")
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise ReleaseError(f"{folder} is missing weight shards listed in {WEIGHTS_INDEX_NAME}: {', '.join(missing)}")
+    elif not (folder / WEIGHTS_NAME).is_file():
+        raise ReleaseError(f"{folder} has no weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})")
+    if not (folder / "tokenizer.json").is_file():
+        raise ReleaseError(f"{folder} has no tokenizer.json")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    unsafe = [p.name for p in files if p.suffix in UNSAFE_SUFFIXES]
+    if unsafe:
+        raise ReleaseError(f"{folder} holds pickle-based files ({', '.join(unsafe)}); releases hold safetensors only")
+    config = json.loads((folder / "config.json").read_text())
+    for name in set((config.get("auto_map") or {}).values()):
+        module = name.split("--")[-1].split(".")[0] + ".py"
+        if not (folder / module).is_file():
+            raise ReleaseError(f"{folder} has no {module}, which config.json's auto_map names")
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Consolidate a sharded checkpoint into a Hugging Face release folder.")
+    parser.add_argument("--checkpoint", required=True, help="a step_N checkpoint folder, or a run directory (its latest)")
+    parser.add_argument("--out", required=True, help="release folder to write (replaced if it is an earlier release)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype in the release")
+    parser.add_argument("--stock-llama", action="store_true",
+                        help="write a stock LlamaForCausalLM config.json (no custom code, no trust_remote_code)")
+    parser.add_argument("--eval-summary", default=None, help="evaluation summary JSON for the model card "
+                        "(default: RUN_DIR/eval/summary.json when present)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer source overriding the run's data.tokenizer "
+                        "(hub | offline | auto | folder)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file before sharding")
+    parser.add_argument("--repo-name", default=None, help="model name for the model card (default: the folder name)")
+    args = parser.parse_args(argv)
+    try:
+        out = consolidate(args.checkpoint, args.out, args.dtype, args.stock_llama, args.eval_summary,
+                          tokenizer=args.tokenizer, max_shard_size=args.max_shard_size, repo_name=args.repo_name)
+    except (CheckpointError, ConfigError, ReleaseError) as error:
+        parser.exit(1, f"consolidate: error: {error}\n")
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""DistLlamaForCausalLM: the trained dist_llama model behind transformers' AutoModelForCausalLM API.
+
+This file holds no model code. `model.py` (dist_llama/model.py, copied verbatim into the release folder)
+defines the network and its forward pass; `interop.py` (dist_llama/interop.py) maps the Llama-style
+config to ModelArgs. What lives here is the transformers contract: weight names, KV cache, padding
+masks, loss and generation.
+"""
+
+import torch
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_dist_llama import DistLlamaConfig
+from .interop import model_args_from_llama_dict
+from .model import Transformer
+
+
+class DistLlamaPreTrainedModel(PreTrainedModel):
+    config_class = DistLlamaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["TransformerBlock"]
+    _supports_sdpa = True
+    supports_gradient_checkpointing = False
+
+
+class DistLlamaForCausalLM(DistLlamaPreTrainedModel, GenerationMixin):
+    # transformers 5 wants a {target: source} dict; it is applied only when config.tie_word_embeddings.
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DistLlamaConfig):
+        super().__init__(config)
+        self.args = model_args_from_llama_dict(config.to_dict(), attention=config.attention)
+        trained = Transformer(self.args)
+        # Hold the trained model's own submodules under its own names, so parameter names are
+        # `model.layers.0.self_attn.q_proj.weight`, ..., `lm_head.weight`: Llama's, and the safetensors'.
+        self.model = trained.model
+        self.lm_head = trained.lm_head
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: DynamicCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if input_ids is None or kwargs.get("inputs_embeds") is not None:
+            raise ValueError("DistLlamaForCausalLM takes input_ids (inputs_embeds is not supported)")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+        past = cache.get_seq_length() if cache is not None else 0
+        positions, attn_mask = _positions_and_mask(input_ids, attention_mask, position_ids, past)
+        kv_caches = None
+        if cache is not None:
+            kv_caches = [lambda k, v, i=i: cache.update(k, v, i) for i in range(self.args.n_layers)]
+
+        # The trained forward pass itself: Transformer.forward reads only .args, .model and .lm_head,
+        # which this class holds under the same names.
+        logits = Transformer.forward(self, input_ids, positions=positions, attn_mask=attn_mask, kv_caches=kv_caches)
+        if isinstance(logits_to_keep, int):
+            logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
+        else:
+            logits = logits[:, logits_to_keep]
+
+        loss = None
+        if labels is not None:  # transformers' convention: labels are the inputs, shifted inside
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+
+def _positions_and_mask(input_ids, attention_mask, position_ids, past: int):
+    """RoPE positions and attention mask for `input_ids` that follow `past` cached tokens.
+
+    attention_mask (batch, past + seq) marks real tokens with 1 (left padding has 0s). Positions count
+    real tokens only, so a left-padded row gets the same positions as the prompt alone. The mask is
+    None in the plain case (no cache, no padding: model.py uses SDPA's causal kernel); otherwise it is
+    an explicit bool mask, since SDPA's is_causal aligns a short query block with the first keys.
+    """
+    seq = input_ids.shape[1]
+    device = input_ids.device
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, past + seq) of 0/1, got shape {tuple(attention_mask.shape)}")
+    padded = attention_mask is not None and not bool(attention_mask[:, : past + seq].all())
+    if position_ids is None:
+        if padded:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + seq]
+        else:
+            position_ids = torch.arange(past, past + seq, device=device)
+    if position_ids.dim() == 2 and bool((position_ids == position_ids[:1]).all()):
+        position_ids = position_ids[0]  # same positions in every row: one set of RoPE angles
+    if not padded and past == 0:
+        return position_ids, None
+
+    key_pos = torch.arange(past + seq, device=device)
+    query_pos = torch.arange(past, past + seq, device=device)
+    allowed = key_pos[None, :] <= query_pos[:, None]  # (seq, past + seq), causal
+    if padded:
+        allowed = allowed[None] & attention_mask[:, None, : past + seq].bool()
+        # A padding query would see no key at all (softmax of nothing is NaN, and NaN spreads through the
+        # next layers' values); let it see itself. Real queries never see padding keys.
+        allowed = allowed | (key_pos[None, None, :] == query_pos[None, :, None])
+    return position_ids, allowed.unsqueeze(-3)  # add the head axis
+
+
+__all__ = ["DistLlamaForCausalLM", "DistLlamaPreTrainedModel"]
