@@ -1,0 +1,128 @@
+"""Packer throughput against the bare tokenizer: is tokenization the only real cost of PackedBatches?
+
+Both sides tokenize the same documents (the first --docs of --paths, unshuffled, no held-out rule) with the same
+tokenizer settings and documents per encode_batch call:
+  bare    backend_tokenizer.encode_batch(texts) over texts already in memory, counting len + 2 (bos, eos), timed
+          twice: reading each Encoding's .ids (the Python list any user of the ids pays for) and without;
+  packer  PackedBatches from its construction: copying the tokenizer, reading and decompressing the file (the
+          documents rewritten as one .jsonl.zst), JSON parsing, tokenizing on its thread, packing windows. It
+          counts the tokens it yields (rows * seq_len per batch) and stops at the bare run's count. Its steady
+          state is timed from 10% to 90% of that count: start-up and the tokens tokenized ahead at the end
+          are left out.
+Runs alternate, --repeats times, and the median ratios are printed. Target: >= 0.9.
+
+    python benchmarks/bench_packer.py [--paths ../shared/data/owt/train/shard-00000.jsonl.zst] [--docs 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dist_llama import data  # noqa: E402
+from dist_llama.config import DataConfig  # noqa: E402
+
+DEFAULT_PATHS = [str(Path(__file__).resolve().parents[2] / "shared/data/owt/train/shard-00000.jsonl.zst")]
+
+
+def load_tokenizer(name: str):
+    if name == "mistral":
+        from dist_llama.tokenizer import load_tokenizer as load
+
+        return load(source="offline")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def bare(tokenizer, texts: list[str], batch_docs: int, with_ids: bool) -> tuple[int, float]:
+    backend = data._Encoder(tokenizer).backend  # the packer's own settings (no truncation, special text as text)
+    tokens, start = 0, time.perf_counter()
+    for first in range(0, len(texts), batch_docs):
+        encodings = backend.encode_batch(texts[first:first + batch_docs], add_special_tokens=False)
+        if with_ids:  # what any user of the tokens pays: Encoding.ids builds a Python list
+            tokens += sum(len(encoding.ids) + 2 for encoding in encodings)
+        else:
+            tokens += sum(len(encoding) + 2 for encoding in encodings)
+    return tokens, time.perf_counter() - start
+
+
+def packer(config: DataConfig, tokenizer, rows: int, target_tokens: int) -> dict:
+    """Tokens/s from construction to the last batch, and in the steady state: from 10% to 90% of the run,
+    leaving out the start-up (tokenizer copy, first file) and the tokens tokenized ahead at the end."""
+    start = time.perf_counter()
+    batches = data.PackedBatches(config, tokenizer, global_rows=rows)
+    tokens, marks = 0, {}
+    try:
+        while tokens < target_tokens:
+            inputs, _ = next(batches)
+            tokens += inputs.numel()
+            for fraction in (0.1, 0.9):
+                if fraction not in marks and tokens >= fraction * target_tokens:
+                    marks[fraction] = (time.perf_counter(), tokens)
+    finally:
+        batches.close()
+    (t0, n0), (t1, n1) = marks[0.1], marks[0.9]
+    return {"tokens": tokens, "wall": time.perf_counter() - start, "steady": (n1 - n0) / (t1 - t0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--paths", nargs="+", default=DEFAULT_PATHS, help="data files or globs")
+    parser.add_argument("--tokenizer", default="mistral", help="'mistral' (dist_llama.tokenizer, offline) or a folder")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--rows", type=int, default=32, help="global rows (lanes), all on this one rank")
+    parser.add_argument("--docs", type=int, default=4000,
+                        help="documents (the first of --paths, rewritten to a temporary .jsonl.zst); 0: all of --paths")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating bare/packer runs; the median ratio counts")
+    parser.add_argument("--batch-docs", type=int, default=data.TOKENIZE_BATCH_DOCS)
+    parser.add_argument("--prefetch-steps", type=int, default=4)
+    args = parser.parse_args()
+    data.TOKENIZE_BATCH_DOCS = args.batch_docs
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    texts = data.read_documents(args.paths, limit=args.docs or None)
+    megabytes = sum(len(t.encode()) for t in texts) / 1e6
+    print(f"{len(texts)} documents, {megabytes:.1f} MB of text from {args.paths}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
+          f"RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'unset')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = args.paths
+        if args.docs:  # the packer reads exactly these documents, decompressing and parsing them itself
+            paths = [str(Path(tmp) / "subset.jsonl.zst")]
+            lines = "".join(json.dumps({"text": text}) + "\n" for text in texts).encode()
+            Path(paths[0]).write_bytes(zstandard.ZstdCompressor(level=19).compress(lines))
+        config = DataConfig(source="local", paths=paths, seq_len=args.seq_len, shuffle=False, val_per_mille=0,
+                            prefetch_steps=args.prefetch_steps)
+        ratios = {"end to end / encode+ids": [], "steady / encode+ids": [], "steady / encode only": []}
+        for repeat in range(args.repeats):
+            ids_tokens, ids_s = bare(tokenizer, texts, args.batch_docs, with_ids=True)
+            only_tokens, only_s = bare(tokenizer, texts, args.batch_docs, with_ids=False)
+            # The packer yields every token once as a target; stop once it has yielded as many as bare made.
+            run = packer(config, tokenizer, args.rows, ids_tokens)
+            ids_rate, only_rate, rate = ids_tokens / ids_s, only_tokens / only_s, run["tokens"] / run["wall"]
+            ratios["end to end / encode+ids"].append(rate / ids_rate)
+            ratios["steady / encode+ids"].append(run["steady"] / ids_rate)
+            ratios["steady / encode only"].append(run["steady"] / only_rate)
+            print(f"[{repeat}] bare encode_batch + .ids: {ids_rate:>9,.0f} tokens/s   encode_batch only: "
+                  f"{only_rate:>9,.0f} tokens/s   ({ids_tokens:,} tokens)")
+            print(f"[{repeat}] PackedBatches end to end: {rate:>9,.0f} tokens/s   steady state:      "
+                  f"{run['steady']:>9,.0f} tokens/s   ({run['tokens']:,} tokens in {run['wall']:.2f} s)")
+    print(f"medians of {args.repeats} ({args.rows} rows x {args.seq_len}, {args.batch_docs} documents per "
+          "encode_batch; target >= 0.9):")
+    for name, values in ratios.items():
+        print(f"  {name:<24} {statistics.median(values):.3f}   (runs: {', '.join(f'{v:.3f}' for v in values)})")
+
+if __name__ == "__main__":
+    main()
