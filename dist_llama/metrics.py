@@ -1,0 +1,129 @@
+"""What a run records: metrics.jsonl, tensorboard scalars, a progress line, the environment, and MFU.
+
+Only rank 0 writes. Every record is one JSON object per line in run_dir/metrics.jsonl, so the report
+generator and anyone with pandas can read a run without tensorboard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s by GPU name (SXM parts; tensor cores, no sparsity).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """Peak FLOP/s for MFU; None on CPU or an unknown GPU (MFU is then left out)."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak on GPU, the process's max resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def environment_record(device: torch.device, world_size: int) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "git_commit": commit or None,
+        "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_name()}, {os.cpu_count()} cores)",
+        "world_size": world_size,
+        "argv": sys.argv,
+    }
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, tensorboard: bool, progress: bool):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.progress = progress
+        self.start = time.perf_counter()
+        self.writer = None
+        self.file = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = (run_dir / "metrics.jsonl").open("a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, record: dict, start_step: int = 0) -> None:
+        """Write one record (must hold `step`); `kind` separates train and val records."""
+        if not self.enabled:
+            return
+        record = {key: value for key, value in record.items() if value is not None}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            prefix = record.get("kind", "train")
+            for key, value in record.items():
+                if key not in ("step", "kind") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+        if self.progress:
+            print(self._progress_line(record, start_step), flush=True)
+
+    def _progress_line(self, record: dict, start_step: int) -> str:
+        step = record["step"]
+        parts = [f"step {step}/{self.total_steps}"]
+        if record.get("kind") == "val":
+            return " | ".join(parts + [f"val_loss {record['val_loss']:.4f}"])
+        parts += [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}",
+                  f"{record['tokens_per_s']:,.0f} tok/s"]
+        if "mfu" in record:
+            parts.append(f"MFU {100 * record['mfu']:.1f}%")
+        parts.append(f"mem {record['memory_gib']:.2f}GiB")
+        elapsed = time.perf_counter() - self.start
+        done = step - start_step
+        if done > 0:
+            parts.append(f"ETA {format_duration(elapsed / done * (self.total_steps - step))}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.file is not None:
+            self.file.close()

@@ -1,0 +1,210 @@
+"""Distributed training on CPU (gloo): world-size invariance, activation checkpointing, exact resume.
+
+Each launch costs several seconds, so the runs are made once per module and shared by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, CHECKPOINT_AT = 12, 6
+
+
+def tiny_overrides(corpus: Path, val: Path, run_root: Path, name: str) -> list[str]:
+    return [
+        "--config", str(REPO / "configs/debug.yaml"),
+        f"--data.paths=[{corpus}]", f"--data.val_paths=[{val}]", "--data.tokenizer=offline", "--data.seq_len=32",
+        "--data.val_docs=8", f"--train.run_root={run_root}", f"--train.name={name}", f"--train.steps={STEPS}",
+        "--train.tokens_per_step=256", "--train.micro_batch_size=2", "--train.log_every=1", "--train.eval_every=6",
+        "--train.eval_batches=1", f"--checkpoint.every={CHECKPOINT_AT}", "--checkpoint.keep_last=3",
+        "--logging.tensorboard=false", "--parallel.mixed_precision=fp32",
+    ]
+
+
+def command(nproc: int, args: list[str]) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "dist_llama.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "dist_llama.train", *args]
+
+
+def environment() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def run(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command(nproc, args), cwd=REPO, env=environment(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; a resumed run appends, so the last record of a step wins."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, shared_data):
+    folder = tmp_path_factory.mktemp("corpus")
+    lines = (shared_data / "owt/tiny.jsonl").read_text().splitlines()
+    (folder / "train.jsonl").write_text("\n".join(lines[:300]) + "\n")
+    (folder / "val.jsonl").write_text("\n".join(lines[-20:]) + "\n")
+    return folder / "train.jsonl", folder / "val.jsonl"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus):
+    """The reference runs: 1 rank, 2 ranks, and 2 ranks with activation checkpointing."""
+    root = tmp_path_factory.mktemp("runs")
+    made = {}
+    for name, nproc, extra in [("one_rank", 1, []), ("two_ranks", 2, []),
+                               ("two_ranks_ac", 2, ["--parallel.activation_checkpointing=full"]),
+                               ("one_rank_ac", 1, ["--parallel.activation_checkpointing=selective"])]:
+        run(nproc, tiny_overrides(*corpus, root, name) + extra)
+        made[name] = root / name
+    return made
+
+
+def assert_close_losses(got: dict, expected: dict, rel: float, steps=None):
+    steps = steps or sorted(expected)
+    assert len(steps) >= 6
+    for step in steps:
+        assert abs(got[step] - expected[step]) <= rel * abs(expected[step]), (step, got[step], expected[step])
+
+
+def test_one_and_two_ranks_give_the_same_losses(runs):
+    one, two = train_losses(runs["one_rank"]), train_losses(runs["two_ranks"])
+    assert sorted(one) == list(range(1, STEPS + 1))
+    assert_close_losses(two, one, rel=1e-5)
+    assert one[STEPS] < one[1], "the loss should fall over a few steps at this learning rate"
+
+
+def test_activation_checkpointing_does_not_change_losses(runs):
+    assert_close_losses(train_losses(runs["two_ranks_ac"]), train_losses(runs["two_ranks"]), rel=1e-6)
+    assert_close_losses(train_losses(runs["one_rank_ac"]), train_losses(runs["one_rank"]), rel=1e-6)
+
+
+def test_run_directory_holds_config_environment_metrics_and_checkpoints(runs):
+    run_dir = runs["two_ranks"]
+    assert (run_dir / "config.yaml").is_file()
+    environment_record = json.loads((run_dir / "environment.json").read_text())
+    assert environment_record["world_size"] == 2 and environment_record["torch"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r for r in records if r["kind"] == "val"]
+    for key in ("step", "tokens_seen", "loss", "grad_norm", "lr", "tokens_in_batch", "tokens_per_s", "memory_gib"):
+        assert key in train[0], key
+    assert "mfu" not in train[0], "MFU is left out on CPU"
+    assert train[-1]["tokens_seen"] == STEPS * 256 and train[0]["tokens_in_batch"] == 256
+    assert [r["step"] for r in val] == [6, 12] and all(r["val_loss"] > 0 for r in val)
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000006", "step_00000012"]
+
+
+def kill_after_checkpoint(args: list[str], checkpoint: Path) -> None:
+    """Start a 2-rank run and SIGKILL every process of it as soon as `checkpoint` is complete."""
+    process = subprocess.Popen(command(2, args), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (checkpoint / "meta.json").is_file():
+        assert process.poll() is None, "the run ended before writing its checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_sigkill_then_resume_continues_exactly(runs, corpus, tmp_path):
+    args = tiny_overrides(*corpus, tmp_path, "killed")
+    run_dir = tmp_path / "killed"
+    kill_after_checkpoint(args, run_dir / "checkpoints" / f"step_{CHECKPOINT_AT:08d}")
+    assert max(train_losses(run_dir)) < STEPS, "the run finished before it was killed; nothing was tested"
+    shutil.copytree(run_dir, tmp_path / "killed_copy")
+
+    # (a) Resumed on the same 2 ranks: bitwise the uninterrupted run's losses.
+    run(2, args)
+    expected = train_losses(runs["two_ranks"])
+    resumed = train_losses(run_dir)
+    for step in range(CHECKPOINT_AT + 1, STEPS + 1):
+        assert resumed[step] == expected[step], (step, resumed[step], expected[step])
+
+    # (b) The 2-rank checkpoint resumed on 1 rank: the same token stream, losses within float tolerance.
+    one_rank_args = tiny_overrides(*corpus, tmp_path, "killed_copy")
+    run(1, one_rank_args)
+    assert_close_losses(train_losses(tmp_path / "killed_copy"), expected, rel=1e-5,
+                        steps=list(range(CHECKPOINT_AT + 1, STEPS + 1)))
+
+
+def test_corrupted_latest_checkpoint_falls_back_and_explicit_path_fails(runs, corpus, tmp_path):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(runs["two_ranks"], run_dir)
+    latest = run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    shard = next(latest.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    # An explicit path to the damaged checkpoint is refused with a message naming the problem.
+    args = tiny_overrides(*corpus, tmp_path, "damaged") + [f"--checkpoint.resume={latest}", f"--train.steps={STEPS + 2}"]
+    result = subprocess.run(command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "checksum mismatch" in result.stderr and "Traceback" not in result.stderr
+
+    # `auto` skips it, resumes from the previous one and redoes the steps after it.
+    result = run(1, tiny_overrides(*corpus, tmp_path, "damaged"))
+    assert "skipping damaged checkpoint" in result.stderr
+    assert f"at step {CHECKPOINT_AT}" in result.stderr
+
+
+def test_two_node_rendezvous_on_localhost(corpus, tmp_path):
+    """Two torchrun agents (--nnodes=2) rendezvous on 127.0.0.1 as slurm/train.sbatch does across nodes."""
+    args = tiny_overrides(*corpus, tmp_path, "two_nodes") + ["--train.steps=3", "--checkpoint.every=3"]
+    port = 29000 + os.getpid() % 1000
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                                "--rdzv_id=dist_llama_test", "-m", "dist_llama.train", *args],
+                               cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for rank in (0, 1)]
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), outputs
+    environment_record = json.loads((tmp_path / "two_nodes" / "environment.json").read_text())
+    assert environment_record["world_size"] == 2
+    assert sorted(train_losses(tmp_path / "two_nodes")) == [1, 2, 3]
+
+
+def test_slurm_script_is_valid_bash():
+    for script in ("slurm/train.sbatch", "launch/train.sh", "launch/long_context.sh"):
+        subprocess.run(["bash", "-n", str(REPO / script)], check=True)
+
+
+def test_user_mistakes_are_one_line_errors(corpus, tmp_path):
+    cases = [
+        (["--train.stepz=3"], "unknown key train.stepz"),
+        (["--train.tokens_per_step=96"], "does not divide"),
+        (["--data.paths=[/nonexistent/*.jsonl]", "--data.source=local"], "/nonexistent"),
+        (["--data.seq_len=4096"], "exceeds model.max_seq_len"),
+        (["--model.vocab_size=1000"], "vocab"),
+    ]
+    for extra, message in cases:
+        args = tiny_overrides(*corpus, tmp_path, "mistakes") + extra
+        result = subprocess.run(command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode != 0, extra
+        assert message in result.stderr, (extra, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, (extra, result.stderr[-2000:])
