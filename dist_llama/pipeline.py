@@ -1,0 +1,199 @@
+"""`python -m dist_llama.pipeline --config configs/X.yaml [overrides]`: train -> consolidate -> evaluate -> report.
+
+Every stage records what it produced, and from what, in run_dir/pipeline.json. Run the command again
+and it skips the stages whose inputs have not changed and picks up an interrupted training run from
+its latest checkpoint. `--skip STAGE` leaves a stage out; `--redo STAGE` forces it.
+
+The Position Interpolation route is `--stage1-config configs/main_256.yaml --config configs/pi_1024.yaml`:
+stage 1 trains at the short length, stage 2 starts from its weights (train.init_from), and the
+evaluation compares loss by position for the stage-1 model without scaling, with scaling and no
+fine-tune, and after the fine-tune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dist_llama.checkpoint import CheckpointError, complete_checkpoints
+from dist_llama.config import Config, ConfigError, load_config, to_dict
+
+log = logging.getLogger("dist_llama.pipeline")
+
+STAGES = ("train", "consolidate", "evaluate", "report")
+
+
+class PipelineState:
+    """run_dir/pipeline.json: for each finished stage, the inputs it ran on."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "pipeline.json"
+        self.stages = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def is_current(self, stage: str, inputs: dict) -> bool:
+        return self.stages.get(stage) == inputs
+
+    def record(self, stage: str, inputs: dict) -> None:
+        self.stages[stage] = inputs
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.stages, indent=1))
+
+
+def finished_checkpoint(config: Config) -> Path | None:
+    """The run's final checkpoint, if training reached train.steps."""
+    found = complete_checkpoints(config.run_dir / "checkpoints")
+    if found and json.loads((found[-1] / "meta.json").read_text())["step"] >= config.train.steps:
+        return found[-1]
+    return None
+
+
+def run_training(config: Config, config_path: str | None, overrides: list[str], nproc: int) -> Path:
+    """Train (resuming if a checkpoint exists) unless the run already finished; returns its final checkpoint."""
+    done = finished_checkpoint(config)
+    if done is not None:
+        log.info("train: %s already finished (%s)", config.train.name, done.name)
+        return done
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "dist_llama.train", *(["--config", config_path] if config_path else []), *overrides]
+        subprocess.run(command, check=True)
+    else:
+        from dist_llama.train import train
+
+        train(config)
+    done = finished_checkpoint(config)
+    if done is None:
+        raise RuntimeError(f"training of {config.train.name} ended without a final checkpoint")
+    return done
+
+
+def consolidate_stage(checkpoint: Path, out: Path, name: str, state: PipelineState, key: str, redo: bool) -> Path:
+    inputs = {"checkpoint": str(checkpoint)}
+    if not redo and state.is_current(key, inputs) and (out / "config.json").is_file():
+        log.info("%s: %s is up to date", key, out)
+        return out
+    from dist_llama.consolidate import consolidate
+
+    consolidate(checkpoint, out, dtype="fp32", repo_name=name)
+    state.record(key, inputs)
+    return out
+
+
+def evaluate_stage(config: Config, release: Path, stage1: tuple[Config, Path] | None, eval_dir: Path) -> None:
+    from dist_llama.evaluate import loss_by_position, plot_loss_by_position, run_mmlu
+
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    run_mmlu(str(release), eval_dir, data=config.eval.mmlu_data, limit=config.eval.limit,
+             batch_size=config.eval.batch_size, irt_params=config.eval.irt_params)
+    if not config.eval.ppl_data:
+        return
+    seq_len = config.data.seq_len
+    factor = config.model.rope_factor
+    # (label, model folder, rope factor override): the final model, and for the PI route the stage-1
+    # model without scaling (extrapolation) and with scaling before any fine-tune.
+    models = [(config.train.name, release, None)]
+    if stage1 is not None:
+        _, stage1_release = stage1
+        models = [("short_no_scaling", stage1_release, 1.0), (f"short_pi_x{factor:g}_no_finetune", stage1_release, factor),
+                  (f"{config.train.name}_after_pi_finetune", release, None)]
+    results = []
+    for label, folder, override in models:
+        result = loss_by_position(str(folder), config.eval.ppl_data, seq_len, config.eval.ppl_docs,
+                                  rope_scaling_factor=override)
+        result["label"] = label
+        (eval_dir / f"ppl_{label}.json").write_text(json.dumps(result, indent=1))
+        results.append(result)
+    plot_loss_by_position(results, eval_dir / "loss_by_position.png")
+
+
+def run_pipeline(config: Config, config_path: str | None, overrides: list[str], *, stage1_path: str | None = None,
+                 skip: set[str] = frozenset(), redo: set[str] = frozenset(), nproc: int = 1) -> Path:
+    """Returns the results.md of the report (or the run directory when the report is skipped)."""
+    run_dir = config.run_dir
+    state = PipelineState(run_dir)
+    stage1 = None
+    if stage1_path is not None:
+        stage1_config = load_config(stage1_path, overrides)
+        if stage1_config.run_dir == run_dir:
+            raise ConfigError("the two stages need different train.name values (they are separate run directories)")
+        overrides = [*overrides, f"--train.init_from={stage1_config.run_dir}"]
+        config = load_config(config_path, overrides)
+        if "train" not in skip:
+            stage1_checkpoint = run_training(stage1_config, stage1_path, overrides[:-1], nproc)
+        else:
+            stage1_checkpoint = complete_checkpoints(stage1_config.run_dir / "checkpoints")[-1]
+        stage1 = (stage1_config, consolidate_stage(stage1_checkpoint, stage1_config.run_dir / "release",
+                                                   stage1_config.train.name, state, "consolidate_stage1",
+                                                   "consolidate" in redo))
+
+    if "train" in skip:
+        found = complete_checkpoints(run_dir / "checkpoints")
+        if not found:
+            raise CheckpointError(f"--skip train, but {run_dir} has no checkpoint to release")
+        checkpoint = found[-1]
+    else:
+        checkpoint = run_training(config, config_path, overrides, nproc)
+
+    release = run_dir / "release"
+    if "consolidate" not in skip:
+        consolidate_stage(checkpoint, release, config.train.name, state, "consolidate", "consolidate" in redo)
+
+    eval_inputs = {"release_of": str(checkpoint), "eval": to_dict(config)["eval"]}
+    if "evaluate" not in skip:
+        if "evaluate" in redo or not state.is_current("evaluate", eval_inputs):
+            evaluate_stage(config, release, stage1, run_dir / "eval")
+            state.record("evaluate", eval_inputs)
+            # The model card quotes the evaluation: rewrite it now that results exist.
+            from dist_llama.consolidate import consolidate
+
+            consolidate(checkpoint, release, dtype="fp32", eval_summary=run_dir / "eval" / "summary.json",
+                        repo_name=config.train.name)
+        else:
+            log.info("evaluate: results for %s are up to date", checkpoint.name)
+
+    if "report" in skip:
+        return run_dir
+    from dist_llama.report import generate_report
+
+    results = generate_report(run_dir)
+    state.record("report", {"checkpoint": str(checkpoint)})
+    log.info("report: %s", results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train, consolidate, evaluate and report in one command.",
+                                     epilog="Any --section.key=value after the options overrides the config file.")
+    parser.add_argument("--config", default=None, help="YAML config (default: the built-in debug config)")
+    parser.add_argument("--stage1-config", default=None,
+                        help="train this config first and start --config from its weights (Position Interpolation)")
+    parser.add_argument("--skip", default="", help=f"comma-separated stages to leave out: {', '.join(STAGES)}")
+    parser.add_argument("--redo", default="", help="comma-separated stages to run even if up to date")
+    parser.add_argument("--nproc", type=int, default=int(os.environ.get("NPROC", 1)),
+                        help="processes (GPUs) for training; >1 launches torchrun")
+    args, overrides = parser.parse_known_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    redo = {s for s in args.redo.split(",") if s}
+    for stage in skip | redo:
+        if stage not in STAGES:
+            parser.exit(2, f"error: unknown stage {stage!r}; stages are {', '.join(STAGES)}\n")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        config = load_config(args.config, overrides)
+        result = run_pipeline(config, args.config, overrides, stage1_path=args.stage1_config, skip=skip,
+                              redo=redo, nproc=args.nproc)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
+    print(f"pipeline done: {result}")
+    if Path(result).is_file():
+        print(Path(result).read_text())
+
+
+if __name__ == "__main__":
+    main()
+
