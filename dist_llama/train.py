@@ -213,9 +213,10 @@ def _train(config: Config, env: DistEnv) -> dict:
                 progress.bad_steps += 1
                 log.warning("step %d: non-finite loss %s or grad norm %s; update skipped", step, loss, grad_norm)
                 if progress.bad_steps > config.train.max_bad_steps:
-                    raise NonFiniteError(f"step {step}: loss={loss} grad_norm={grad_norm} is not finite "
-                                         f"({progress.bad_steps} bad steps > train.max_bad_steps="
-                                         f"{config.train.max_bad_steps}); lower optim.lr or raise optim.warmup_steps")
+                    raise NonFiniteError(f"step {step}: non-finite loss or gradient norm (loss={loss}, "
+                                         f"grad_norm={grad_norm}); {progress.bad_steps} bad steps > "
+                                         f"train.max_bad_steps={config.train.max_bad_steps}. Lower optim.lr, "
+                                         "raise optim.warmup_steps, or resume from an earlier checkpoint")
             progress.tokens_seen += plan.tokens_per_step
             window_tokens += plan.tokens_per_step
 

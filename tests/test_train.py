@@ -208,3 +208,15 @@ def test_user_mistakes_are_one_line_errors(corpus, tmp_path):
         assert result.returncode != 0, extra
         assert message in result.stderr, (extra, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, (extra, result.stderr[-2000:])
+
+
+@pytest.mark.parametrize("max_bad_steps, failing_step", [(0, 2), (1, 3)])
+def test_non_finite_steps_stop_the_run_naming_the_step(corpus, tmp_path, max_bad_steps, failing_step):
+    # lr=1e30: Adam's first update moves every weight by ~1e30, so step 2's gradients overflow.
+    args = tiny_overrides(*corpus, tmp_path, "diverged") + [
+        "--optim.lr=1e30", "--optim.warmup_steps=1", f"--train.max_bad_steps={max_bad_steps}"]
+    result = subprocess.run(command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"step {failing_step}: non-finite loss or gradient norm" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "diverged" / "checkpoints").exists()

@@ -1,0 +1,78 @@
+"""Checkpoint bookkeeping in one process: refusal of non-finite weights, atomicity, pruning, verification."""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_llama.checkpoint import (Checkpointer, CheckpointError, complete_checkpoints, resolve_checkpoint,
+                                   verify_checkpoint)
+from dist_llama.model import PRESETS, Transformer
+
+
+@pytest.fixture
+def process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def small_model():
+    model = Transformer(PRESETS["debug"])
+    model.init_weights(0)
+    return model, torch.optim.AdamW(model.parameters())
+
+
+def test_non_finite_weights_are_never_written(process_group, tmp_path):
+    model, optimizer = small_model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="not finite"):
+        Checkpointer(tmp_path, keep_last=2, is_main=True).save(3, model, optimizer, {}, {"tokens_seen": 0})
+    assert not any(tmp_path.iterdir())
+
+
+def test_keep_last_prunes_and_interrupted_writes_are_never_picked(process_group, tmp_path):
+    model, optimizer = small_model()
+    checkpointer = Checkpointer(tmp_path, keep_last=2, is_main=True)
+    for step in (1, 2, 3):
+        checkpointer.save(step, model, optimizer, {"lanes": {}}, {"tokens_seen": step})
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    (tmp_path / "step_00000009.tmp").mkdir()  # a write that was killed before its rename
+    assert checkpointer.find_resume("auto").name == "step_00000003"
+    assert resolve_checkpoint(tmp_path).name == "step_00000003"
+    meta = verify_checkpoint(tmp_path / "step_00000003")
+    assert meta["step"] == 3 and meta["tokens_seen"] == 3 and meta["files"]
+
+
+def test_truncated_file_and_bad_meta_are_detected(process_group, tmp_path):
+    model, optimizer = small_model()
+    checkpointer = Checkpointer(tmp_path, keep_last=3, is_main=True)
+    first = checkpointer.save(1, model, optimizer, {}, {"tokens_seen": 1})
+    second = checkpointer.save(2, model, optimizer, {}, {"tokens_seen": 2})
+    shard = next(second.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        verify_checkpoint(second)
+    assert checkpointer.find_resume("auto") == first
+    (first / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        checkpointer.find_resume(str(first))
+    assert checkpointer.find_resume("auto") is None
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_checkpoint(tmp_path / "elsewhere")
+
+
+def test_load_restores_weights_and_reports_meta(process_group, tmp_path):
+    model, optimizer = small_model()
+    model(torch.randint(0, 100, (1, 8))).sum().backward()
+    optimizer.step()
+    saved = Checkpointer(tmp_path, keep_last=1, is_main=True).save(5, model, optimizer, {"lanes": {"0": {}}},
+                                                                    {"tokens_seen": 40})
+    fresh, fresh_optimizer = small_model()
+    meta = Checkpointer(tmp_path, keep_last=1, is_main=True).load(saved, fresh, fresh_optimizer)
+    assert meta["step"] == 5 and meta["data_lanes"] == [{"lanes": {"0": {}}}]
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    assert json.loads((saved / "meta.json").read_text())["world_size"] == 1
