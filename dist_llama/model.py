@@ -160,7 +160,9 @@ def xformers_attention(q, k, v, attn_mask=None, is_causal=False):
 
 
 def sdpa_attention(q, k, v, attn_mask=None, is_causal=False):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    # enable_gqa lets the kernel share each key/value head across its query group without copying them.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "xformers": xformers_attention, "eager": eager_attention}
@@ -184,7 +186,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache(k, v)
-        if self.n_kv_heads != self.n_heads:
+        if self.n_kv_heads != self.n_heads and self.attend is not sdpa_attention:
             repeats = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         # With a cache, queries are the last tokens of a longer key sequence; SDPA's is_causal is
