@@ -139,6 +139,18 @@ def check_mmlu_data(path: Path) -> int:
     return n
 
 
+def spread_subset(path: Path, n_items: int, out: Path) -> Path:
+    """Write n_items rows of `path`, evenly spaced over the file, to `out`.
+
+    lm-eval's --limit takes the first rows, which in MMLU's subject order means one or two subjects;
+    evenly spaced rows cover every subject, so a small limit still gives a subject-balanced score.
+    """
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    step = len(rows) / n_items
+    out.write_text("".join(rows[int(i * step)] + "\n" for i in range(n_items)), encoding="utf-8")
+    return out
+
+
 # --- Statistics ---------------------------------------------------------------------------------------
 
 
@@ -398,10 +410,12 @@ def run_mmlu(model: str, output_dir: str | Path, data: str | Path | None = None,
     _check_model(model)
     output_dir = Path(output_dir)
     data = Path(data) if data is not None else None
-    if data is not None:
-        check_mmlu_data(data)
     if limit is not None and limit <= 0:
         raise EvaluationError(f"--limit must be positive, got {limit}")
+    lm_eval_limit = limit
+    if data is not None and check_mmlu_data(data) > (limit or float("inf")):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        data, lm_eval_limit = spread_subset(data, limit, output_dir / "items.jsonl"), None
     if dtype not in DTYPE_CHOICES:
         raise EvaluationError(f"--dtype {dtype!r}: choose one of {DTYPE_CHOICES}")
     # A bad parameter file should fail before the model runs, not after.
@@ -421,7 +435,7 @@ def run_mmlu(model: str, output_dir: str | Path, data: str | Path | None = None,
     task_manager = TaskManager(include_path=str(task_path.parent), include_defaults=False)
     start = time.perf_counter()
     try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=[task_name], task_manager=task_manager, limit=limit,
+        results = lm_eval.simple_evaluate(model=lm, tasks=[task_name], task_manager=task_manager, limit=lm_eval_limit,
                                           log_samples=True)
     except (ConnectionError, OSError) as err:
         where = f"{HUB_DATASET} from the Hub" if data is None else str(data)
@@ -669,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     mmlu.add_argument("--tasks", default=HUB_TASK, choices=[HUB_TASK],
                       help="tinyMMLU, run as our copy of lm-eval's task definition (see the module docstring)")
     mmlu.add_argument("--data", default=None, help="local JSONL with tinyMMLU's fields (default: the Hub dataset)")
-    mmlu.add_argument("--limit", type=int, default=None, help="first N items only")
+    mmlu.add_argument("--limit", type=int, default=None,
+                      help="N items: the first N of the Hub task, or N rows spread evenly over a --data file")
     mmlu.add_argument("--batch-size", type=_batch_size, default=4)
     mmlu.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     mmlu.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: as saved (lm-eval's default)")

@@ -375,3 +375,12 @@ def test_stock_lm_eval_cli_on_our_release(custom_release, custom_release_mmlu, t
         assert sample["acc"] == mine["acc"]
         # lm-eval's samples file writes each (loglikelihood, is_greedy) pair as strings.
         assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(mine["loglikelihoods"], abs=1e-3)
+
+
+def test_limit_on_local_data_spreads_items_over_the_file(tmp_path):
+    from dist_llama.evaluate import spread_subset
+
+    source = tmp_path / "all.jsonl"
+    source.write_text("".join(json.dumps({"subject": chr(ord("a") + i)}) + "\n" for i in range(10)))
+    picked = [json.loads(line)["subject"] for line in spread_subset(source, 5, tmp_path / "some.jsonl").read_text().splitlines()]
+    assert picked == ["a", "c", "e", "g", "i"]
