@@ -47,7 +47,7 @@ def load_tokenizer(name: str):
 
 
 def bare(tokenizer, texts: list[str], batch_docs: int, with_ids: bool) -> tuple[int, float]:
-    backend = data._Encoder(tokenizer).backend  # the packer's own settings (no truncation, special text as text)
+    backend = data.DocumentEncoder(tokenizer).backend  # the packer's own settings (no truncation, special text as text)
     tokens, start = 0, time.perf_counter()
     for first in range(0, len(texts), batch_docs):
         encodings = backend.encode_batch(texts[first:first + batch_docs], add_special_tokens=False)

@@ -301,7 +301,7 @@ def _open_source(config: DataConfig, purpose: str):
 # --- Tokenizing --------------------------------------------------------------------------------------
 
 
-class _Encoder:
+class DocumentEncoder:
     """Documents -> [bos] + ids + [eos] as int32 arrays, through a private copy of the Rust tokenizer."""
 
     def __init__(self, tokenizer):
@@ -405,7 +405,7 @@ class _Lane:
 class _Packer:
     """Makes this rank's batches in order. Not thread-safe: exactly one thread calls next_batch."""
 
-    def __init__(self, source, encoder: _Encoder, lanes: list[_Lane], *, global_rows: int, seq_len: int,
+    def __init__(self, source, encoder: DocumentEncoder, lanes: list[_Lane], *, global_rows: int, seq_len: int,
                  seed: int, shuffle: bool, held_out_per_mille: int):
         self.source, self.encoder, self.lanes = source, encoder, lanes
         self.global_rows, self.seq_len = global_rows, seq_len
@@ -635,7 +635,7 @@ class PackedBatches:
         self.seq_len = config.seq_len
         self.lanes = tuple(range(rank, global_rows, world_size))
         self._source = _open_source(config, "training")
-        self._encoder = _Encoder(tokenizer)
+        self._encoder = DocumentEncoder(tokenizer)
         self._held_out_per_mille = 0 if config.val_paths else config.val_per_mille
         self._lane_states = {str(lane): {"epoch": 0, "doc": lane, "offset": 0} for lane in self.lanes}
         self._producer = self._packer = None
@@ -779,6 +779,16 @@ def held_out_documents(config: DataConfig) -> list[str]:
     return docs
 
 
+def token_stream(documents: list[str], tokenizer) -> np.ndarray:
+    """The training layout of documents as one stream: [bos] doc [eos] [bos] doc [eos] ..."""
+    return np.concatenate(DocumentEncoder(tokenizer).encode(documents))
+
+
+def cut_windows(stream: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tensor:
+    """Windows of seq_len + 1 tokens beginning at `starts` (any shape), as int64: inputs and shifted labels."""
+    return torch.from_numpy(stream[starts[..., None] + np.arange(seq_len + 1)].astype(np.int64))
+
+
 def validation_batches(config: DataConfig, tokenizer, *, rows: int, n_batches: int, rank: int = 0,
                        world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """n_batches global batches of `rows` rows from the held-out set; this rank keeps rows l % world_size == rank.
@@ -791,12 +801,12 @@ def validation_batches(config: DataConfig, tokenizer, *, rows: int, n_batches: i
         raise ValueError(f"need rows > 0 divisible by world_size, n_batches > 0 and 0 <= rank < world_size "
                          f"(got rows={rows}, n_batches={n_batches}, rank={rank}, world_size={world_size})")
     seq_len = config.seq_len
-    stream = np.concatenate(_Encoder(tokenizer).encode(held_out_documents(config)))
+    stream = token_stream(held_out_documents(config), tokenizer)
     needed = rows * n_batches * seq_len + 1
     if len(stream) < needed:
         logger.warning("the held-out set has %d tokens, fewer than the %d that %d batches of %d x %d need: "
                        "recycling it", len(stream), needed, n_batches, rows, seq_len)
         stream = np.tile(stream, -(-needed // len(stream)))
     starts = np.arange(rows * n_batches).reshape(n_batches, rows)[:, rank::world_size] * seq_len
-    windows = torch.from_numpy(stream[starts[..., None] + np.arange(seq_len + 1)].astype(np.int64))
+    windows = cut_windows(stream, starts, seq_len)
     return [(batch[:, :-1].contiguous(), batch[:, 1:].contiguous()) for batch in windows]

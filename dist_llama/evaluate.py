@@ -516,17 +516,15 @@ def _resolve_checkpoint(model: str, workdir: str, tokenizer: str | None = None) 
 def _packed_windows(docs: list[str], tokenizer, seq_len: int):
     """Training's packing: [bos] doc [eos] ... as one stream, windows of seq_len + 1 overlapping by one token."""
     import numpy as np
-    import torch
 
-    from dist_llama.data import _Encoder  # the trainer's encoder, so held-out tokens are what training saw
+    from dist_llama.data import cut_windows, token_stream  # the trainer's packing: tokens as training saw them
 
-    stream = np.concatenate(_Encoder(tokenizer).encode(docs))
+    stream = token_stream(docs, tokenizer)
     n_windows = (len(stream) - 1) // seq_len
     if n_windows == 0:
         raise EvaluationError(f"{len(docs)} documents give {len(stream)} tokens, fewer than one window of "
                               f"{seq_len} + 1: raise --docs or lower --seq-len")
-    starts = np.arange(n_windows) * seq_len
-    return torch.from_numpy(stream[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)), len(stream)
+    return cut_windows(stream, np.arange(n_windows) * seq_len, seq_len), len(stream)
 
 
 def loss_by_position(model: str, data: str | Path, seq_len: int = 1024, docs: int | None = 32,
