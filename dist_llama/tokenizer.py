@@ -230,7 +230,8 @@ def load_tokenizer(
             tok = _load_hub(name)
             logger.info("tokenizer: %s from the Hub", name)
         except OSError as err:  # connection, offline-mode, not-found and gated-repo errors are all OSErrors
-            logger.warning("tokenizer: Hub unavailable for %s (%s); using the offline build", name, err)
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            logger.warning("tokenizer: Hub unavailable for %s (%s); using the offline build", name, reason)
             tok = build_offline_tokenizer()
     elif Path(source).is_dir():
         tok = _load_folder(source)
