@@ -636,7 +636,7 @@ class PackedBatches:
         self.lanes = tuple(range(rank, global_rows, world_size))
         self._source = _open_source(config, "training")
         self._encoder = DocumentEncoder(tokenizer)
-        self._held_out_per_mille = 0 if config.val_paths else config.val_per_mille
+        self._held_out_per_mille = 0 if held_out_files(config) else config.val_per_mille
         self._lane_states = {str(lane): {"epoch": 0, "doc": lane, "offset": 0} for lane in self.lanes}
         self._producer = self._packer = None
         self.batches_yielded = 0
@@ -756,13 +756,23 @@ def merge_states(states: list[dict]) -> dict:
 # --- Held-out set -------------------------------------------------------------------------------------
 
 
-def held_out_documents(config: DataConfig) -> list[str]:
-    """The first data.val_docs documents of data.val_paths, or of the source's hash-selected documents."""
-    if config.val_paths:
-        files = expand_paths(config.val_paths)
-        if not files:
+def held_out_files(config: DataConfig) -> list[Path]:
+    """The files of data.val_paths; an empty list means the hash rule holds documents out of the stream."""
+    files = expand_paths(config.val_paths)
+    if config.val_paths and not files:
+        if config.source != "auto":
             raise FileNotFoundError(f"data.val_paths={config.val_paths} match no files (relative to {os.getcwd()}); "
                                     "fix the globs, or set data.val_paths=[] to hold out documents by hash")
+        # `auto` means "local files when present": a config written for a machine with local text still
+        # runs elsewhere, on the Hub dataset with a hash-rule held-out set.
+        logger.warning("data.val_paths=%s match no files; holding out documents by hash instead", config.val_paths)
+    return files
+
+
+def held_out_documents(config: DataConfig) -> list[str]:
+    """The first data.val_docs documents of data.val_paths, or of the source's hash-selected documents."""
+    files = held_out_files(config)
+    if files:
         docs = list(itertools.islice(iter_documents(files, config.text_field), config.val_docs))
     else:
         if config.val_per_mille <= 0:

@@ -88,9 +88,16 @@ def evaluate_stage(config: Config, release: Path, stage1: tuple[Config, Path] | 
     from dist_llama.evaluate import loss_by_position, plot_loss_by_position, run_mmlu
 
     eval_dir.mkdir(parents=True, exist_ok=True)
-    run_mmlu(str(release), eval_dir, data=config.eval.mmlu_data, limit=config.eval.limit,
+    mmlu_data = config.eval.mmlu_data
+    if mmlu_data and not Path(mmlu_data).is_file():
+        # The shipped debug config names local items beside the repository; elsewhere use the Hub's tinyMMLU.
+        log.warning("eval.mmlu_data=%s not found; evaluating lm-eval's tinyMMLU from the Hub instead", mmlu_data)
+        mmlu_data = None
+    run_mmlu(str(release), eval_dir, data=mmlu_data, limit=config.eval.limit,
              batch_size=config.eval.batch_size, irt_params=config.eval.irt_params)
-    if not config.eval.ppl_data:
+    if not config.eval.ppl_data or not Path(config.eval.ppl_data).is_file():
+        if config.eval.ppl_data:
+            log.warning("eval.ppl_data=%s not found; skipping the loss-by-position measurement", config.eval.ppl_data)
         return
     seq_len = config.data.seq_len
     factor = config.model.rope_factor

@@ -490,3 +490,14 @@ def test_real_mistral_tokenizer_packs_bos_doc_eos(shared_data):
         streams = lane_streams(windows(batches, 4))
     for lane, stream in enumerate(streams):
         assert stream == expected_lane_stream(mistral, docs, lane, 2, len(stream))
+
+
+def test_missing_val_paths_fall_back_to_the_hash_rule_only_with_auto(tmp_path, tokenizer):
+    docs = make_docs(200)
+    write_jsonl(tmp_path / "train.jsonl", docs)
+    missing = str(tmp_path / "nowhere" / "*.jsonl")
+    auto = config([str(tmp_path / "train.jsonl")], source="auto", val_paths=[missing], val_per_mille=200, val_docs=5)
+    held_out = data.held_out_documents(auto)
+    assert len(held_out) == 5 and all(data.is_held_out(text, 200) for text in held_out)
+    with pytest.raises(FileNotFoundError, match="data.val_paths"):
+        data.held_out_documents(config([str(tmp_path / "train.jsonl")], source="local", val_paths=[missing]))
