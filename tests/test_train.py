@@ -220,3 +220,13 @@ def test_non_finite_steps_stop_the_run_naming_the_step(corpus, tmp_path, max_bad
     assert f"step {failing_step}: non-finite loss or gradient norm" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "diverged" / "checkpoints").exists()
+
+
+def test_compiled_blocks_train_like_eager_ones(runs, corpus, tmp_path):
+    """parallel.compile=true (per-block torch.compile under FSDP2 and activation checkpointing) on CPU."""
+    args = tiny_overrides(*corpus, tmp_path, "compiled") + [
+        "--train.steps=3", "--parallel.compile=true", "--parallel.activation_checkpointing=full"]
+    run(1, args)
+    compiled, eager = train_losses(tmp_path / "compiled"), train_losses(runs["one_rank"])
+    for step in (1, 2, 3):
+        assert abs(compiled[step] - eager[step]) <= 1e-4 * eager[step], (step, compiled[step], eager[step])
