@@ -130,7 +130,8 @@ def _json_default(obj):
 
 def params_are_finite(model: torch.nn.Module) -> bool:
     local_ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
-    flag = torch.tensor([0.0 if local_ok else 1.0])
+    # On the parameters' device: NCCL reduces CUDA tensors only.
+    flag = torch.tensor([0.0 if local_ok else 1.0], device=next(model.parameters()).device)
     dist.all_reduce(flag)
     return flag.item() == 0
 
