@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -251,6 +250,3 @@ def load_full_model_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tenso
         raise CheckpointError(f"cannot read model weights from {checkpoint}: {error}") from error
     return model_state, meta
 
-
-__all__ = ["Checkpointer", "CheckpointError", "complete_checkpoints", "load_full_model_state", "load_model_weights",
-           "resolve_checkpoint", "verify_checkpoint", "StateDictOptions"]

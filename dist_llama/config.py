@@ -136,8 +136,9 @@ def _validate(config: Config) -> None:
         value = getattr(getattr(config, section), name)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
-    positive = ["data.seq_len", "train.steps", "train.tokens_per_step", "train.micro_batch_size",
-                "train.eval_every", "train.log_every", "checkpoint.every", "checkpoint.keep_last"]
+    positive = ["data.seq_len", "data.val_docs", "train.steps", "train.tokens_per_step", "train.micro_batch_size",
+                "train.eval_every", "train.eval_batches", "train.log_every", "checkpoint.every",
+                "checkpoint.keep_last", "optim.lr"]
     for key in positive:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
@@ -149,6 +150,11 @@ def _validate(config: Config) -> None:
     if config.train.tokens_per_step % config.data.seq_len:
         raise ConfigError(f"train.tokens_per_step={config.train.tokens_per_step} must be a multiple of "
                           f"data.seq_len={config.data.seq_len} (batches are whole sequences, no padding)")
+    for key in ("optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio",
+                "train.max_bad_steps", "data.val_per_mille"):
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) < 0:
+            raise ConfigError(f"{key}={getattr(getattr(config, section), name)} must not be negative")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas={config.optim.betas} must have two values, e.g. [0.9, 0.95]")
 
@@ -218,8 +224,9 @@ def _build(cls, values: dict, prefix: str):
 
 
 def _model_section(values: dict) -> dict:
-    """A model section may name a preset (default: debug); its other keys override the preset's fields."""
-    values = dict(values)
+    """A model section may name a preset (default: debug); its other keys override the preset's fields.
+    `model: main` is short for `model: {preset: main}`."""
+    values = {"preset": values} if isinstance(values, str) else dict(values)
     preset = values.pop("preset", "debug")
     if preset not in PRESETS:
         raise ConfigError(f"model.preset={preset!r} is unknown; choose one of {', '.join(PRESETS)}")
@@ -232,7 +239,7 @@ def to_dict(obj) -> dict:
 
 def from_dict(values: dict) -> Config:
     values = dict(values or {})
-    if "model" in values:
+    if "model" in values and isinstance(values["model"], (str, dict, type(None))):
         values["model"] = _model_section(values["model"] or {})
     for name, section in values.items():
         if not isinstance(section, (dict, type(None))):

@@ -29,6 +29,7 @@ import torch
 
 from dist_llama.checkpoint import CheckpointError, load_full_model_state, resolve_checkpoint
 from dist_llama.config import Config, ConfigError, from_dict, save_config
+from dist_llama.data import expand_paths
 from dist_llama.interop import llama_config_dict
 from dist_llama.model import ModelArgs, Transformer, count_parameters
 
@@ -182,7 +183,9 @@ def model_card(config: Config, meta: dict, eval_summary: dict | None, repo_name:
     args = config.model
     counts = count_parameters(args)
     data = config.data
-    data_source = ", ".join(data.paths) if data.source == "local" or (data.source == "auto" and data.paths) else data.hub_dataset
+    # As the packer decides: `auto` trained on the local files when the globs matched any.
+    local = data.source == "local" or (data.source == "auto" and expand_paths(data.paths))
+    data_source = ", ".join(data.paths) if local else data.hub_dataset
     rope = f"linear Position Interpolation, factor {args.rope_scaling.factor}" if args.rope_scaling else "none"
     architecture = [
         ("layers", args.n_layers), ("hidden size", args.dim), ("attention heads", args.n_heads),

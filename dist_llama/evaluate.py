@@ -724,7 +724,14 @@ def _run_irt(args) -> dict:
     if not Path(args.samples).is_file():
         raise EvaluationError(f"--samples {args.samples}: no such file")
     try:
-        y = irt.scores_from_samples(args.samples, metric=args.metric)
+        samples = [json.loads(line) for line in Path(args.samples).read_text().splitlines() if line.strip()]
+        if samples and all("tb_index" in s for s in samples):
+            # Items from a local MMLU file: the anchors are found by tb_index, as in the mmlu command.
+            y, note = anchor_scores(samples, params, args.metric)
+            if y is None:
+                raise EvaluationError(note)
+        else:
+            y = irt.scores_from_samples(args.samples, metric=args.metric)
         return irt.estimate(y, params, args.bench)
     except (ValueError, KeyError) as err:
         raise EvaluationError(str(err).strip("'\"")) from None

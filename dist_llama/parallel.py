@@ -16,7 +16,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from dist_llama.config import ParallelConfig
+from dist_llama.config import ConfigError, ParallelConfig
 from dist_llama.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class DistEnv:
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

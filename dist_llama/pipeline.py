@@ -133,7 +133,10 @@ def run_pipeline(config: Config, config_path: str | None, overrides: list[str], 
         if "train" not in skip:
             stage1_checkpoint = run_training(stage1_config, stage1_path, overrides[:-1], nproc)
         else:
-            stage1_checkpoint = complete_checkpoints(stage1_config.run_dir / "checkpoints")[-1]
+            found = complete_checkpoints(stage1_config.run_dir / "checkpoints")
+            if not found:
+                raise CheckpointError(f"--skip train, but stage 1 ({stage1_config.run_dir}) has no checkpoint")
+            stage1_checkpoint = found[-1]
         stage1 = (stage1_config, consolidate_stage(stage1_checkpoint, stage1_config.run_dir / "release",
                                                    stage1_config.train.name, state, "consolidate_stage1",
                                                    "consolidate" in redo))
@@ -190,11 +193,16 @@ def main(argv: list[str] | None = None) -> None:
         if stage not in STAGES:
             parser.exit(2, f"error: unknown stage {stage!r}; stages are {', '.join(STAGES)}\n")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from dist_llama.consolidate import ReleaseError
+    from dist_llama.evaluate import EvaluationError
+    from dist_llama.train import NonFiniteError
+
     try:
         config = load_config(args.config, overrides)
         result = run_pipeline(config, args.config, overrides, stage1_path=args.stage1_config, skip=skip,
                               redo=redo, nproc=args.nproc)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, CheckpointError, ReleaseError, EvaluationError, NonFiniteError, FileNotFoundError,
+            ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     print(f"pipeline done: {result}")
     if Path(result).is_file():

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -55,7 +55,6 @@ class Progress:
     step: int = 0
     tokens_seen: int = 0
     bad_steps: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -233,6 +232,7 @@ def _train(config: Config, env: DistEnv) -> dict:
                 logger.log(last, start_step)
                 window_start, window_tokens = time.perf_counter(), 0
 
+            pause_start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
             if step % config.train.eval_every == 0 or step == config.train.steps:
                 val_loss = evaluate_loss(model, val_batches, plan.micro_batch_size, env.device)
                 logger.log({"kind": "val", "step": step, "tokens_seen": progress.tokens_seen, "val_loss": val_loss})
@@ -242,7 +242,7 @@ def _train(config: Config, env: DistEnv) -> dict:
                 checkpointer.save(step, model, optimizer, data.state_dict(),
                                   {"tokens_seen": progress.tokens_seen, "bad_steps": progress.bad_steps,
                                    "config": to_dict(config), "final_loss": loss, "val_loss": last.get("val_loss")})
-                window_start = time.perf_counter()  # checkpoint time is not training throughput
+            window_start += time.perf_counter() - pause_start
     finally:
         data.close()
         logger.close()

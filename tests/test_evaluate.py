@@ -178,6 +178,26 @@ def test_irt_subcommand_prints_the_estimates_of_a_samples_file(tmp_path, shared_
         assert printed[key] == pytest.approx(case["expected"][key], abs=1e-4)
 
 
+def test_irt_subcommand_finds_anchors_by_tb_index_or_refuses(tmp_path, synthetic_params_path, synthetic_params):
+    seen = [int(i) for i in synthetic_params["mmlu"]["seen_examples"]]
+    scores = {index: float(k % 3 == 0) for k, index in enumerate(seen)}
+    extra = [i for i in range(300) if i not in scores][:50]
+    rows = [{"doc_id": d, "tb_index": i, "acc": scores.get(i, 1.0), "acc_norm": scores.get(i, 1.0)}
+            for d, i in enumerate(sorted(set(seen) | set(extra)))]
+    command = [sys.executable, "-m", "dist_llama.evaluate", "irt", "--params", str(synthetic_params_path), "--samples"]
+    full = tmp_path / "full.jsonl"
+    full.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([*command, str(full)], capture_output=True, text=True, env=_subprocess_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == irt.estimate([scores[i] for i in seen], synthetic_params)
+    # 100 items that are not the anchors must not be scored as if they were.
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(json.dumps({**r, "doc_id": d}) + "\n"
+                               for d, r in enumerate(r for r in rows if r["tb_index"] not in seen[:10])))
+    proc = subprocess.run([*command, str(partial)], capture_output=True, text=True, env=_subprocess_env(), timeout=120)
+    assert proc.returncode != 0 and "anchor" in proc.stderr
+
+
 def test_irt_anchor_selection(synthetic_params, monkeypatch):
     seen = [int(i) for i in synthetic_params["mmlu"]["seen_examples"]]
     rng = random.Random(1)
