@@ -17,6 +17,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dist_llama.devices import DTYPES, default_device
 from dist_llama.interop import llama_config_dict
 from dist_llama.metrics import memory_gib
 from dist_llama.model import PRESETS, Transformer, causal_lm_loss
@@ -60,9 +61,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
     ours, theirs, model_args = build_models(args, device, dtype)
     tokens = torch.randint(0, model_args.vocab_size, (args.batch, args.seq_len + 1), device=device)

@@ -30,10 +30,11 @@ import torch
 from dist_llama.checkpoint import CheckpointError, load_full_model_state, resolve_checkpoint
 from dist_llama.config import Config, ConfigError, from_dict, save_config
 from dist_llama.data import expand_paths
+from dist_llama.devices import DTYPES
 from dist_llama.interop import llama_config_dict
 from dist_llama.model import ModelArgs, Transformer, count_parameters
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RELEASE_DTYPES = ("fp32", "bf16")
 MODEL_SOURCE = Path(__file__).resolve().parent / "model.py"
 INTEROP_SOURCE = Path(__file__).resolve().parent / "interop.py"
 RELEASE_CODE = Path(__file__).resolve().parents[1] / "hub_release"
@@ -282,8 +283,8 @@ def consolidate(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32"
 
     from dist_llama.tokenizer import check_tokenizer, load_tokenizer
 
-    if dtype not in DTYPES:
-        raise ReleaseError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if dtype not in RELEASE_DTYPES:
+        raise ReleaseError(f"dtype {dtype!r} is not supported; choose one of {', '.join(RELEASE_DTYPES)}")
     checkpoint_dir = resolve_checkpoint(checkpoint)
     state, meta = load_full_model_state(checkpoint_dir)
     if not isinstance(meta.get("config"), dict):
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Consolidate a sharded checkpoint into a Hugging Face release folder.")
     parser.add_argument("--checkpoint", required=True, help="a step_N checkpoint folder, or a run directory (its latest)")
     parser.add_argument("--out", required=True, help="release folder to write (replaced if it is an earlier release)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype in the release")
+    parser.add_argument("--dtype", choices=RELEASE_DTYPES, default="fp32", help="weight dtype in the release")
     parser.add_argument("--stock-llama", action="store_true",
                         help="write a stock LlamaForCausalLM config.json (no custom code, no trust_remote_code)")
     parser.add_argument("--eval-summary", default=None, help="evaluation summary JSON for the model card "

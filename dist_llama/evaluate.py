@@ -280,20 +280,10 @@ def irt_for_samples(samples: list[dict], from_hub_task: bool, params: dict | Non
 # --- Models -------------------------------------------------------------------------------------------
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _torch_dtype(name: str, device: str, auto_means_saved: bool):
-    import torch
+    from dist_llama.devices import resolve_dtype
 
-    if name == "auto":
-        if auto_means_saved:
-            return "auto"
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return "auto" if name == "auto" and auto_means_saved else resolve_dtype(name, device)
 
 
 def _is_local(model: str) -> bool:
@@ -420,6 +410,8 @@ def run_mmlu(model: str, output_dir: str | Path, data: str | Path | None = None,
         raise EvaluationError(f"--dtype {dtype!r}: choose one of {DTYPE_CHOICES}")
     # A bad parameter file should fail before the model runs, not after.
     params = _load_params_file(Path(irt_params)) if irt_params is not None else None
+    from dist_llama.devices import default_device
+
     device = device or default_device()
     output_dir.mkdir(parents=True, exist_ok=True)
     task_name, task_path = write_task(output_dir, data)
@@ -557,6 +549,8 @@ def loss_by_position(model: str, data: str | Path, seq_len: int = 1024, docs: in
         texts = read_documents([str(data)], text_field, limit=docs)
     except (FileNotFoundError, ValueError) as err:
         raise EvaluationError(f"--data {data}: {err}") from None
+    from dist_llama.devices import default_device
+
     device = device or default_device()
     torch_dtype = _torch_dtype(dtype, device, auto_means_saved=False)
 

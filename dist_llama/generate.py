@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from dist_llama.consolidate import ReleaseError, check_release_folder
+from dist_llama.devices import default_device
 
 
 def load_release(model: str | Path, device: str = "auto"):
@@ -22,7 +23,7 @@ def load_release(model: str | Path, device: str = "auto"):
     if Path(model).exists():
         check_release_folder(model)
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model), trust_remote_code=True)
         lm = AutoModelForCausalLM.from_pretrained(str(model), trust_remote_code=True, dtype="auto")

@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from dist_llama.config import ConfigError, ParallelConfig
+from dist_llama.devices import resolve_dtype
 from dist_llama.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,7 @@ def shutdown_distributed() -> None:
 
 
 def compute_dtype(parallel: ParallelConfig, device: torch.device) -> torch.dtype:
-    if parallel.mixed_precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[parallel.mixed_precision]
+    return resolve_dtype(parallel.mixed_precision, device)
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
