@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dist_llama.checkpoint import CheckpointError, load_full_model_state, resolve_checkpoint
+from dist_llama.checkpoint import CheckpointError, load_full_model_state, read_meta, resolve_checkpoint
 from dist_llama.config import Config, ConfigError, from_dict, save_config
 from dist_llama.data import expand_paths
 from dist_llama.devices import DTYPES
@@ -35,6 +35,7 @@ from dist_llama.interop import llama_config_dict
 from dist_llama.model import ModelArgs, Transformer, count_parameters
 
 RELEASE_DTYPES = ("fp32", "bf16")
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}  # as config.json spells them
 MODEL_SOURCE = Path(__file__).resolve().parent / "model.py"
 INTEROP_SOURCE = Path(__file__).resolve().parent / "interop.py"
 RELEASE_CODE = Path(__file__).resolve().parents[1] / "hub_release"
@@ -102,7 +103,7 @@ def _release_config_class():
 def model_config(args: ModelArgs, dtype: str, stock_llama: bool, bos_id: int, eos_id: int):
     """The transformers config object of a release (DistLlamaConfig, or LlamaConfig with stock_llama)."""
     fields = {**llama_config_dict(args), "bos_token_id": bos_id, "eos_token_id": eos_id,
-              "dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}
+              "dtype": TORCH_DTYPE_NAMES[dtype]}
     if stock_llama:
         from transformers import LlamaConfig
 
@@ -321,6 +322,24 @@ def consolidate(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32"
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def write_model_card(release: str | Path, checkpoint: str | Path, eval_summary: str | Path | dict | None = None,
+                     repo_name: str | None = None) -> Path:
+    """Rewrite only the README.md model card of an existing release, e.g. once evaluation results exist;
+    the weights, which may be gigabytes, are left as they are."""
+    release = Path(release)
+    config_path = release / "config.json"
+    if not config_path.is_file():
+        raise ReleaseError(f"{release} is not a release folder: config.json is missing")
+    released = json.loads(config_path.read_text())
+    checkpoint_dir = resolve_checkpoint(checkpoint)
+    meta = read_meta(checkpoint_dir)
+    dtype = {name: key for key, name in TORCH_DTYPE_NAMES.items()}.get(released.get("dtype"), "fp32")
+    card = model_card(from_dict(meta["config"]), meta, _find_eval_summary(checkpoint_dir, eval_summary),
+                      repo_name or release.resolve().name, released.get("model_type") == "llama", dtype)
+    (release / "README.md").write_text(card)
+    return release / "README.md"
 
 
 def check_release_folder(folder: str | Path) -> list[Path]:

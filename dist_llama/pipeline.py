@@ -159,10 +159,10 @@ def run_pipeline(config: Config, config_path: str | None, overrides: list[str], 
             evaluate_stage(config, release, stage1, run_dir / "eval")
             state.record("evaluate", eval_inputs)
             # The model card quotes the evaluation: rewrite it now that results exist.
-            from dist_llama.consolidate import consolidate
+            from dist_llama.consolidate import write_model_card
 
-            consolidate(checkpoint, release, dtype="fp32", eval_summary=run_dir / "eval" / "summary.json",
-                        repo_name=config.train.name)
+            write_model_card(release, checkpoint, eval_summary=run_dir / "eval" / "summary.json",
+                             repo_name=config.train.name)
         else:
             log.info("evaluate: results for %s are up to date", checkpoint.name)
 

@@ -366,3 +366,19 @@ def test_model_card_and_training_config(runs, tmp_path):
     assert "tinymmlu.acc | 0.2817" in card and "perplexity | 41.5000" in card
     assert 'AutoModelForCausalLM.from_pretrained("someone/tiny-llama", trust_remote_code=True)' in card
     assert from_dict(yaml.safe_load((folder / "training_config.yaml").read_text())) == from_dict(meta["config"])
+
+
+def test_model_card_rewrite_leaves_the_weights_alone(runs, tmp_path):
+    for stock_llama in (False, True):
+        folder = release.consolidate(runs["plain"], tmp_path / f"card_{stock_llama}", stock_llama=stock_llama,
+                                     repo_name="someone/tiny-llama")
+        weights = folder / "model.safetensors"
+        stamp, before = weights.stat().st_mtime_ns, (folder / "README.md").read_text()
+        assert "No evaluation results were recorded" in before
+        release.write_model_card(folder, runs["plain"], eval_summary={"acc": 0.2817}, repo_name="someone/tiny-llama")
+        card = (folder / "README.md").read_text()
+        assert "acc | 0.2817" in card and "No evaluation results" not in card
+        assert ("trust_remote_code" in card) is not stock_llama, "the usage section must match the release kind"
+        assert weights.stat().st_mtime_ns == stamp
+    with pytest.raises(release.ReleaseError, match="config.json is missing"):
+        release.write_model_card(tmp_path, runs["plain"])
