@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ from dist_llama.data import expand_paths
 from dist_llama.devices import DTYPES
 from dist_llama.interop import llama_config_dict
 from dist_llama.model import ModelArgs, Transformer, count_parameters
+from dist_llama.tables import format_value
 
 RELEASE_DTYPES = ("fp32", "bf16")
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}  # as config.json spells them
@@ -162,18 +162,8 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4f}" if math.isfinite(value) else str(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
-
-
 def _table(rows) -> str:
-    return "\n".join(["| | |", "|---|---|", *(f"| {key} | {_fmt(value)} |" for key, value in rows)])
+    return "\n".join(["| | |", "|---|---|", *(f"| {key} | {format_value(value)} |" for key, value in rows)])
 
 
 def _millions(n: int) -> str:

@@ -20,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 import yaml  # noqa: E402
 
+from dist_llama.tables import format_value  # noqa: E402
+
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """Train and val records; a resumed run re-logs the steps after its checkpoint, so the last record wins."""
@@ -70,14 +72,6 @@ def training_plots(train: list[dict], val: list[dict], out: Path, name: str) -> 
     return written
 
 
-def _fmt(value, digits=4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
-
-
 def run_summary(run_dir: Path, train: list[dict], val: list[dict]) -> dict:
     environment = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").is_file() else {}
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
@@ -108,24 +102,24 @@ def results_markdown(summary: dict, eval_summary: dict | None, ppl: list[dict], 
              "| metric | value |", "| --- | --- |"]
     for key in ("seq_len", "steps", "tokens_seen", "final_train_loss", "final_val_loss", "best_val_loss",
                 "median_tokens_per_s", "median_mfu", "peak_memory_gib"):
-        lines.append(f"| {key} | {_fmt(summary[key], 1 if key == 'median_tokens_per_s' else 4)} |")
+        lines.append(f"| {key} | {format_value(summary[key], 1 if key == 'median_tokens_per_s' else 4)} |")
     if eval_summary:
         lines += ["", "Evaluation (`eval/summary.json`):", "", "| metric | value |", "| --- | --- |"]
         for key, value in eval_summary.items():
             if isinstance(value, (int, float, str)) or value is None:
-                lines.append(f"| {key} | {_fmt(value)} |")
+                lines.append(f"| {key} | {format_value(value)} |")
             elif isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
                 lines.append(f"| {key} | [{value[0]:.4f}, {value[1]:.4f}] |")
             elif isinstance(value, dict) and all(isinstance(v, (int, float)) or v is None for v in value.values()):
-                lines.append(f"| {key} | " + ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) + " |")
+                lines.append(f"| {key} | " + ", ".join(f"{k}={format_value(v)}" for k, v in value.items()) + " |")
     if ppl:
         buckets = list(ppl[0]["buckets"].keys()) if isinstance(ppl[0].get("buckets"), dict) else []
         if buckets:
             lines += ["", "Held-out loss by position (`eval/ppl_*.json`):", "",
                       "| model | " + " | ".join(buckets) + " | all |", "| --- " * (len(buckets) + 2) + "|"]
             for result in ppl:
-                lines.append(f"| {result.get('label', '?')} | " + " | ".join(_fmt(result["buckets"][b]) for b in buckets)
-                             + f" | {_fmt(result.get('loss'))} |")
+                lines.append(f"| {result.get('label', '?')} | " + " | ".join(format_value(result["buckets"][b]) for b in buckets)
+                             + f" | {format_value(result.get('loss'))} |")
     lines += [""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots] + [""]
     return "\n".join(lines)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from dist_llama.report import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_AT = 12, 6
 
@@ -50,13 +52,8 @@ def run(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    """Loss per step; a resumed run appends, so the last record of a step wins."""
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if record["kind"] == "train":
-            losses[record["step"]] = record["loss"]
-    return losses
+    """Loss per step; a resumed run appends, and read_metrics keeps the last record of a step."""
+    return {record["step"]: record["loss"] for record in read_metrics(run_dir)[0]}
 
 
 @pytest.fixture(scope="module")
