@@ -1,7 +1,7 @@
 """Tests for dist_llama.data: packing without padding, lane coverage, world-size-free resume, held-out split.
 
 A small byte-level BPE tokenizer trained in a second stands in for the Mistral one (which has its own test at
-the end, run when dist_llama.tokenizer is importable). Expected streams are built here from the documents
+the end). Expected streams are built here from the documents
 themselves (file order, d % global_rows lanes), not from the packer's internals.
 """
 
@@ -456,7 +456,7 @@ def test_clear_errors(tmp_path, tokenizer, monkeypatch):
 
 
 def test_hub_source_streams_shuffles_and_resumes(tmp_path, tokenizer, monkeypatch, caplog):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a required dependency: a broken install must fail here, not skip
     docs = make_docs(60, seed=14)
     write_jsonl(tmp_path / "hub.jsonl", docs)
     calls = []
@@ -481,8 +481,9 @@ def test_hub_source_streams_shuffles_and_resumes(tmp_path, tokenizer, monkeypatc
 
 
 def test_real_mistral_tokenizer_packs_bos_doc_eos(shared_data):
-    tokenizer_module = pytest.importorskip("dist_llama.tokenizer")
-    mistral = tokenizer_module.load_tokenizer(source="offline")
+    from dist_llama.tokenizer import load_tokenizer
+
+    mistral = load_tokenizer(source="offline")
     assert (mistral.bos_token_id, mistral.eos_token_id) == (1, 2)
     path = shared_data / "owt" / "tiny.jsonl"
     docs = data.read_documents([path], limit=4)

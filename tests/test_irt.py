@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import urllib.error
 import warnings
 from pathlib import Path
@@ -143,11 +144,14 @@ def test_load_checks_sha256(tmp_path):
         irt.load_irt_params(path, expected_sha256="0" * 64)
 
 
-def test_official_params_pin_is_well_formed():
+def test_official_params_pin_is_well_formed(shared_data):
     assert irt.OFFICIAL_PARAMS_URL.startswith("https://raw.githubusercontent.com/felipemaiapolo/tinyBenchmarks/")
     assert "e9a8b1031b0340571beb6c9ca3a27891be09a8fd" in irt.OFFICIAL_PARAMS_URL
     assert irt.OFFICIAL_PARAMS_URL.endswith("/tinyBenchmarks/tinyBenchmarks.pkl")
-    assert len(irt.OFFICIAL_PARAMS_SHA256) == 64 and int(irt.OFFICIAL_PARAMS_SHA256, 16) >= 0
+    # A sha256 hex digest as hashlib writes it (64 lowercase hex digits), which load_irt_params compares with.
+    assert re.fullmatch(r"[0-9a-f]{64}", irt.OFFICIAL_PARAMS_SHA256), irt.OFFICIAL_PARAMS_SHA256
+    # The pin is the one the shared tinyMMLU data's README records for upstream's tinyBenchmarks.pkl.
+    assert f"sha256 `{irt.OFFICIAL_PARAMS_SHA256}`" in (shared_data / "tinymmlu" / "README.md").read_text()
 
 
 class _FakeResponse(io.BytesIO):
