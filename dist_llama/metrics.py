@@ -19,8 +19,34 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 peak FLOP/s by GPU name (SXM parts; tensor cores, no sparsity).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peak FLOP/s, keyed by the words a card's CUDA name must contain. NVIDIA's
+# datasheets quote bf16 "with sparsity"; the dense peak is half of that:
+#   H100 SXM 1,979 -> 989.5; H100 PCIe 1,513 -> 756.5; H100 NVL 1,671 -> 835.5 (H100 datasheet);
+#   H200 SXM 1,979 -> 989.5; H200 NVL 1,671 -> 835.5 (H200 datasheet); GH200 1,979 -> 989.5;
+#   A100 40GB and 80GB, SXM and PCIe alike: 624 -> 312 (A100 datasheet).
+# CUDA names: "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200",
+# "NVIDIA H200 NVL", "NVIDIA GH200 480GB", "NVIDIA A100-SXM4-40GB", "NVIDIA A100 80GB PCIe", ...
+PEAK_BF16_FLOPS: dict[tuple[str, ...], float] = {
+    ("H100",): 989.5e12,  # SXM5, which names no form factor
+    ("H100", "PCIE"): 756.5e12,
+    ("H100", "NVL"): 835.5e12,
+    ("H200",): 989.5e12,
+    ("H200", "NVL"): 835.5e12,
+    ("GH200",): 989.5e12,
+    ("A100", "SXM4", "40GB"): 312e12,
+    ("A100", "SXM4", "80GB"): 312e12,
+    ("A100", "PCIE", "40GB"): 312e12,
+    ("A100", "PCIE", "80GB"): 312e12,
+    ("A100",): 312e12,
+}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU by its CUDA name; the most specific matching entry wins (H100 PCIe, not
+    H100). Names are compared word by word, so GH200 is not taken for H200. None for an unknown card."""
+    words = set(device_name.upper().replace("-", " ").split())
+    matches = [key for key in PEAK_BF16_FLOPS if words.issuperset(key)]
+    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
@@ -29,8 +55,7 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    return peak_bf16_flops(torch.cuda.get_device_name(device))
 
 
 def memory_gib(device: torch.device) -> float:
