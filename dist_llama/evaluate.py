@@ -12,8 +12,11 @@ Subcommands of `python -m dist_llama.evaluate` (with no subcommand, `mmlu` is as
             tinyBenchmarks' irt / pirt / gpirt from a samples file (ours or lm-eval's), as JSON.
   ppl       --model DIR|HUB_ID|CHECKPOINT --data FILE --output DIR [--seq-len 1024] [--docs N]
             [--rope-scaling-factor F] [--label NAME] [--batch-size B] [--device D] [--dtype ...] [--plot PNG]
-            Held-out loss in four position buckets of a seq_len window (training's packing: [bos] doc [eos]
-            concatenated, windows of seq_len + 1 tokens), and overall, as ppl_<label>.json. A checkpoint
+            Held-out loss in four position buckets of a seq_len window, and overall, as ppl_<label>.json:
+            one window of seq_len + 1 tokens from the start of each of the first N documents that are that
+            long ([bos] doc [eos], as training encodes them; never joined to a previous document, so
+            position p follows p tokens of its own document). The JSON says how many documents were read
+            and how many qualified; none qualifying is an error. A checkpoint
             (DCP step folder or run folder) is consolidated to a temporary stock-Llama folder first.
             --rope-scaling-factor F loads the model with linear RoPE scaling (Position Interpolation) of
             factor F, F = 1 with plain RoPE, whatever its config says.
@@ -48,6 +51,7 @@ summary.json has "irt": null and an "irt_note" saying why.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -56,6 +60,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 from dist_llama import irt
@@ -286,17 +291,15 @@ def _torch_dtype(name: str, device: str, auto_means_saved: bool):
     return "auto" if name == "auto" and auto_means_saved else resolve_dtype(name, device)
 
 
-def _is_local(model: str) -> bool:
-    """A path to a local folder (existing or meant), as opposed to a Hub id like `user/name`."""
-    if Path(model).exists():
-        return True
-    return model.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model)
+def _check_model(model: str, option: str = "--model",
+                 expected: str = "a release folder, a Hub id or, for ppl, a checkpoint") -> str:
+    """The model (or tokenizer) name to load: see consolidate.local_path_or_hub_id."""
+    from dist_llama.consolidate import ReleaseError, local_path_or_hub_id
 
-
-def _check_model(model: str) -> None:
-    if _is_local(model) and not Path(model).exists():
-        raise EvaluationError(f"--model {model}: no such folder (give a release folder, a Hub id or, for ppl, "
-                              "a checkpoint)")
+    try:
+        return local_path_or_hub_id(model, option)
+    except ReleaseError as err:
+        raise EvaluationError(f"{err}; give {expected}") from None
 
 
 def _rope_theta(config) -> float:
@@ -339,7 +342,7 @@ def load_model(source: str, *, device: str, dtype, rope_scaling_factor: float | 
 
         return model, load_tokenizer("offline")
     try:
-        tok = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=True)
+        tok = AutoTokenizer.from_pretrained(_check_model(tok_source, "--tokenizer", "a tokenizer folder or Hub id"), trust_remote_code=True)
     except OSError as err:
         raise EvaluationError(f"cannot load tokenizer {tok_source}: {str(err).splitlines()[0]}") from None
     return model, tok
@@ -396,8 +399,7 @@ def run_mmlu(model: str, output_dir: str | Path, data: str | Path | None = None,
     Returns the summary dict (also written to output_dir/summary.json). irt_params: a tinyBenchmarks pickle;
     None fetches the official one if (and only if) the item set allows IRT.
     """
-    model = str(model)
-    _check_model(model)
+    model = _check_model(str(model))
     output_dir = Path(output_dir)
     data = Path(data) if data is not None else None
     if limit is not None and limit <= 0:
@@ -505,25 +507,48 @@ def _resolve_checkpoint(model: str, workdir: str, tokenizer: str | None = None) 
         raise EvaluationError(f"cannot consolidate {model}: {err}") from None
 
 
-def _packed_windows(docs: list[str], tokenizer, seq_len: int):
-    """Training's packing: [bos] doc [eos] ... as one stream, windows of seq_len + 1 overlapping by one token."""
+ENCODE_BATCH = 64  # documents tokenized per call while looking for long enough ones
+
+
+def _document_windows(documents: Iterable[str], tokenizer, seq_len: int, wanted: int | None):
+    """One window of seq_len + 1 tokens from the start of each document that has that many, for the first
+    `wanted` such documents (all when None); returns (windows, documents read, longest document's tokens).
+
+    Documents are encoded as training encodes them, [bos] doc [eos], but never joined: in a packed stream
+    the late positions of a window mostly follow an earlier, unrelated document (OpenWebText documents
+    are shorter than a 1024 window on average), which would dilute a long-context comparison. Here
+    position p always has p tokens of its own document before it.
+    """
     import numpy as np
+    import torch
 
-    from dist_llama.data import cut_windows, token_stream  # the trainer's packing: tokens as training saw them
+    from dist_llama.data import DocumentEncoder  # the trainer's document encoding
 
-    stream = token_stream(docs, tokenizer)
-    n_windows = (len(stream) - 1) // seq_len
-    if n_windows == 0:
-        raise EvaluationError(f"{len(docs)} documents give {len(stream)} tokens, fewer than one window of "
-                              f"{seq_len} + 1: raise --docs or lower --seq-len")
-    return cut_windows(stream, np.arange(n_windows) * seq_len, seq_len), len(stream)
+    encoder = DocumentEncoder(tokenizer)
+    documents = iter(documents)
+    windows, read, longest = [], 0, 0
+    while wanted is None or len(windows) < wanted:
+        batch = list(itertools.islice(documents, ENCODE_BATCH))
+        if not batch:
+            break
+        for tokens in encoder.encode(batch):
+            read += 1
+            longest = max(longest, len(tokens))
+            if len(tokens) > seq_len:
+                windows.append(tokens[: seq_len + 1])
+                if len(windows) == wanted:
+                    break
+    if not windows:
+        return None, read, longest
+    return torch.from_numpy(np.stack(windows).astype(np.int64)), read, longest
 
 
 def loss_by_position(model: str, data: str | Path, seq_len: int = 1024, docs: int | None = 32,
                      rope_scaling_factor: float | None = None, device: str | None = None, dtype: str = "auto",
                      batch_size: int = 8, text_field: str = "text", tokenizer: str | None = None,
                      label: str | None = None) -> dict:
-    """Mean next-token loss per position bucket over the first `docs` documents of `data`, and overall.
+    """Mean next-token loss per position bucket, and overall, over the first `docs` documents of `data`
+    that have at least seq_len + 1 tokens, one window from each document's start (see _document_windows).
 
     Position p is the loss of predicting window token p + 1 from tokens 0..p. model: a release folder,
     Hub id, or DCP checkpoint / run folder (consolidated to a temporary folder first).
@@ -531,8 +556,7 @@ def loss_by_position(model: str, data: str | Path, seq_len: int = 1024, docs: in
     import torch
     import torch.nn.functional as F
 
-    model = str(model)
-    _check_model(model)
+    model = _check_model(str(model))
     if seq_len < N_BUCKETS:
         raise EvaluationError(f"--seq-len must be at least {N_BUCKETS}, got {seq_len}")
     if docs is not None and docs <= 0:
@@ -543,12 +567,10 @@ def loss_by_position(model: str, data: str | Path, seq_len: int = 1024, docs: in
         raise EvaluationError(f"--batch-size must be positive, got {batch_size}")
     if dtype not in DTYPE_CHOICES:
         raise EvaluationError(f"--dtype {dtype!r}: choose one of {DTYPE_CHOICES}")
-    from dist_llama.data import read_documents
+    from dist_llama.data import expand_paths, iter_documents
 
-    try:
-        texts = read_documents([str(data)], text_field, limit=docs)
-    except (FileNotFoundError, ValueError) as err:
-        raise EvaluationError(f"--data {data}: {err}") from None
+    if not expand_paths([str(data)]):
+        raise EvaluationError(f"--data {data}: no such file")
     from dist_llama.devices import default_device
 
     device = device or default_device()
@@ -558,7 +580,19 @@ def loss_by_position(model: str, data: str | Path, seq_len: int = 1024, docs: in
         source = _resolve_checkpoint(model, workdir, tokenizer)
         hf_model, tok = load_model(source, device=device, dtype=torch_dtype, rope_scaling_factor=rope_scaling_factor,
                                    min_positions=seq_len, tokenizer=tokenizer)
-    windows, n_stream_tokens = _packed_windows(texts, tok, seq_len)
+    try:
+        windows, n_read, longest = _document_windows(iter_documents([str(data)], text_field), tok, seq_len, docs)
+    except ValueError as err:
+        raise EvaluationError(f"--data {data}: {err}") from None
+    if windows is None:
+        raise EvaluationError(f"--data {data}: none of its {n_read} documents has the seq_len + 1 = {seq_len + 1} "
+                              f"tokens a window needs (the longest has {longest}); give longer documents or "
+                              "lower --seq-len")
+    logger.info("loss by position: %d documents of at least %d tokens (of %d read), one window from each "
+                "document's start", len(windows), seq_len + 1, n_read)
+    if docs is not None and len(windows) < docs:
+        logger.warning("only %d of the %d documents in %s have at least %d tokens (asked for %d)",
+                       len(windows), n_read, data, seq_len + 1, docs)
 
     loss_sum = torch.zeros(seq_len, dtype=torch.float64)
     with torch.no_grad():
@@ -579,11 +613,12 @@ def loss_by_position(model: str, data: str | Path, seq_len: int = 1024, docs: in
         "label": label or default_label(model, rope_scaling_factor),
         "model": model,
         "data": str(Path(data).resolve()),
-        "docs": len(texts),
         "seq_len": seq_len,
+        "windows": "one from the start of each document of at least seq_len + 1 tokens ([bos] doc [eos])",
+        "docs_read": n_read,
+        "docs_qualified": len(windows),
         "n_windows": len(windows),
         "n_tokens": len(windows) * seq_len,
-        "stream_tokens": n_stream_tokens,
         "rope_scaling_factor": rope_scaling_factor,
         "rope_parameters": dict(rope) if rope else None,
         "device": device,
@@ -696,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--data", required=True, help="documents (.jsonl, .jsonl.zst, .parquet, .txt)")
     ppl.add_argument("--text-field", default="text")
     ppl.add_argument("--seq-len", type=int, default=1024)
-    ppl.add_argument("--docs", type=int, default=32, help="first N documents")
+    ppl.add_argument("--docs", type=int, default=32, help="first N documents of at least seq-len + 1 tokens")
     ppl.add_argument("--rope-scaling-factor", type=float, default=None,
                      help="override RoPE: linear scaling (Position Interpolation) with this factor; 1 = plain RoPE")
     ppl.add_argument("--label", default=None, help="name in the JSON and the plot (default: model name + factor)")
@@ -738,6 +773,9 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "mmlu")  # `python -m dist_llama.evaluate --model ...` means mmlu
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a weight-loading bar would run into an error line on stderr
     try:
         if args.command == "mmlu":
             summary = run_mmlu(args.model, args.output, data=args.data, limit=args.limit, batch_size=args.batch_size,
@@ -757,7 +795,9 @@ def main(argv: list[str] | None = None) -> int:
             path = out / f"ppl_{_safe_filename(result['label'])}.json"
             path.write_text(json.dumps(result, indent=2))
             buckets = "  ".join(f"{name}: {loss:.4f}" for name, loss in result["buckets"].items())
-            print(f"{result['label']}: loss {result['loss']:.4f} over {result['n_windows']} windows | {buckets}")
+            print(f"{result['label']}: loss {result['loss']:.4f} over {result['n_windows']} windows (documents of "
+                  f"at least {result['seq_len'] + 1} tokens: {result['docs_qualified']} of {result['docs_read']} "
+                  f"read) | {buckets}")
             if args.plot:
                 plot_loss_by_position([result], args.plot)
                 print(f"wrote {args.plot}")

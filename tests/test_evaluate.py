@@ -261,16 +261,57 @@ def test_loss_by_position_buckets(ppl_results):
     assert result["loss"] == pytest.approx(sum(per_position) / PPL_SEQ_LEN)
     # A random model is near-uniform over the 32000-token vocabulary.
     assert abs(result["loss"] - math.log(32000)) < 0.5
-    # Training's packing: [bos] doc [eos] per document, windows of seq_len + 1 overlapping by one token.
+    # The first documents of tiny.jsonl are all longer than a window: one window from each one's start.
     tok = load_tokenizer("offline")
     docs = read_documents([result["data"]], limit=PPL_DOCS)
-    stream = [token for doc in docs
-              for token in [tok.bos_token_id, *tok(doc, add_special_tokens=False)["input_ids"], tok.eos_token_id]]
-    assert (result["docs"], result["stream_tokens"]) == (PPL_DOCS, len(stream))
-    n_windows = (len(stream) - 1) // PPL_SEQ_LEN
-    assert result["n_windows"] == n_windows
-    windows, _ = evaluate._packed_windows(docs, tok, PPL_SEQ_LEN)
-    assert windows.tolist() == [stream[i * PPL_SEQ_LEN:(i + 1) * PPL_SEQ_LEN + 1] for i in range(n_windows)]
+    assert (result["docs_read"], result["docs_qualified"], result["n_windows"]) == (PPL_DOCS, PPL_DOCS, PPL_DOCS)
+    windows, read, _ = evaluate._document_windows(docs, tok, PPL_SEQ_LEN, None)
+    assert windows.tolist() == [[tok.bos_token_id, *tok(doc, add_special_tokens=False)["input_ids"]][:PPL_SEQ_LEN + 1]
+                                for doc in docs]
+
+
+@pytest.fixture(scope="module")
+def mixed_lengths(owt_tiny, tmp_path_factory) -> tuple[Path, list[str]]:
+    """Short documents (fewer than PPL_SEQ_LEN + 1 tokens) between long ones from tiny.jsonl."""
+    from dist_llama.data import read_documents
+
+    long_docs = read_documents([owt_tiny], limit=3)
+    docs = ["A short note.", long_docs[0], "Another short one, of a few words.", long_docs[1], long_docs[2]]
+    path = tmp_path_factory.mktemp("mixed") / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    return path, long_docs
+
+
+def test_loss_by_position_takes_one_window_from_each_long_document(tiny_hf_model_dir, mixed_lengths):
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaForCausalLM
+
+    from dist_llama.tokenizer import load_tokenizer
+
+    path, long_docs = mixed_lengths
+    result = evaluate.loss_by_position(tiny_hf_model_dir, path, PPL_SEQ_LEN, 2, device="cpu")
+    # The first two long documents are documents 2 and 4: four read, the short ones skipped.
+    assert (result["docs_read"], result["docs_qualified"], result["n_windows"]) == (4, 2, 2)
+    tok = load_tokenizer("offline")
+    # Each window starts at its own document's [bos]: no position follows an earlier document's tokens.
+    windows = torch.tensor([[tok.bos_token_id, *tok(doc, add_special_tokens=False)["input_ids"]][:PPL_SEQ_LEN + 1]
+                            for doc in long_docs[:2]])
+    model = LlamaForCausalLM.from_pretrained(tiny_hf_model_dir).eval()
+    with torch.no_grad():
+        logits = model(windows[:, :-1]).logits
+    expected = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").mean(0)
+    assert result["loss_by_position"] == pytest.approx(expected.tolist(), abs=1e-5)
+
+    everything = evaluate.loss_by_position(tiny_hf_model_dir, path, PPL_SEQ_LEN, None, device="cpu")
+    assert (everything["docs_read"], everything["docs_qualified"]) == (5, 3)
+
+
+def test_loss_by_position_refuses_when_no_document_is_long_enough(tiny_hf_model_dir, mixed_lengths):
+    path, _ = mixed_lengths
+    with pytest.raises(evaluate.EvaluationError, match=r"none of its 5 documents has the seq_len \+ 1 = 4097 tokens"
+                                                       r".*lower --seq-len"):
+        evaluate.loss_by_position(tiny_hf_model_dir, path, 4096, 8, device="cpu")
 
 
 def test_rope_scaling_factor_overrides_positions_only(ppl_results):
@@ -321,6 +362,10 @@ def test_user_errors_are_one_line(tmp_path, tiny_hf_model_dir, mmlu_items, owt_t
         "no samples": ["irt", "--params", str(synthetic_params_path), "--samples", str(tmp_path / "none.jsonl")],
         "factor < 1": ["ppl", "--model", str(tiny_hf_model_dir), "--data", str(owt_tiny), "--rope-scaling-factor",
                        "0.5", "--output", str(tmp_path)],
+        "no tokenizer": ["mmlu", "--model", str(tiny_hf_model_dir), "--data", str(mmlu_items), "--tokenizer",
+                         str(tmp_path / "no" / "tokenizer"), "--output", str(tmp_path)],
+        "short docs": ["ppl", "--model", str(tiny_hf_model_dir), "--data", str(owt_tiny), "--docs", "2",
+                       "--seq-len", "100000", "--device", "cpu", "--output", str(tmp_path)],
     }
     errors = {}
     for name, argv in cases.items():
@@ -329,6 +374,8 @@ def test_user_errors_are_one_line(tmp_path, tiny_hf_model_dir, mmlu_items, owt_t
         assert errors[name].startswith("error: ") and "\n" not in errors[name], (name, errors[name])
     assert "input_formatted" in errors["bad row"] and "bad.jsonl:1" in errors["bad row"]
     assert "bad.pkl" in errors["bad params"]
+    assert "no such folder" in errors["no model"] and "no such folder" in errors["no tokenizer"]
+    assert "none of its 707 documents" in errors["short docs"] and "--seq-len" in errors["short docs"]
     assert not (tmp_path / "results.json").exists()  # every case stopped before evaluating
 
 
