@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -47,6 +48,27 @@ UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 class ReleaseError(RuntimeError):
     """A release that cannot be built or loaded: missing files, mismatched vocab or dtype, bad checkpoint."""
+
+
+# `name` or `namespace/name`, as the Hub spells repository ids.
+HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
+
+
+def local_path_or_hub_id(name: str | Path, option: str) -> str:
+    """`name` as transformers should get it: a Hub id unchanged, a local path with `~` expanded.
+
+    Anything that exists on disk is local, and so is a name no Hub id can be: one that starts with
+    / . or ~, or has more than one separator. Such a name that does not exist raises ReleaseError
+    "no such folder" (transformers would say "Repo id must be in the form ...", which misleads).
+    """
+    name = str(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if name.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(name):
+        raise ReleaseError(f"{option} {name}: no such folder (a local path that does not exist; "
+                           "Hub ids look like NAMESPACE/NAME)")
+    return name
 
 
 # --- Weights ----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dist_llama.consolidate import ReleaseError, check_release_folder
+from dist_llama.consolidate import ReleaseError, check_release_folder, local_path_or_hub_id
 from dist_llama.devices import default_device
 
 
@@ -20,6 +20,7 @@ def load_release(model: str | Path, device: str = "auto"):
     """(tokenizer, model) of a release folder or Hub repo, in eval mode on the chosen device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model = local_path_or_hub_id(model, "--model")
     if Path(model).exists():
         check_release_folder(model)
     if device == "auto":

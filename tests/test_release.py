@@ -273,6 +273,26 @@ def _cli_error(main, argv, capsys) -> str:
     return err
 
 
+@pytest.mark.parametrize("missing", ["/nonexistent/release", "./release_here", "runs/debug/release"])
+def test_generate_names_a_missing_local_folder(missing, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # relative names resolve here, where nothing exists
+    err = _cli_error(generate.main, ["--model", missing, "--prompt", "Hello"], capsys)
+    assert f"--model {missing}: no such folder" in err and "Repo id" not in err
+
+
+def test_local_path_or_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "release").mkdir()
+    assert release.local_path_or_hub_id("someone/tiny-llama", "--model") == "someone/tiny-llama"
+    assert release.local_path_or_hub_id("gpt2", "--model") == "gpt2"
+    assert release.local_path_or_hub_id("~/release", "--model") == str(tmp_path / "release")
+    monkeypatch.chdir(tmp_path)
+    assert release.local_path_or_hub_id("release", "--model") == "release"  # exists here: local, not a Hub id
+    for name in ("~/elsewhere", "/no/such", "../up", "a/b/c", "a\\b"):
+        with pytest.raises(release.ReleaseError, match="no such folder"):
+            release.local_path_or_hub_id(name, "--model")
+
+
 def test_consolidate_checkpoint_not_found(tmp_path, capsys):
     err = _cli_error(release.main, ["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")], capsys)
     assert "no complete checkpoint" in err
