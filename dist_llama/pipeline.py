@@ -44,12 +44,42 @@ class PipelineState:
         self.path.write_text(json.dumps(self.stages, indent=1))
 
 
+class StageError(RuntimeError):
+    """A stage that failed in a child process; the message names the stage and its log."""
+
+
 def finished_checkpoint(config: Config) -> Path | None:
-    """The run's final checkpoint, if training reached train.steps."""
+    """The run's final checkpoint, if training reached its planned step count: the trainer's own
+    `planned_steps` in meta.json when it planned one (a time budget), else train.steps."""
     found = complete_checkpoints(config.run_dir / "checkpoints")
-    if found and json.loads((found[-1] / "meta.json").read_text())["step"] >= config.train.steps:
-        return found[-1]
-    return None
+    if not found:
+        return None
+    meta = json.loads((found[-1] / "meta.json").read_text())
+    return found[-1] if meta["step"] >= meta.get("planned_steps", config.train.steps) else None
+
+
+def run_logged(command: list[str], log_path: Path, stage: str) -> None:
+    """Run a child process, its output shown as it comes and appended to log_path.
+
+    A failure raises StageError with the child's own first `error: ...` line (our commands' one-line
+    errors) rather than the launcher's traceback that follows it.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    first_error = None
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        log_file.write(f"$ {' '.join(command)}\n")
+        log_file.flush()
+        # Unbuffered: the child's lines reach the console as they are written, not when a buffer fills.
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}) as child:
+            for line in child.stdout:
+                sys.stderr.write(line)
+                log_file.write(line)
+                if first_error is None and line.startswith("error: "):
+                    first_error = line.strip()
+    if child.returncode != 0:
+        cause = f": {first_error.removeprefix('error: ')}" if first_error else ""
+        raise StageError(f"{stage} stage failed (exit status {child.returncode}){cause}; its log is {log_path}")
 
 
 def run_training(config: Config, config_path: str | None, overrides: list[str], nproc: int) -> Path:
@@ -61,7 +91,7 @@ def run_training(config: Config, config_path: str | None, overrides: list[str], 
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "dist_llama.train", *(["--config", config_path] if config_path else []), *overrides]
-        subprocess.run(command, check=True)
+        run_logged(command, config.run_dir / "logs" / "train.log", f"train ({config.train.name}, {nproc} processes)")
     else:
         from dist_llama.train import train
 
@@ -204,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, CheckpointError, ReleaseError, EvaluationError, NonFiniteError, FileNotFoundError,
             ValueError) as error:
         parser.exit(2, f"error: {error}\n")
+    except StageError as error:
+        parser.exit(1, f"error: {error}\n")
     print(f"pipeline done: {result}")
     if Path(result).is_file():
         print(Path(result).read_text())

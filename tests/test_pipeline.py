@@ -90,6 +90,39 @@ def test_pipeline_position_interpolation_route(inputs, tmp_path):
     assert not (stage2 / "report").exists(), "--skip=report was ignored"
 
 
+def test_pipeline_names_the_failed_stage_and_its_log(tmp_path):
+    # Valid config, broken data: the two torchrun children fail after the pipeline has started them.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('not json\n{"text": "x"}\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "dist_llama.pipeline", "--config", str(REPO / "configs/debug.yaml"), "--nproc", "2",
+         f"--data.paths=[{bad}]", f"--data.val_paths=[{bad}]", "--data.tokenizer=offline",
+         f"--train.run_root={tmp_path}", "--train.name=broken", "--train.steps=2"],
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    log = tmp_path / "broken" / "logs" / "train.log"
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1, result.stderr[-3000:]
+    # One line: the stage, the children's own error, the log.
+    assert last.startswith("error: train (broken, 2 processes) stage failed (exit status 1): "), last
+    assert "not valid JSON" in last and last.endswith(f"; its log is {log}"), last
+    assert "CalledProcessError" not in result.stderr
+    assert "record 0 is not valid JSON" in log.read_text()  # the children's own output is kept
+
+
+def test_finished_checkpoint_uses_the_trainers_planned_steps(tmp_path):
+    from dist_llama.config import load_config
+    from dist_llama.pipeline import finished_checkpoint
+
+    config = load_config(None, [f"--train.run_root={tmp_path}", "--train.name=budget", "--train.steps=100"])
+    checkpoint = config.run_dir / "checkpoints" / "step_00000040"
+    checkpoint.mkdir(parents=True)
+    for meta, finished in [({"step": 40}, False),  # an old checkpoint: train.steps decides
+                           ({"step": 40, "planned_steps": 40}, True),  # a time budget planned 40 steps
+                           ({"step": 40, "planned_steps": 60}, False)]:
+        (checkpoint / "meta.json").write_text(json.dumps(meta))
+        assert (finished_checkpoint(config) == checkpoint) is finished, meta
+
+
 def test_pipeline_rejects_unknown_stage(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dist_llama.pipeline", "--skip=trian"], cwd=REPO,
                             env=environment(), capture_output=True, text=True, timeout=120)
