@@ -6,7 +6,8 @@ writes everything `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=T
 - model.safetensors (or shards + model.safetensors.index.json), with transformers' Llama parameter names;
 - config.json (model_type dist_llama, auto_map) and generation_config.json;
 - the tokenizer the run trained with (`data.tokenizer`), saved with save_pretrained;
-- the model code: dist_llama/model.py and interop.py plus hub_release/*.py, copied at release time so
+- the model code: dist_llama/model.py and interop.py plus dist_llama/hub_release/*.py (package data, so
+  a plain `pip install` carries them), copied at release time so
   the release runs the very code that trained (one source of truth), and loads without dist_llama;
 - README.md (model card filled from the run) and training_config.yaml (the resolved run config).
 
@@ -39,7 +40,7 @@ RELEASE_DTYPES = ("fp32", "bf16")
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}  # as config.json spells them
 MODEL_SOURCE = Path(__file__).resolve().parent / "model.py"
 INTEROP_SOURCE = Path(__file__).resolve().parent / "interop.py"
-RELEASE_CODE = Path(__file__).resolve().parents[1] / "hub_release"
+RELEASE_CODE = Path(__file__).resolve().parent / "hub_release"
 AUTO_MAP = {"AutoConfig": "configuration_dist_llama.DistLlamaConfig",
             "AutoModelForCausalLM": "modeling_dist_llama.DistLlamaForCausalLM"}
 WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
@@ -110,12 +111,12 @@ def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: i
 
 
 def _release_config_class():
-    """DistLlamaConfig from hub_release/ (it imports only transformers, so it loads from its path)."""
+    """DistLlamaConfig from dist_llama/hub_release/ (it imports only transformers, so it loads from its path)."""
     import importlib.util
 
     path = RELEASE_CODE / "configuration_dist_llama.py"
     if not path.is_file():
-        raise ReleaseError(f"{path} not found: consolidate runs from a source checkout of dist_llama (pip install -e .)")
+        raise ReleaseError(f"{path} not found: this dist_llama install lacks its package data; reinstall it")
     spec = importlib.util.spec_from_file_location("dist_llama_release_configuration", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -160,7 +161,7 @@ def release_code_files() -> dict[str, str]:
     be self-contained.
     """
     if not RELEASE_CODE.is_dir():
-        raise ReleaseError(f"{RELEASE_CODE} not found: consolidate runs from a source checkout of dist_llama")
+        raise ReleaseError(f"{RELEASE_CODE} not found: this dist_llama install lacks its package data; reinstall it")
     files = {path.name: path.read_text() for path in sorted(RELEASE_CODE.glob("*.py"))}
     files["model.py"] = MODEL_SOURCE.read_text()
     files["interop.py"] = INTEROP_SOURCE.read_text()

@@ -177,11 +177,11 @@ def test_left_padded_batch_equals_each_prompt_alone(loaded_elsewhere, name):
 
 
 def test_release_folder_carries_model_py_verbatim(releases):
-    # One source of truth: hub_release/ has no model.py of its own; the release gets dist_llama's.
-    assert not (REPO_ROOT / "hub_release" / "model.py").exists()
+    # One source of truth: dist_llama/hub_release/ has no model.py of its own; the release gets dist_llama's.
+    assert not (REPO_ROOT / "dist_llama" / "hub_release" / "model.py").exists()
     folder = releases["plain"]
     assert (folder / "model.py").read_bytes() == (REPO_ROOT / "dist_llama" / "model.py").read_bytes()
-    for source in (REPO_ROOT / "hub_release").glob("*.py"):
+    for source in (REPO_ROOT / "dist_llama" / "hub_release").glob("*.py"):
         assert (folder / source.name).read_bytes() == source.read_bytes()
     interop = (folder / "interop.py").read_text()
     assert "from .model import" in interop and not release._absolute_dist_llama_imports(interop)
@@ -194,6 +194,47 @@ def test_release_folder_carries_model_py_verbatim(releases):
     assert scaled["tie_word_embeddings"] is True
     with safe_open(releases["linear4_tied"] / "model.safetensors", "pt") as handle:
         assert "lm_head.weight" not in handle.keys()  # tied: one matrix, re-tied on load
+
+
+def test_consolidate_from_an_installed_wheel(runs, tmp_path, monkeypatch):
+    """A plain (non-editable) install carries the release code: build a wheel from a copy of the sources,
+    install it into a folder of its own, and consolidate from another directory with a Python that sees
+    that install and the dependencies, not this checkout."""
+    source = tmp_path / "source"  # a copy, so that the build leaves nothing in the checkout
+    shutil.copytree(REPO_ROOT / "dist_llama", source / "dist_llama", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "wheel"),
+                    str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("dist_llama-*.whl")
+    installed = tmp_path / "installed"
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(installed), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    shutil.rmtree(source)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # -S: no site-packages .pth files, so the editable install of this checkout is invisible.
+    site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(installed), *site])),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    where = subprocess.run([sys.executable, "-S", "-c", "import dist_llama; print(dist_llama.__file__)"], cwd=elsewhere,
+                           env=env, capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    assert Path(where).is_relative_to(installed), where
+    result = subprocess.run([sys.executable, "-S", "-m", "dist_llama.consolidate", "--checkpoint", str(runs["plain"]),
+                             "--out", str(elsewhere / "release")], cwd=elsewhere, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # The same folder, file for file, as this checkout writes from the same working directory.
+    monkeypatch.chdir(elsewhere)
+    expected = release.consolidate(runs["plain"], tmp_path / "from_checkout" / "release")
+    names = sorted(p.name for p in expected.iterdir())
+    assert sorted(p.name for p in (elsewhere / "release").iterdir()) == names
+    assert "modeling_dist_llama.py" in names and "configuration_dist_llama.py" in names
+    for name in names:
+        assert (elsewhere / "release" / name).read_bytes() == (expected / name).read_bytes(), name
 
 
 # --- (2) the same safetensors in stock LlamaForCausalLM ---------------------------------------------
