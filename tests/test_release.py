@@ -443,3 +443,103 @@ def test_model_card_rewrite_leaves_the_weights_alone(runs, tmp_path):
         assert weights.stat().st_mtime_ns == stamp
     with pytest.raises(release.ReleaseError, match="config.json is missing"):
         release.write_model_card(tmp_path, runs["plain"])
+
+
+# --- (7) the release as transformers users fine-tune it: checkpointing, attention choice, composition -----
+
+
+def _load_release(folder: Path, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs)
+
+
+def _token_batch(rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 32000, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_activation_checkpointing_recomputes_each_block_with_equal_gradients(releases):
+    model = _load_release(releases["plain"]).train()
+    names = list(model.state_dict())
+    ids = _token_batch(2, 24)
+    mlp_calls = []
+    # A pre-hook: the recomputation stops as soon as it has what backward needs, before the block's end.
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda *args: mlp_calls.append(1))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        mlp_calls.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+    plain = gradients()
+    assert len(mlp_calls) == 1
+    model.gradient_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    checkpointed = gradients()
+    assert len(mlp_calls) == 2, "the block ran once more in backward: its activations were recomputed"
+    for name, grad in plain.items():
+        assert torch.equal(checkpointed[name], grad), name  # non-reentrant recomputation is exact
+    assert list(model.state_dict()) == names  # the blocks are not wrapped: the saved weights' names
+    model.eval()
+    with torch.no_grad():
+        mlp_calls.clear()
+        model(input_ids=ids)
+        assert len(mlp_calls) == 1  # nothing to recompute outside training
+    model.train()
+    model.gradient_checkpointing_disable()
+    assert not model.is_activation_checkpointing
+    gradients()
+    assert len(mlp_calls) == 1
+
+
+def test_trainer_fine_tunes_with_gradient_checkpointing(releases, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _load_release(releases["plain"])
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    rows = [{"input_ids": ids, "labels": ids} for ids in _token_batch(4, 16, seed=1).tolist()]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+                             gradient_checkpointing=True, use_cpu=True, report_to="none", save_strategy="no",
+                             logging_steps=1, dataloader_num_workers=0, disable_tqdm=True)
+    result = Trainer(model=model, args=args, train_dataset=rows).train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert model.is_activation_checkpointing
+    assert all(not torch.equal(param, before[name]) for name, param in model.named_parameters()
+               if name.endswith("q_proj.weight")), "the optimizer updated the blocks"
+
+
+def test_requested_attention_is_honoured_or_refused(releases):
+    ids = _token_batch(1, 20)
+    default, sdpa, eager = (_load_release(releases["plain"], **kwargs).eval()
+                            for kwargs in ({}, {"attn_implementation": "sdpa"}, {"attn_implementation": "eager"}))
+    for model, backend in ((default, "sdpa"), (sdpa, "sdpa"), (eager, "eager")):
+        assert model.config._attn_implementation == backend
+        assert model.transformer.args.attention == backend
+        assert {layer.self_attn.attend.__name__ for layer in model.model.layers} == {f"{backend}_attention"}
+    with torch.no_grad():
+        torch.testing.assert_close(eager(ids).logits, sdpa(ids).logits, atol=1e-5, rtol=0)
+    for name in ("flash_attention_2", "flex_attention"):
+        with pytest.raises(ValueError, match=rf"attn_implementation='{name}' is not supported by DistLlamaForCausalLM.*"
+                                             r"\['eager', 'sdpa'\]"):
+            _load_release(releases["plain"], attn_implementation=name)
+
+
+def test_release_wrapper_composes_the_trained_transformer(releases):
+    import copy
+
+    model = _load_release(releases["plain"]).eval()
+    assert type(model.transformer).__name__ == "Transformer" and type(model.transformer).__module__.endswith(".model")
+    assert model.transformer.model is model.model and model.transformer.lm_head is model.lm_head
+    with torch.device("meta"):
+        expected = type(model.transformer)(model.transformer.args).state_dict()
+    assert list(model.state_dict()) == list(expected)
+    twin = copy.deepcopy(model)
+    assert twin.transformer.model is twin.model and twin.model is not model.model
+    # A head put in place on the wrapper (resize_token_embeddings, peft's modules_to_save) is the one that runs.
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    torch.nn.init.zeros_(head.weight)
+    model.set_output_embeddings(head)
+    with torch.no_grad():
+        assert model(_token_batch(1, 8)).logits.abs().max() == 0
+        assert twin(_token_batch(1, 8)).logits.abs().max() > 0

@@ -3,10 +3,11 @@
 This file holds no model code. `model.py` (dist_llama/model.py, copied verbatim into the release folder)
 defines the network and its forward pass; `interop.py` (dist_llama/interop.py) maps the Llama-style
 config to ModelArgs. What lives here is the transformers contract: weight names, KV cache, padding
-masks, loss and generation.
+masks, loss, generation, attention choice and activation checkpointing.
 """
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
@@ -16,27 +17,66 @@ from .configuration_dist_llama import DistLlamaConfig
 from .interop import model_args_from_llama_dict
 from .model import Transformer
 
+# transformers' attn_implementation -> model.py's attention backend. Other implementations (flash
+# attention, flex attention, Hub kernels) would need their own attention code: they are refused.
+ATTENTION_BACKENDS = {"sdpa": "sdpa", "eager": "eager"}
+
+
+def attention_backend(requested: str | None, recorded: str) -> str:
+    """model.py's backend for a requested attn_implementation; None (nothing requested) keeps the release's."""
+    if requested is None:
+        return recorded
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attn_implementation={requested!r} is not supported by DistLlamaForCausalLM, which runs "
+                         f"model.py's own attention: choose one of {sorted(ATTENTION_BACKENDS)} (sdpa: torch's "
+                         "scaled_dot_product_attention; eager: the plain-torch reference)")
+    return ATTENTION_BACKENDS[requested]
+
+
+class RecomputedForward:
+    """A block's forward, run under a checkpoint function while the block trains: its activations are
+    recomputed in backward instead of kept (activation checkpointing, per block, as training does it).
+    Set on the block instance, so the block is not wrapped and parameter names do not change."""
+
+    def __init__(self, block: torch.nn.Module, forward, checkpoint_function):
+        self.block, self.forward, self.checkpoint_function = block, forward, checkpoint_function
+
+    def __call__(self, *args, **kwargs):
+        if self.block.training and torch.is_grad_enabled():
+            return self.checkpoint_function(self.forward, *args, **kwargs)
+        return self.forward(*args, **kwargs)
+
 
 class DistLlamaPreTrainedModel(PreTrainedModel):
     config_class = DistLlamaConfig
     base_model_prefix = "model"
     _no_split_modules = ["TransformerBlock"]
     _supports_sdpa = True
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
 
 
 class DistLlamaForCausalLM(DistLlamaPreTrainedModel, GenerationMixin):
+    """A model.py Transformer (composition), with transformers' interface around it.
+
+    The Transformer is held as `self.transformer` outside the module tree, and this object and it share
+    one dict of submodules (`model`, `lm_head`). So parameter names are `model.layers.0.self_attn.q_proj.
+    weight`, ..., `lm_head.weight`: Llama's and the safetensors', not `transformer.model...`; and a
+    submodule that transformers, peft or accelerate put in place here is the one the Transformer runs.
+    """
+
     # transformers 5 wants a {target: source} dict; it is applied only when config.tie_word_embeddings.
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: DistLlamaConfig):
+        # from_pretrained(..., attn_implementation=X) sets this before __init__; None when nothing was asked.
+        backend = attention_backend(config._attn_implementation, config.attention)
         super().__init__(config)
-        self.args = model_args_from_llama_dict(config.to_dict(), attention=config.attention)
-        trained = Transformer(self.args)
-        # Hold the trained model's own submodules under its own names, so parameter names are
-        # `model.layers.0.self_attn.q_proj.weight`, ..., `lm_head.weight`: Llama's, and the safetensors'.
-        self.model = trained.model
-        self.lm_head = trained.lm_head
+        self.config._attn_implementation_internal = backend  # what actually runs, as model.config reports it
+        transformer = Transformer(model_args_from_llama_dict(config.to_dict(), attention=backend))
+        self.model = transformer.model
+        self.lm_head = transformer.lm_head
+        transformer._modules = self._modules
+        object.__setattr__(self, "transformer", transformer)  # not registered: its modules already are
         self.post_init()
 
     def get_input_embeddings(self):
@@ -50,6 +90,19 @@ class DistLlamaForCausalLM(DistLlamaPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
+                                    every_n_layers: int = 1):
+        """transformers' activation checkpointing (gradient_checkpointing_enable, Trainer's
+        gradient_checkpointing=True): every n-th block recomputes its activations in backward, with
+        gradient_checkpointing_func (transformers passes non-reentrant torch.utils.checkpoint, as training's
+        parallel.apply_activation_checkpointing uses)."""
+        for index, block in enumerate(self.model.layers):
+            if isinstance(block.__dict__.get("forward"), RecomputedForward):
+                block.forward = block.forward.forward  # back to the forward it wrapped
+            block.gradient_checkpointing = enable and index % every_n_layers == 0
+            if block.gradient_checkpointing:
+                block.forward = RecomputedForward(block, block.forward, gradient_checkpointing_func)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
@@ -67,6 +120,8 @@ class DistLlamaForCausalLM(DistLlamaPreTrainedModel, GenerationMixin):
         if input_ids is None or kwargs.get("inputs_embeds") is not None:
             raise ValueError("DistLlamaForCausalLM takes input_ids (inputs_embeds is not supported)")
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.training and self.is_activation_checkpointing:
+            use_cache = False  # a recomputed block would append its keys and values to the cache twice
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if not use_cache:
@@ -75,11 +130,9 @@ class DistLlamaForCausalLM(DistLlamaPreTrainedModel, GenerationMixin):
         positions, attn_mask = _positions_and_mask(input_ids, attention_mask, position_ids, past)
         kv_caches = None
         if cache is not None:
-            kv_caches = [lambda k, v, i=i: cache.update(k, v, i) for i in range(self.args.n_layers)]
+            kv_caches = [lambda k, v, i=i: cache.update(k, v, i) for i in range(self.transformer.args.n_layers)]
 
-        # The trained forward pass itself: Transformer.forward reads only .args, .model and .lm_head,
-        # which this class holds under the same names.
-        logits = Transformer.forward(self, input_ids, positions=positions, attn_mask=attn_mask, kv_caches=kv_caches)
+        logits = self.transformer(input_ids, positions=positions, attn_mask=attn_mask, kv_caches=kv_caches)
         if isinstance(logits_to_keep, int):
             logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
         else:
