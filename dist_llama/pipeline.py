@@ -50,12 +50,14 @@ class StageError(RuntimeError):
 
 def finished_checkpoint(config: Config) -> Path | None:
     """The run's final checkpoint, if training reached its planned step count: the trainer's own
-    `planned_steps` in meta.json when it planned one (a time budget), else train.steps."""
+    `planned_steps` in meta.json when it planned one (a time budget; null or absent otherwise), else
+    train.steps."""
     found = complete_checkpoints(config.run_dir / "checkpoints")
     if not found:
         return None
     meta = json.loads((found[-1] / "meta.json").read_text())
-    return found[-1] if meta["step"] >= meta.get("planned_steps", config.train.steps) else None
+    planned = meta.get("planned_steps")
+    return found[-1] if meta["step"] >= (planned if planned is not None else config.train.steps) else None
 
 
 def run_logged(command: list[str], log_path: Path, stage: str) -> None:

@@ -117,6 +117,8 @@ def test_finished_checkpoint_uses_the_trainers_planned_steps(tmp_path):
     checkpoint = config.run_dir / "checkpoints" / "step_00000040"
     checkpoint.mkdir(parents=True)
     for meta, finished in [({"step": 40}, False),  # an old checkpoint: train.steps decides
+                           ({"step": 40, "planned_steps": None}, False),  # no time budget: train.steps decides
+                           ({"step": 100, "planned_steps": None}, True),
                            ({"step": 40, "planned_steps": 40}, True),  # a time budget planned 40 steps
                            ({"step": 40, "planned_steps": 60}, False)]:
         (checkpoint / "meta.json").write_text(json.dumps(meta))

@@ -321,6 +321,13 @@ def test_generate_names_a_missing_local_folder(missing, tmp_path, monkeypatch, c
     assert f"--model {missing}: no such folder" in err and "Repo id" not in err
 
 
+def test_push_and_consolidate_name_a_missing_folder(tmp_path, capsys):
+    err = _cli_error(push.main, ["--dir", str(tmp_path / "missing"), "--repo-id", "someone/x", "--dry-run"], capsys)
+    assert f"release folder {tmp_path / 'missing'} not found" in err
+    err = _cli_error(release.main, ["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "out")], capsys)
+    assert f"no complete checkpoint at {tmp_path / 'missing'}" in err
+
+
 def test_local_path_or_hub_id(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "release").mkdir()
