@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from dist_llama.model import PRESETS, ModelArgs, RopeScaling
@@ -34,6 +35,8 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # globs of .jsonl, .jsonl.zst, .parquet, .txt files
     hub_dataset: str = "ashaba1in/small_openwebtext"
     hub_split: str = "train"
+    hub_revision: str | None = None  # a commit or tag of the Hub dataset; recorded in every checkpoint
+    hub_streaming: bool = False  # stream instead of the cached, memory-mapped download (datasets too large for disk)
     text_field: str = "text"
     val_paths: list[str] = field(default_factory=list)  # held-out files; empty: a hash rule on the stream
     val_per_mille: int = 5  # with no val_paths: documents whose hash falls below this are held out
@@ -52,7 +55,14 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # max global gradient norm; 0 or null: no clipping
+    name: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for embeddings, head and norm gains)
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable at lr, then decay over the last decay_fraction)
+    decay_fraction: float = 0.3  # wsd: share of the steps spent decaying to lr * min_lr_ratio
+    decay_shape: str = "linear"  # wsd: linear | sqrt (1 - sqrt, Hägele et al. 2024)
+    muon_lr: float = 0.02  # muon: learning rate of the hidden matrices (lr is then the AdamW groups')
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0  # muon: decoupled, scaled by muon_lr (so 0.1 here is far stronger than AdamW's 0.1)
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,11 @@ class TrainConfig:
     init_from: str | None = None  # a checkpoint: load model weights only (Position Interpolation fine-tune)
     init_data_stream: str = "restart"  # with init_from: restart the data stream, or continue it (same seq_len and batch)
     max_bad_steps: int = 0  # non-finite loss/grad-norm steps skipped before the run stops
+    time_budget_s: float | None = None  # wall-clock budget from process start; steps is then an upper bound
+    budget_warmup_steps: int = 3  # with a budget: steps left out of the step-time measurement (compile, allocator)
+    budget_measure_steps: int = 5  # with a budget: steps timed to plan the rest
+    budget_safety: float = 0.03  # with a budget: share of the remaining time kept free for step-time jitter
+    loss_chunk_tokens: int = 4096  # cross-entropy this many tokens at a time (no full fp32 logits); 0: in one piece
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,7 @@ class CheckpointConfig:
     every: int = 50
     keep_last: int = 2
     resume: str = "auto"  # auto (latest complete checkpoint of the run) | none | PATH
+    allow_changes: list[str] = field(default_factory=list)  # keys that may differ from the checkpoint's recipe on resume
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,9 @@ CHOICES = {
     "parallel.activation_checkpointing": ("none", "full", "selective"),
     "parallel.mixed_precision": ("auto", "bf16", "fp32"),
     "parallel.backend": ("auto", "nccl", "gloo"),
+    "optim.name": ("adamw", "muon"),
+    "optim.schedule": ("cosine", "wsd"),
+    "optim.decay_shape": ("linear", "sqrt"),
 }
 
 
@@ -138,7 +157,7 @@ def _validate(config: Config) -> None:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
     positive = ["data.seq_len", "data.val_docs", "train.steps", "train.tokens_per_step", "train.micro_batch_size",
                 "train.eval_every", "train.eval_batches", "train.log_every", "checkpoint.every",
-                "checkpoint.keep_last", "optim.lr"]
+                "checkpoint.keep_last", "optim.lr", "optim.muon_lr", "train.budget_measure_steps"]
     for key in positive:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
@@ -150,11 +169,22 @@ def _validate(config: Config) -> None:
     if config.train.tokens_per_step % config.data.seq_len:
         raise ConfigError(f"train.tokens_per_step={config.train.tokens_per_step} must be a multiple of "
                           f"data.seq_len={config.data.seq_len} (batches are whole sequences, no padding)")
-    for key in ("optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio",
-                "train.max_bad_steps", "data.val_per_mille"):
+    for key in ("optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "optim.muon_weight_decay",
+                "train.max_bad_steps", "data.val_per_mille", "train.budget_warmup_steps", "train.loss_chunk_tokens"):
         section, name = key.split(".")
-        if getattr(getattr(config, section), name) < 0:
-            raise ConfigError(f"{key}={getattr(getattr(config, section), name)} must not be negative")
+        value = getattr(getattr(config, section), name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{key}={value} must not be negative")
+    if not 0 < config.optim.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction={config.optim.decay_fraction} must be in (0, 1]: the share of the "
+                          "steps spent decaying, e.g. 0.3")
+    if not 0 <= config.train.budget_safety < 1:
+        raise ConfigError(f"train.budget_safety={config.train.budget_safety} must be in [0, 1), e.g. 0.03")
+    if config.train.time_budget_s is not None and config.train.time_budget_s <= 0:
+        raise ConfigError(f"train.time_budget_s={config.train.time_budget_s} must be positive, or null for no budget")
+    if config.optim.name == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"optim.name=muon needs torch.optim.Muon (torch >= 2.9), and this torch is {torch.__version__}; "
+                          "upgrade torch or use --optim.name=adamw")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas={config.optim.betas} must have two values, e.g. [0.9, 0.95]")
 
@@ -233,6 +263,40 @@ def _model_section(values: dict) -> dict:
     return {**to_dict(PRESETS[preset]), **values}
 
 
+# What may differ between a checkpoint's config and the config that resumes it: keys (or whole sections)
+# that change how fast, how often or where, not the trajectory of the weights. Anything else is refused
+# unless named in checkpoint.allow_changes.
+RESUMABLE = ("train.steps", "train.time_budget_s", "train.budget_warmup_steps", "train.budget_measure_steps",
+             "train.budget_safety", "train.run_root", "train.log_every", "train.eval_every", "train.eval_batches",
+             "train.device", "train.micro_batch_size", "train.loss_chunk_tokens", "train.max_bad_steps",
+             "train.init_from", "train.init_data_stream", "data.prefetch_steps", "data.tokenizer", "data.val_docs",
+             "parallel.activation_checkpointing", "parallel.compile", "parallel.backend",
+             "checkpoint", "logging", "eval")
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; lists and other values are leaves."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def is_resumable(key: str) -> bool:
+    return any(key == name or key.startswith(f"{name}.") for name in RESUMABLE)
+
+
+def recipe_changes(saved: Config, config: Config) -> list[dict]:
+    """The keys outside RESUMABLE whose values differ, as [{"key", "old", "new"}]."""
+    old, new = flatten(to_dict(saved)), flatten(to_dict(config))
+    return [{"key": key, "old": old.get(key), "new": new.get(key)}
+            for key in sorted(set(old) | set(new)) if not is_resumable(key) and old.get(key) != new.get(key)]
+
+
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
@@ -266,7 +330,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; the presets are in configs/ (e.g. configs/debug.yaml)")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML ({problem}); fix the file at that line and column") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
     for text in overrides:

@@ -136,6 +136,8 @@ class MetricsLogger:
         parts = [f"step {step}/{self.total_steps}"]
         if record.get("kind") == "val":
             return " | ".join(parts + [f"val_loss {record['val_loss']:.4f}"])
+        if record.get("kind") == "plan":
+            return " | ".join(parts + [f"time budget: {record['planned_steps']} steps planned"])
         parts += [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}",
                   f"{record['tokens_per_s']:,.0f} tok/s"]
         if "mfu" in record:

@@ -241,8 +241,21 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, kv_caches=None) -> torch.Tensor:
-        """Logits (batch, seq, vocab). positions defaults to 0..seq-1; attn_mask is for padded decoding."""
+                attn_mask: torch.Tensor | None = None, kv_caches=None, labels: torch.Tensor | None = None,
+                loss_chunk_tokens: int = 0) -> torch.Tensor:
+        """Logits (batch, seq, vocab); with `labels`, the summed next-token cross-entropy instead, computed
+        `loss_chunk_tokens` tokens at a time so the (tokens, vocab) fp32 logits never exist at once (0: in one
+        piece). positions defaults to 0..seq-1; attn_mask is for padded decoding."""
+        hidden = self.hidden_states(input_ids, positions, attn_mask, kv_caches)
+        if labels is None:
+            return self.lm_head(hidden)
+        if loss_chunk_tokens <= 0:
+            return causal_lm_loss(self.lm_head(hidden), labels, reduction="sum")
+        return ChunkedCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(), loss_chunk_tokens)
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None, kv_caches=None) -> torch.Tensor:
+        """The final-normed hidden states (batch, seq, dim) that the output head maps to logits."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = precompute_rope(self.args.head_dim, positions, self.args.rope_theta, self.args.rope_factor)
@@ -252,7 +265,7 @@ class Transformer(nn.Module):
         h = self.model.embed_tokens(input_ids)
         for index, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, attn_mask, kv_caches[index] if kv_caches is not None else None)
-        return self.lm_head(self.model.norm(h))
+        return self.model.norm(h)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
@@ -275,6 +288,44 @@ class Transformer(nn.Module):
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of next-token prediction; labels are already shifted (the packer yields inputs/labels)."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction=reduction)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` over (tokens, dim) hidden states, a chunk of tokens at a time.
+
+    The plain loss materialises the whole micro-batch's fp32 logits (16 x 1024 x 32000 x 4 bytes = 2 GiB,
+    kept for backward). Here each chunk's logits exist only while its loss and gradients are computed:
+    the forward pass also computes d(sum)/d(hidden) and d(sum)/d(weight) (softmax minus one-hot, times the
+    chunk's hidden states or the weight), and backward only scales them by the incoming gradient. No
+    matmul is recomputed; the extra memory is one (tokens, dim) and one (vocab, dim) fp32 buffer. Logits
+    are computed in the inputs' dtype and the softmax in fp32, as `causal_lm_loss` does.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            logits = (hidden[rows] @ weight.T).float()
+            total += F.cross_entropy(logits, labels[rows], reduction="sum")
+            if needs_grad:
+                grad_logits = torch.softmax(logits, dim=-1)
+                grad_logits[torch.arange(grad_logits.shape[0], device=labels.device), labels[rows]] -= 1.0
+                grad_logits = grad_logits.to(hidden.dtype)
+                grad_hidden[rows] = grad_logits @ weight
+                grad_weight += grad_logits.T @ hidden[rows]
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.input_dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.input_dtypes
+        return (grad_hidden * grad_total).to(hidden_dtype), (grad_weight * grad_total).to(weight_dtype), None, None
 
 
 # --- Counts -----------------------------------------------------------------------------------------

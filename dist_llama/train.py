@@ -15,14 +15,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import psutil
 import torch
 
-from dist_llama.checkpoint import Checkpointer, CheckpointError, load_model_weights
-from dist_llama.config import Config, ConfigError, OptimConfig, parse_cli, save_config, to_dict
+from dist_llama.checkpoint import Checkpointer, CheckpointError, load_model_weights, read_meta
+from dist_llama.config import Config, ConfigError, from_dict, parse_cli, recipe_changes, save_config, to_dict
 from dist_llama.data import PackedBatches, merge_states, validation_batches
 from dist_llama.metrics import MetricsLogger, environment_record, memory_gib, peak_flops
-from dist_llama.model import Transformer, causal_lm_loss, count_parameters, flops_per_token
-from dist_llama.parallel import DistEnv, all_reduce_sum, init_distributed, parallelize, shutdown_distributed
+from dist_llama.model import Transformer, count_parameters, flops_per_token
+from dist_llama.optim import build_optimizer, lr_factor, set_learning_rates
+from dist_llama.parallel import DistEnv, all_reduce_sum, broadcast_object, init_distributed, parallelize, shutdown_distributed
 from dist_llama.tokenizer import check_tokenizer, load_tokenizer
 
 log = logging.getLogger("dist_llama.train")
@@ -30,24 +32,6 @@ log = logging.getLogger("dist_llama.train")
 
 class NonFiniteError(RuntimeError):
     """Loss or gradient norm became NaN/inf more often than train.max_bad_steps allows."""
-
-
-def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
-    """Linear warmup from 0 over warmup_steps, then cosine decay to lr * min_lr_ratio at total_steps."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
-    floor = optim.lr * optim.min_lr_ratio
-    return floor + 0.5 * (optim.lr - floor) * (1 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    # Decay matrices only: norm gains are scales, and decaying them toward 0 fights the normalisation.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                             fused=device.type == "cuda")
 
 
 @dataclass
@@ -76,14 +60,19 @@ class BatchPlan:
 
     @classmethod
     def from_config(cls, config: Config, world_size: int) -> "BatchPlan":
-        seq_len, micro = config.data.seq_len, config.train.micro_batch_size
+        """train.micro_batch_size is a memory limit, not part of the recipe: the plan uses the largest
+        micro-batch up to it that divides the rank's rows. Only a global batch that does not split evenly
+        over the ranks is an error, since it would change the recipe."""
+        seq_len = config.data.seq_len
         global_rows = config.train.tokens_per_step // seq_len
-        if global_rows % (world_size * micro):
+        if global_rows % world_size:
             raise ConfigError(
                 f"train.tokens_per_step={config.train.tokens_per_step} is {global_rows} sequences of data.seq_len={seq_len}, "
-                f"which does not divide over world_size={world_size} x train.micro_batch_size={micro}; "
-                f"make tokens_per_step a multiple of {world_size * micro * seq_len}")
-        return cls(global_rows, global_rows // world_size, micro, seq_len)
+                f"which do not divide over world_size={world_size} ranks; make tokens_per_step a multiple of "
+                f"{world_size * seq_len} or use a world size that divides {global_rows}")
+        rows_per_rank = global_rows // world_size
+        micro = max(d for d in range(1, min(config.train.micro_batch_size, rows_per_rank) + 1) if rows_per_rank % d == 0)
+        return cls(global_rows, rows_per_rank, micro, seq_len)
 
 
 @contextmanager
@@ -91,53 +80,91 @@ def out_of_memory_hint(plan: BatchPlan):
     try:
         yield
     except torch.OutOfMemoryError as error:
-        raise RuntimeError(f"out of GPU memory with train.micro_batch_size={plan.micro_batch_size} at seq_len "
+        raise RuntimeError(f"out of GPU memory with micro-batches of {plan.micro_batch_size} at seq_len "
                            f"{plan.seq_len}: lower --train.micro_batch_size (gradient accumulation keeps the global "
                            "batch) or set --parallel.activation_checkpointing=full") from error
 
 
-def forward_backward(model, inputs, labels, tokens_per_rank: int) -> torch.Tensor:
+def forward_backward(model, inputs, labels, tokens_per_rank: int, loss_chunk_tokens: int) -> torch.Tensor:
     """Backward of this micro-batch's summed loss over the rank's tokens; FSDP's gradient average
     over ranks then gives the mean over every token of the global batch. Returns the summed loss."""
-    loss_sum = causal_lm_loss(model(inputs), labels, reduction="sum")
+    loss_sum = model(inputs, labels=labels, loss_chunk_tokens=loss_chunk_tokens)
     (loss_sum / tokens_per_rank).backward()
     return loss_sum.detach()
 
 
-def train_step(model, optimizer, batch, plan: BatchPlan, lr: float, grad_clip: float, device):
+def train_step(model, optimizer, batch, plan: BatchPlan, lr_scale: float, config: Config, device):
     """One optimizer step over this rank's rows; returns (mean loss over the global batch, pre-clip grad norm)."""
     inputs, labels = (t.to(device, non_blocking=True) for t in batch)
     tokens_per_rank = plan.rows_per_rank * plan.seq_len
     loss_sum = torch.zeros((), device=device)
     for micro in range(plan.accumulation_steps):
         rows = slice(micro * plan.micro_batch_size, (micro + 1) * plan.micro_batch_size)
-        loss_sum += forward_backward(model, inputs[rows], labels[rows], tokens_per_rank)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        loss_sum += forward_backward(model, inputs[rows], labels[rows], tokens_per_rank, config.train.loss_chunk_tokens)
+    # grad_clip 0 or null: no clipping. An infinite limit still measures the norm and scales by exactly 1.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip or math.inf)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
     loss = all_reduce_sum(loss_sum).item() / plan.tokens_per_step
     grad_norm = grad_norm.item()
     if math.isfinite(loss) and math.isfinite(grad_norm):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rates(optimizer, lr_scale)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches, micro_batch_size: int, device) -> float:
+def evaluate_loss(model, batches, micro_batch_size: int, loss_chunk_tokens: int, device) -> float:
     model.eval()
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device)
     for inputs, labels in batches:
         for start in range(0, inputs.shape[0], micro_batch_size):
             rows = slice(start, start + micro_batch_size)
-            logits = model(inputs[rows].to(device))
-            loss_sum += causal_lm_loss(logits, labels[rows].to(device), reduction="sum")
+            loss_sum += model(inputs[rows].to(device), labels=labels[rows].to(device), loss_chunk_tokens=loss_chunk_tokens)
             tokens += labels[rows].numel()
     model.train()
     return (all_reduce_sum(loss_sum) / all_reduce_sum(tokens)).item()
+
+
+class BudgetError(ValueError):
+    """train.time_budget_s cannot hold even the measured warm-up."""
+
+
+def process_age_s() -> float:
+    """Seconds since this process started: the budget counts imports and set-up too."""
+    return time.time() - psutil.Process().create_time()
+
+
+def events_between(first: int, last: int, every: int) -> int:
+    """How many of steps first+1..last fall on a multiple of `every` or are `last` itself."""
+    if last <= first:
+        return 0
+    return last // every - first // every + (1 if last % every else 0)
+
+
+def plan_steps(config: Config, step: int, step_s: float, eval_s: float, checkpoint_s: float) -> dict:
+    """The step count that ends training, its evaluations and checkpoints (the final ones included) inside
+    train.time_budget_s, given the measured costs; capped by train.steps."""
+    budget = config.train.time_budget_s
+    left = (budget - process_age_s()) * (1 - config.train.budget_safety)
+
+    def cost(total: int) -> float:
+        return ((total - step) * step_s + events_between(step, total, config.train.eval_every) * eval_s
+                + events_between(step, total, config.checkpoint.every) * checkpoint_s)
+
+    rate = step_s + eval_s / config.train.eval_every + checkpoint_s / config.checkpoint.every
+    total = min(config.train.steps, step + max(0, int((left - eval_s - checkpoint_s) / rate)) + 1)
+    while total > step and cost(total) > left:
+        total -= 1
+    if total <= step:
+        raise BudgetError(
+            f"train.time_budget_s={budget:g} is too small: {process_age_s():.0f} s are gone after {step} warm-up steps "
+            f"(a step takes {step_s:.2f} s, an evaluation {eval_s:.1f} s, a checkpoint {checkpoint_s:.1f} s); raise the "
+            "budget, or lower train.budget_warmup_steps / train.eval_batches")
+    return {"planned_steps": total, "step_s": step_s, "eval_s": eval_s, "checkpoint_s": checkpoint_s,
+            "measured_at_step": step, "budget_s": budget, "age_s": process_age_s()}
 
 
 def setup_logging(env: DistEnv) -> None:
@@ -155,9 +182,30 @@ def train(config: Config) -> dict:
         shutdown_distributed()
 
 
+def check_recipe(config: Config, meta: dict, checkpoint) -> list[dict]:
+    """Resuming with a changed recipe would leave weights that config.yaml no longer describes: stop,
+    unless every changed key is in checkpoint.allow_changes. Returns the allowed changes, for the record."""
+    changes = recipe_changes(from_dict(meta["config"]), config)
+    refused = [change for change in changes if change["key"] not in config.checkpoint.allow_changes]
+    if refused:
+        listed = "; ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}" for c in refused)
+        keys = ",".join(c["key"] for c in refused)
+        raise ConfigError(f"{checkpoint} was trained with another recipe ({listed}); start a new run with "
+                          f"--train.name=NEW_NAME, or resume with the change on purpose: --checkpoint.allow_changes=[{keys}]")
+    for change in changes:
+        log.warning("resuming with %s changed on purpose: %r -> %r", change["key"], change["old"], change["new"])
+    return [{**change, "step": meta["step"]} for change in changes]
+
+
 def _train(config: Config, env: DistEnv) -> dict:
     run_dir = config.run_dir
     plan = BatchPlan.from_config(config, env.world_size)
+    checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint.keep_last, env.is_main)
+    resume_from = checkpointer.find_resume(config.checkpoint.resume)
+    recipe_history = []
+    if resume_from is not None:  # checked before anything is written, so a refused resume changes nothing
+        saved = read_meta(resume_from)
+        recipe_history = saved.get("recipe_changes", []) + check_recipe(config, saved, resume_from)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
@@ -175,21 +223,25 @@ def _train(config: Config, env: DistEnv) -> dict:
     counts = count_parameters(config.model)
     flops = flops_per_token(config.model, plan.seq_len)
     log.info("parameters: %s non-embedding, %s total; %.3g FLOPs/token; %d x %d tokens per step "
-             "(%d ranks x %d micro-batches of %d)", f"{counts['non_embedding']:,}", f"{counts['total']:,}", flops,
-             plan.global_rows, plan.seq_len, env.world_size, plan.accumulation_steps, plan.micro_batch_size)
+             "(%d ranks x %d micro-batches of %d); optimizer %s, %s schedule", f"{counts['non_embedding']:,}",
+             f"{counts['total']:,}", flops, plan.global_rows, plan.seq_len, env.world_size, plan.accumulation_steps,
+             plan.micro_batch_size, config.optim.name, config.optim.schedule)
+    if plan.micro_batch_size != config.train.micro_batch_size:
+        log.info("micro-batch %d (the largest up to train.micro_batch_size=%d that divides the %d rows per rank)",
+                 plan.micro_batch_size, config.train.micro_batch_size, plan.rows_per_rank)
 
     data = PackedBatches(config.data, tokenizer, global_rows=plan.global_rows, rank=env.rank,
                          world_size=env.world_size, seed=config.train.seed)
     val_batches = validation_batches(config.data, tokenizer, rows=plan.global_rows, n_batches=config.train.eval_batches,
                                      rank=env.rank, world_size=env.world_size)
-    checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint.keep_last, env.is_main)
     progress = Progress()
-
-    resume_from = checkpointer.find_resume(config.checkpoint.resume)
+    budget_plan = None
     if resume_from is not None:
         meta = checkpointer.load(resume_from, model, optimizer)
         progress = Progress(step=meta["step"], tokens_seen=meta["tokens_seen"], bad_steps=meta.get("bad_steps", 0))
         data.load_state_dict(merge_states(meta["data_lanes"]))
+        if config.train.time_budget_s is not None:
+            budget_plan = meta.get("budget_plan")  # the schedule planned before stays the schedule
         log.info("resumed from %s at step %d (%d tokens seen)", resume_from, progress.step, progress.tokens_seen)
     elif config.train.init_from:
         meta = load_model_weights(config.train.init_from, model)
@@ -197,16 +249,41 @@ def _train(config: Config, env: DistEnv) -> dict:
             data.load_state_dict(merge_states(meta["data_lanes"]))
         log.info("initialised weights from %s (data stream: %s)", config.train.init_from, config.train.init_data_stream)
 
-    logger = MetricsLogger(run_dir, env.is_main, config.train.steps, config.logging.tensorboard, config.logging.progress)
+    # Without a budget, train.steps is the schedule's length. With one, train.steps is only the upper
+    # bound until the plan: the measured steps use it, which matters only for a cosine schedule that is
+    # already past its warmup then.
+    total_steps = min(budget_plan["planned_steps"], config.train.steps) if budget_plan else config.train.steps
+    probe_end = progress.step + config.train.budget_warmup_steps + config.train.budget_measure_steps
+    logger = MetricsLogger(run_dir, env.is_main, total_steps, config.logging.tensorboard, config.logging.progress)
     peak = peak_flops(env.device, config.logging.peak_tflops)
     start_step, last = progress.step, {}
+
+    def synchronize() -> float:
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def evaluate(step: int) -> float:
+        val_loss = evaluate_loss(model, val_batches, plan.micro_batch_size, config.train.loss_chunk_tokens, env.device)
+        logger.log({"kind": "val", "step": step, "tokens_seen": progress.tokens_seen, "val_loss": val_loss})
+        last["val_loss"] = val_loss
+        return val_loss
+
+    def save_checkpoint(step: int) -> None:
+        checkpointer.save(step, model, optimizer, data.state_dict(),
+                          {"tokens_seen": progress.tokens_seen, "bad_steps": progress.bad_steps,
+                           "config": to_dict(config), "final_loss": last.get("loss"), "val_loss": last.get("val_loss"),
+                           "budget_plan": budget_plan, "planned_steps": total_steps if budget_plan else None,
+                           "recipe_changes": recipe_history})
+
     try:
         window_start, window_tokens = time.perf_counter(), 0
-        while progress.step < config.train.steps:
+        measure_start = window_start  # reset after the budget's warm-up steps
+        while progress.step < total_steps:
             step = progress.step + 1
-            lr = lr_at(progress.step, config.optim, config.train.steps)
+            lr_scale = lr_factor(progress.step, config.optim, total_steps)
             with out_of_memory_hint(plan):
-                loss, grad_norm = train_step(model, optimizer, next(data), plan, lr, config.optim.grad_clip, env.device)
+                loss, grad_norm = train_step(model, optimizer, next(data), plan, lr_scale, config, env.device)
             progress.step = step
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 progress.bad_steps += 1
@@ -219,30 +296,44 @@ def _train(config: Config, env: DistEnv) -> dict:
             progress.tokens_seen += plan.tokens_per_step
             window_tokens += plan.tokens_per_step
 
-            if step % config.train.log_every == 0 or step == config.train.steps:
-                if env.device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - window_start
+            if step % config.train.log_every == 0 or step == total_steps:
+                elapsed = synchronize() - window_start
                 tokens_per_s = window_tokens / elapsed
-                last = {"kind": "train", "step": step, "tokens_seen": progress.tokens_seen, "loss": loss,
-                        "grad_norm": grad_norm, "lr": lr, "tokens_in_batch": plan.tokens_per_step,
-                        "tokens_per_s": tokens_per_s, "epoch": data.epoch,
-                        "mfu": flops * tokens_per_s / (peak * env.world_size) if peak else None,
-                        "memory_gib": memory_gib(env.device), "time_s": time.perf_counter() - logger.start}
-                logger.log(last, start_step)
+                last.update({"kind": "train", "step": step, "tokens_seen": progress.tokens_seen, "loss": loss,
+                             "grad_norm": grad_norm, "lr": config.optim.lr * lr_scale, "tokens_in_batch": plan.tokens_per_step,
+                             "tokens_per_s": tokens_per_s, "epoch": data.epoch,
+                             "mfu": flops * tokens_per_s / (peak * env.world_size) if peak else None,
+                             "memory_gib": memory_gib(env.device), "time_s": time.perf_counter() - logger.start})
+                if config.optim.name == "muon":
+                    last["muon_lr"] = config.optim.muon_lr * lr_scale
+                logger.log({k: v for k, v in last.items() if k != "val_loss"}, start_step)
                 window_start, window_tokens = time.perf_counter(), 0
 
             pause_start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
-            if step % config.train.eval_every == 0 or step == config.train.steps:
-                val_loss = evaluate_loss(model, val_batches, plan.micro_batch_size, env.device)
-                logger.log({"kind": "val", "step": step, "tokens_seen": progress.tokens_seen, "val_loss": val_loss})
-                last["val_loss"] = val_loss
-
-            if step % config.checkpoint.every == 0 or step == config.train.steps:
-                checkpointer.save(step, model, optimizer, data.state_dict(),
-                                  {"tokens_seen": progress.tokens_seen, "bad_steps": progress.bad_steps,
-                                   "config": to_dict(config), "final_loss": loss, "val_loss": last.get("val_loss")})
-            window_start += time.perf_counter() - pause_start
+            if config.train.time_budget_s is not None and budget_plan is None:
+                if step == probe_end - config.train.budget_measure_steps:
+                    measure_start = synchronize()
+                elif step == probe_end:
+                    step_s = (synchronize() - measure_start) / config.train.budget_measure_steps
+                    eval_start = time.perf_counter()
+                    evaluate(step)
+                    checkpoint_start = synchronize()
+                    save_checkpoint(step)
+                    checkpoint_s = time.perf_counter() - checkpoint_start
+                    budget_plan = broadcast_object(plan_steps(config, step, step_s, checkpoint_start - eval_start,
+                                                              checkpoint_s) if env.is_main else None)
+                    total_steps = logger.total_steps = budget_plan["planned_steps"]
+                    logger.log({"kind": "plan", "step": step, **budget_plan})
+                    log.info("time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint "
+                             "%.1f s, %.0f s used so far)", budget_plan["budget_s"], total_steps, step_s,
+                             budget_plan["eval_s"], checkpoint_s, budget_plan["age_s"])
+            if step % config.train.eval_every == 0 or step == total_steps:
+                evaluate(step)
+            if step % config.checkpoint.every == 0 or step == total_steps:
+                save_checkpoint(step)
+            paused = time.perf_counter() - pause_start
+            window_start += paused
+            measure_start += paused
     finally:
         data.close()
         logger.close()
@@ -253,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     _, config = parse_cli("Train a LLaMA model (single process, or under torchrun).", argv)
     try:
         train(config)
-    except (ConfigError, CheckpointError, NonFiniteError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, CheckpointError, NonFiniteError, BudgetError, FileNotFoundError, ValueError) as error:
         # User-facing problems: one clear line instead of a traceback wall.
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_llama.config import ConfigError, load_config, parse_override, save_config, to_dict
+from dist_llama.config import ConfigError, load_config, parse_override, recipe_changes, save_config, to_dict
 from dist_llama.model import PRESETS, RopeScaling
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,3 +86,21 @@ def test_cli_prints_resolved_config_or_one_line_error():
     bad = subprocess.run([sys.executable, "-m", "dist_llama.config", "--train.stepz=9"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown key train.stepz" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_broken_yaml_is_one_line_with_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  steps: 5\n lr: [1,\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:3:2: not valid YAML") and "\n" not in message
+
+
+def test_resume_check_lists_recipe_changes_and_allows_cadence():
+    old = load_config(None)
+    new = load_config(None, ["--optim.lr=0.1", "--train.steps=999", "--train.eval_every=7", "--data.paths=[x.jsonl]",
+                             "--train.micro_batch_size=4", "--model.n_layers=3"])
+    changes = {c["key"]: (c["old"], c["new"]) for c in recipe_changes(old, new)}
+    assert changes == {"optim.lr": (old.optim.lr, 0.1), "data.paths": ([], ["x.jsonl"]),
+                       "model.n_layers": (old.model.n_layers, 3)}

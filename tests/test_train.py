@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_AT = 12, 6
 
 
+MUON = ["--optim.name=muon", "--optim.schedule=wsd", "--optim.muon_lr=0.02"]
+
+
 def tiny_overrides(corpus: Path, val: Path, run_root: Path, name: str) -> list[str]:
     return [
         "--config", str(REPO / "configs/debug.yaml"),
@@ -72,10 +75,22 @@ def runs(tmp_path_factory, corpus):
     made = {}
     for name, nproc, extra in [("one_rank", 1, []), ("two_ranks", 2, []),
                                ("two_ranks_ac", 2, ["--parallel.activation_checkpointing=full"]),
-                               ("one_rank_ac", 1, ["--parallel.activation_checkpointing=selective"])]:
+                               ("one_rank_ac", 1, ["--parallel.activation_checkpointing=selective"]),
+                               ("muon_one_rank", 1, MUON), ("muon_two_ranks", 2, MUON),
+                               ("bf16_two_ranks", 2, ["--parallel.mixed_precision=bf16"])]:
         run(nproc, tiny_overrides(*corpus, root, name) + extra)
         made[name] = root / name
     return made
+
+
+def test_muon_is_the_same_optimizer_at_one_and_two_ranks(runs):
+    """Newton-Schulz must see whole matrices: torch.optim.Muon on FSDP2 shards would orthogonalize each
+    rank's half on its own and drift from the 1-rank run within a few steps (5e-3 after 3 steps)."""
+    one, two = train_losses(runs["muon_one_rank"]), train_losses(runs["muon_two_ranks"])
+    assert sorted(one) == list(range(1, STEPS + 1))
+    assert_close_losses(two, one, rel=1e-5)
+    adamw = train_losses(runs["one_rank"])
+    assert one[STEPS] != adamw[STEPS], "the Muon runs must not be AdamW runs"
 
 
 def assert_close_losses(got: dict, expected: dict, rel: float, steps=None):
@@ -193,7 +208,7 @@ def test_slurm_script_is_valid_bash():
 def test_user_mistakes_are_one_line_errors(corpus, tmp_path):
     cases = [
         (["--train.stepz=3"], "unknown key train.stepz"),
-        (["--train.tokens_per_step=96"], "does not divide"),
+        (["--train.tokens_per_step=100"], "must be a multiple of data.seq_len"),
         (["--data.paths=[/nonexistent/*.jsonl]", "--data.source=local"], "/nonexistent"),
         (["--data.seq_len=4096"], "exceeds model.max_seq_len"),
         (["--model.vocab_size=1000"], "vocab"),
@@ -227,3 +242,72 @@ def test_compiled_blocks_train_like_eager_ones(runs, corpus, tmp_path):
     compiled, eager = train_losses(tmp_path / "compiled"), train_losses(runs["one_rank"])
     for step in (1, 2, 3):
         assert abs(compiled[step] - eager[step]) <= 1e-4 * eager[step], (step, compiled[step], eager[step])
+
+
+def test_bf16_mixed_precision_trains_close_to_fp32(runs):
+    """The GPU's precision path (bf16 compute, fp32 master weights and gradient reduction) on CPU/gloo."""
+    bf16, fp32 = train_losses(runs["bf16_two_ranks"]), train_losses(runs["two_ranks"])
+    assert_close_losses(bf16, fp32, rel=2e-2)
+    assert any(bf16[step] != fp32[step] for step in fp32), "bf16 compute must actually be used"
+    assert bf16[STEPS] < bf16[1]
+
+
+def latest_meta(run_dir: Path) -> dict:
+    latest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return json.loads((latest / "meta.json").read_text())
+
+
+def test_resume_with_a_changed_recipe_stops_unless_allowed(runs, corpus, tmp_path):
+    run_dir = tmp_path / "one_rank"
+    shutil.copytree(runs["one_rank"], run_dir)
+    saved_config = (run_dir / "config.yaml").read_bytes()
+    args = tiny_overrides(*corpus, tmp_path, "one_rank") + [f"--train.steps={STEPS + 2}", "--optim.lr=0.1"]
+    result = subprocess.run(command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "optim.lr: 0.003 -> 0.1" in result.stderr and "--checkpoint.allow_changes=[optim.lr]" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (run_dir / "config.yaml").read_bytes() == saved_config, "a refused resume must not rewrite config.yaml"
+
+    # Training longer, at another cadence and micro-batch, is no recipe change; a named change is allowed and recorded.
+    result = run(1, args + ["--checkpoint.allow_changes=[optim.lr]", "--train.log_every=2", "--train.micro_batch_size=4"])
+    assert "resuming with optim.lr changed on purpose" in result.stderr
+    assert latest_meta(run_dir)["recipe_changes"] == [{"key": "optim.lr", "old": 0.003, "new": 0.1, "step": STEPS}]
+    assert max(train_losses(run_dir)) == STEPS + 2
+
+
+def test_time_budget_plans_the_steps_and_a_resume_keeps_the_plan(corpus, tmp_path):
+    def budget_args(seconds: int) -> list[str]:
+        return tiny_overrides(*corpus, tmp_path, "budget") + [
+            f"--train.time_budget_s={seconds}", "--train.steps=100000", "--optim.schedule=wsd",
+            "--optim.min_lr_ratio=0.0", "--train.log_every=5", "--train.eval_every=20", "--checkpoint.every=10",
+            "--checkpoint.keep_last=100"]
+
+    budget = 30
+    started = time.monotonic()
+    run(1, budget_args(budget))
+    wall = time.monotonic() - started
+    run_dir = tmp_path / "budget"
+    records, _ = read_metrics(run_dir)
+    plans = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"plan"' in line]
+    assert len(plans) == 1 and plans[0]["measured_at_step"] == 8  # 3 warm-up + 5 timed steps
+    planned = plans[0]["planned_steps"]
+    assert 8 < planned < 100000
+    assert records[-1]["step"] == planned and records[-1]["lr"] == 0.0, "the last step has the schedule's final rate"
+    plan = plans[0]
+    # The plan fits the measured costs into what was left (wall time itself depends on the machine's load).
+    planned_cost = (planned - 8) * plan["step_s"] + (planned // 20 + 1) * plan["eval_s"] + (planned // 10 + 1) * plan["checkpoint_s"]
+    assert plan["age_s"] + planned_cost <= budget
+    assert wall < 3 * budget, f"the run took {wall:.0f} s for a {budget} s budget"
+    assert latest_meta(run_dir)["planned_steps"] == planned
+
+    # Resume from a checkpoint taken after planning, with another budget: the planned schedule stands.
+    after_plan = [c for c in sorted((run_dir / "checkpoints").glob("step_*")) if 8 < int(c.name[5:]) < planned]
+    assert after_plan, "no checkpoint between the plan and the end"
+    for checkpoint in sorted((run_dir / "checkpoints").glob("step_*")):
+        if checkpoint != after_plan[0] and int(checkpoint.name[5:]) > 8:
+            shutil.rmtree(checkpoint)
+    lr_before = {r["step"]: r["lr"] for r in records}
+    run(1, budget_args(5000))
+    resumed, _ = read_metrics(run_dir)
+    assert resumed[-1]["step"] == planned
+    assert {r["step"]: r["lr"] for r in resumed} == lr_before

@@ -1,0 +1,147 @@
+"""Optimizers and learning-rate schedules: AdamW, or Muon for the hidden matrices with AdamW for the rest.
+
+Muon (Jordan et al. 2024; `torch.optim.Muon`) orthogonalizes each matrix's momentum with a Newton-Schulz
+iteration, which is a function of the WHOLE matrix. Under FSDP2 every parameter is a DTensor holding one
+row block per rank, and `torch.optim.Muon` applied to it would orthogonalize each rank's block on its own:
+a different optimizer at every world size. `ShardedMuon` keeps torch's algorithm and state (momentum
+sharded like the parameter, so DCP saves and reshards it like AdamW's moments) and gathers the full
+momentum-corrected gradient before Newton-Schulz. Every rank then orthogonalizes the same full matrix and
+keeps its own rows: the update is the unsharded one, at the cost of one all-gather per matrix and
+Newton-Schulz repeated on every rank (small next to the forward and backward at these sizes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from dist_llama.config import ConfigError, OptimConfig
+
+try:  # torch >= 2.9; the math stays torch's own so the test can compare against torch.optim.Muon bit for bit
+    from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+except ImportError:  # pragma: no cover - depends on the installed torch
+    _zeropower_via_newtonschulz = _adjust_lr = None
+
+
+def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """The schedule as a multiple of the peak learning rate at 0-based `step` of `total_steps`.
+
+    Linear warmup over warmup_steps, then
+    - cosine: a half cosine from 1 down to min_lr_ratio;
+    - wsd (warmup-stable-decay, Hägele et al. 2024, arXiv 2405.18392): 1 until the last decay_fraction of
+      the steps, then down to min_lr_ratio, linearly or as 1 - sqrt.
+    The last step (total_steps - 1) gets exactly min_lr_ratio. The factor depends on total_steps only
+    through where the decay sits: raising train.steps on resume moves the WSD decay to the new end, so a
+    run resumed from a checkpoint taken in the stable phase continues as if it had been planned longer;
+    steps already decayed are not undone.
+    """
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    last = total_steps - 1
+    if optim.schedule == "wsd":
+        decay_start = max(optim.warmup_steps, total_steps - round(optim.decay_fraction * total_steps))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, last - decay_start))
+        remaining = 1.0 - progress if optim.decay_shape == "linear" else 1.0 - math.sqrt(progress)
+    else:
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, last - optim.warmup_steps))
+        remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * remaining
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every group runs at its own peak rate (`peak_lr`) times the schedule's factor."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * factor
+
+
+def is_hidden_matrix(name: str, param: torch.nn.Parameter) -> bool:
+    """The 2-D weights inside the blocks (attention and MLP projections): what Muon is for. Embeddings and
+    the output head are lookups / a classifier over tokens rather than hidden maps, and stay with AdamW."""
+    return param.dim() == 2 and ".layers." in f".{name}"
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> OptimizerGroup:
+    """AdamW over every parameter, or (optim.name=muon) Muon at optim.muon_lr for the hidden matrices and
+    AdamW at optim.lr for embeddings, head and norm gains. Weight decay applies to matrices only: norm
+    gains are scales, and decaying them toward 0 fights the normalisation."""
+    named = list(model.named_parameters())
+    if optim.name == "muon":
+        if _zeropower_via_newtonschulz is None:
+            raise ConfigError(f"optim.name=muon: this torch ({torch.__version__}) has no torch.optim._muon Newton-Schulz "
+                              "step; use torch >= 2.9 or --optim.name=adamw")
+        hidden = [p for n, p in named if is_hidden_matrix(n, p)]
+        rest = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
+        adamw = _adamw([p for _, p in rest if p.dim() >= 2], [p for _, p in rest if p.dim() < 2], optim, device)
+        muon = ShardedMuon([{"params": hidden, "peak_lr": optim.muon_lr}], lr=optim.muon_lr,
+                           momentum=optim.muon_momentum, weight_decay=optim.muon_weight_decay)
+        return OptimizerGroup([muon, adamw])
+    return OptimizerGroup([_adamw([p for _, p in named if p.dim() >= 2], [p for _, p in named if p.dim() < 2], optim, device)])
+
+
+def _adamw(decay: list, no_decay: list, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    groups = [{"params": decay, "weight_decay": optim.weight_decay, "peak_lr": optim.lr},
+              {"params": no_decay, "weight_decay": 0.0, "peak_lr": optim.lr}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=device.type == "cuda")
+
+
+class ShardedMuon(torch.optim.Muon):
+    """torch.optim.Muon whose Newton-Schulz step sees the whole matrix when parameters are FSDP2 DTensors.
+
+    Same hyperparameters, state (`momentum_buffer`) and update as torch's single-tensor Muon; on plain
+    tensors it is that update exactly.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(grad, 1 - momentum)  # elementwise: fine on each rank's rows
+                update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                full = update.full_tensor() if isinstance(update, DTensor) else update
+                orthogonal = _zeropower_via_newtonschulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                if isinstance(param, DTensor):
+                    # Every rank holds the same full result; keep this rank's rows without communication.
+                    orthogonal = distribute_tensor(orthogonal, param.device_mesh, param.placements, src_data_rank=None)
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(orthogonal, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
+        return loss
+
+
+class OptimizerGroup:
+    """The optimizers of one model, stepped as one. Iterating yields them: that is how
+    torch.distributed.checkpoint's get_state_dict/set_state_dict take several optimizers of one model,
+    so checkpoints hold every optimizer's state under the parameters' names (and reshard it)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+
+    def __iter__(self):
+        return iter(self.optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)

@@ -1,0 +1,191 @@
+"""Schedules, parameter groups, clipping, the batch plan and Muon under FSDP2 (CPU, gloo)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_llama.config import ConfigError, OptimConfig, load_config
+from dist_llama.model import PRESETS, Transformer
+from dist_llama.optim import ShardedMuon, build_optimizer, is_hidden_matrix, lr_factor
+from dist_llama.parallel import DistEnv, parallelize
+from dist_llama.train import BatchPlan, train_step
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def test_cosine_warms_up_linearly_and_ends_exactly_at_the_floor():
+    optim = OptimConfig(warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert [lr_factor(s, optim, 100) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_factor(10, optim, 100) == pytest.approx(1.0)
+    assert lr_factor(99, optim, 100) == pytest.approx(0.1)  # the last step gets the final rate
+    midpoint = 10 + (99 - 10) / 2
+    assert lr_factor(int(midpoint), optim, 100) == pytest.approx(0.55, abs=0.02)
+    factors = [lr_factor(s, optim, 100) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(factors, factors[1:])), "cosine never rises after warmup"
+
+
+@pytest.mark.parametrize("shape", ["linear", "sqrt"])
+def test_wsd_is_flat_then_decays_over_its_fraction(shape):
+    optim = OptimConfig(warmup_steps=5, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.3, decay_shape=shape)
+    total = 100  # decay over steps 70..99
+    assert all(lr_factor(s, optim, total) == 1.0 for s in range(5, 70))
+    assert lr_factor(99, optim, total) == 0.0
+    halfway = lr_factor(70 + 29 // 2, optim, total)
+    progress = (29 // 2) / 29
+    expected = 1 - progress if shape == "linear" else 1 - math.sqrt(progress)
+    assert halfway == pytest.approx(expected)
+    factors = [lr_factor(s, optim, total) for s in range(70, 100)]
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+
+
+def test_bad_optimizer_settings_name_the_key():
+    with pytest.raises(ConfigError, match="optim.schedule='step'"):
+        load_config(None, ["--optim.schedule=step"])
+    with pytest.raises(ConfigError, match="optim.decay_fraction=0.0"):
+        load_config(None, ["--optim.decay_fraction=0"])
+    with pytest.raises(ConfigError, match="optim.decay_fraction=1.5"):
+        load_config(None, ["--optim.decay_fraction=1.5"])
+    with pytest.raises(ConfigError, match="optim.name='sgd'"):
+        load_config(None, ["--optim.name=sgd"])
+    with pytest.raises(ConfigError, match="train.time_budget_s"):
+        load_config(None, ["--train.time_budget_s=0"])
+
+
+def test_muon_on_a_torch_without_it_is_a_config_error(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(ConfigError, match="optim.name=muon needs torch.optim.Muon"):
+        load_config(None, ["--optim.name=muon"])
+
+
+def groups_by_name(model, optimizer):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [{"kind": type(opt).__name__, "weight_decay": g["weight_decay"], "lr": g["peak_lr"],
+             "names": sorted(names[id(p)] for p in g["params"])} for opt in optimizer for g in opt.param_groups]
+
+
+def test_adamw_decays_matrices_only():
+    model = Transformer(PRESETS["debug"])
+    groups = groups_by_name(model, build_optimizer(model, OptimConfig(weight_decay=0.1), CPU))
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(not n.endswith("norm.weight") for n in decay["names"])
+    assert all(n.endswith("norm.weight") for n in no_decay["names"])
+    assert len(decay["names"]) + len(no_decay["names"]) == len(list(model.parameters()))
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    model = Transformer(PRESETS["debug"])
+    optim = OptimConfig(name="muon", lr=3e-3, muon_lr=0.02, weight_decay=0.1, muon_weight_decay=0.0)
+    muon, adamw_decay, adamw_no_decay = groups_by_name(model, build_optimizer(model, optim, CPU))
+    assert muon["kind"] == "ShardedMuon" and muon["lr"] == 0.02 and muon["weight_decay"] == 0.0
+    assert all(".layers." in n and n.endswith("proj.weight") for n in muon["names"])
+    assert len(muon["names"]) == 7 * PRESETS["debug"].n_layers  # q k v o gate up down
+    assert adamw_decay["names"] == ["lm_head.weight", "model.embed_tokens.weight"] and adamw_decay["lr"] == 3e-3
+    assert all(n.endswith("norm.weight") for n in adamw_no_decay["names"])
+    assert not is_hidden_matrix("model.embed_tokens.weight", model.model.embed_tokens.weight)
+
+
+def test_sharded_muon_on_plain_tensors_is_torch_muon_exactly():
+    generator = torch.Generator().manual_seed(0)
+    ours, reference = (torch.nn.Parameter(torch.randn(48, 32, generator=torch.Generator().manual_seed(1)))
+                       for _ in range(2))
+    ours_opt = ShardedMuon([ours], lr=0.02, weight_decay=0.1, momentum=0.95)
+    reference_opt = torch.optim.Muon([reference], lr=0.02, weight_decay=0.1, momentum=0.95)
+    for _ in range(4):
+        grad = torch.randn(48, 32, generator=generator)
+        ours.grad, reference.grad = grad.clone(), grad.clone()
+        ours_opt.step()
+        reference_opt.step()
+    assert torch.equal(ours, reference)
+    assert torch.equal(ours_opt.state[ours]["momentum_buffer"], reference_opt.state[reference]["momentum_buffer"])
+
+
+@pytest.fixture
+def one_process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield DistEnv(rank=0, world_size=1, local_rank=0, device=CPU)
+    dist.destroy_process_group()
+
+
+def tiny_batch(seed: int, rows: int = 4, seq: int = 16):
+    tokens = torch.randint(0, PRESETS["debug"].vocab_size, (rows, seq + 1), generator=torch.Generator().manual_seed(seed))
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def test_fsdp_muon_step_equals_unsharded_torch_muon(one_process_group):
+    """The 1-rank FSDP2 run through our optimizer and train_step equals plain torch.optim.Muon + AdamW
+    on an unsharded copy of the model (the reference the 2-rank test is compared with in turn)."""
+    config = load_config(None, ["--optim.name=muon", "--optim.grad_clip=0", "--train.loss_chunk_tokens=0",
+                                "--parallel.mixed_precision=fp32"])
+    reference = Transformer(config.model)
+    reference.init_weights(0)
+    sharded = Transformer(config.model)
+    sharded.load_state_dict(reference.state_dict())
+    sharded = parallelize(sharded, config.parallel, one_process_group)
+    optimizer = build_optimizer(sharded, config.optim, CPU)
+    hidden = [p for n, p in reference.named_parameters() if is_hidden_matrix(n, p)]
+    rest = [p for n, p in reference.named_parameters() if not is_hidden_matrix(n, p)]
+    reference_muon = torch.optim.Muon(hidden, lr=config.optim.muon_lr, momentum=config.optim.muon_momentum,
+                                      weight_decay=config.optim.muon_weight_decay)
+    reference_adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
+                                         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                                        lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps)
+    plan = BatchPlan(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
+    for seed in range(3):
+        inputs, labels = tiny_batch(seed)
+        train_step(sharded, optimizer, (inputs, labels), plan, 1.0, config, CPU)
+        loss = reference(inputs, labels=labels) / labels.numel()
+        loss.backward()
+        reference_muon.step()
+        reference_adamw.step()
+        reference.zero_grad()
+    for (name, ours), theirs in zip(sharded.named_parameters(), reference.parameters()):
+        assert torch.allclose(ours.full_tensor(), theirs, rtol=0, atol=1e-6), name
+
+
+def test_grad_clip_zero_means_no_clipping(one_process_group):
+    def updated_weights(clip: str) -> torch.Tensor:
+        config = load_config(None, [f"--optim.grad_clip={clip}", "--parallel.mixed_precision=fp32"])
+        model = Transformer(config.model)
+        model.init_weights(0)
+        model = parallelize(model, config.parallel, one_process_group)
+        optimizer = build_optimizer(model, config.optim, CPU)
+        plan = BatchPlan(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
+        for seed in range(2):
+            train_step(model, optimizer, tiny_batch(seed), plan, 1.0, config, CPU)
+        return model.lm_head.weight.full_tensor().clone()
+
+    unclipped = updated_weights("1e9")
+    assert torch.equal(updated_weights("0"), unclipped)
+    assert torch.equal(updated_weights("null"), unclipped)
+    assert not torch.equal(updated_weights("1e-3"), unclipped), "a small limit must change the update"
+
+
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_every_shipped_config_splits_over_1_2_4_and_8_ranks(path, world_size):
+    config = load_config(path)
+    plan = BatchPlan.from_config(config, world_size)
+    assert plan.rows_per_rank * world_size == plan.global_rows
+    assert plan.micro_batch_size <= config.train.micro_batch_size
+    assert plan.accumulation_steps * plan.micro_batch_size == plan.rows_per_rank
+
+
+def test_micro_batch_is_a_maximum_and_only_an_uneven_global_batch_fails():
+    debug = load_config(REPO / "configs/debug.yaml")  # 16 rows, micro-batch 16
+    assert BatchPlan.from_config(debug, 2).micro_batch_size == 8
+    odd = dataclasses.replace(debug, train=dataclasses.replace(debug.train, micro_batch_size=6))
+    assert BatchPlan.from_config(odd, 1).micro_batch_size == 4  # the largest divisor of 16 up to 6
+    three_rows = dataclasses.replace(debug, train=dataclasses.replace(debug.train, tokens_per_step=3 * 128))
+    with pytest.raises(ConfigError, match="do not divide over world_size=2"):
+        BatchPlan.from_config(three_rows, 2)
