@@ -342,7 +342,8 @@ def load_model(source: str, *, device: str, dtype, rope_scaling_factor: float | 
 
         return model, load_tokenizer("offline")
     try:
-        tok = AutoTokenizer.from_pretrained(_check_model(tok_source, "--tokenizer", "a tokenizer folder or Hub id"), trust_remote_code=True)
+        tok_source = _check_model(tok_source, "--tokenizer", "a tokenizer folder or Hub id")
+        tok = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=True)
     except OSError as err:
         raise EvaluationError(f"cannot load tokenizer {tok_source}: {str(err).splitlines()[0]}") from None
     return model, tok
