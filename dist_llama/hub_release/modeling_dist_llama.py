@@ -71,7 +71,8 @@ class DistLlamaForCausalLM(DistLlamaPreTrainedModel, GenerationMixin):
         # from_pretrained(..., attn_implementation=X) sets this before __init__; None when nothing was asked.
         backend = attention_backend(config._attn_implementation, config.attention)
         super().__init__(config)
-        self.config._attn_implementation_internal = backend  # what actually runs, as model.config reports it
+        if backend in ATTENTION_BACKENDS:  # model.config._attn_implementation then says what actually runs
+            self.config._attn_implementation_internal = backend
         transformer = Transformer(model_args_from_llama_dict(config.to_dict(), attention=backend))
         self.model = transformer.model
         self.lm_head = transformer.lm_head
