@@ -1,7 +1,7 @@
 """The training data stream: documents -> lanes -> packed (inputs, labels) batches, resumable at any world size.
 
-What this file owns: reading documents (local .jsonl, .jsonl.zst, .parquet, .txt files, or a streamed Hub
-dataset), the epoch order, packing tokens into fixed windows with no padding, the held-out split, and the
+What this file owns: reading documents (local .jsonl, .jsonl.zst, .parquet, .txt files, or a Hub dataset, cached
+or streamed), the epoch order, packing tokens into fixed windows with no padding, the held-out split, and the
 loader state that checkpoints carry.
 
 Why lanes. A loader that deals documents to ranks (rank r takes every W-th document, or one shard per rank)
@@ -21,19 +21,28 @@ every lane's state (the trainer all-gathers the ranks' dicts with `merge_states`
 divides `global_rows` can pick its own lanes out of it: the global token stream (row l of step s) is the same
 for every W, and a resumed run continues it exactly.
 
-Each rank reads the whole document stream (cheaply: records it does not own are never parsed) and tokenizes
-only its own lanes' documents, in batches, on a background thread that runs `data.prefetch_steps` batches
-ahead; the Rust tokenizer releases the GIL. The thread's timing never changes the output: one producer makes
-the batches in order, and each batch carries the lane states as of that batch.
+Each rank tokenizes only its own lanes' documents, in batches, on a background thread that runs
+`data.prefetch_steps` batches ahead; the Rust tokenizer releases the GIL. The thread's timing never changes the
+output: one producer makes the batches in order, and each batch carries the lane states as of that batch.
+A rank reads only its own lanes' records, from each lane's resume point on: a local file is loaded whole but
+only those records are parsed, and a Hub dataset is, by default, downloaded once per node into `datasets`' cache
+(memory-mapped Arrow with random access; local rank 0 downloads while the node's other ranks wait), so a resume
+seeks rather than re-reads. Its epoch order is a seeded permutation of every row. With `data.hub_streaming` it
+is streamed instead (for datasets too large for the disk): there is no random access, every rank reads the whole
+stream, the order comes from a shuffle buffer, and a resume re-reads (without tokenizing) its epoch up to the
+slowest lane.
 
 The held-out set is either `data.val_paths` or, without them, the documents whose blake2b text hash falls
 below `data.val_per_mille` / 1000; the training stream then skips every such document.
 
+The lane states index documents by their place in an epoch, so they only mean something for the data they were
+saved with: the state also records the source (local file names and sizes, or the Hub dataset, split, resolved
+revision and fingerprint, and the text field), and loading it into a run that reads another source fails.
+
 Costs of the design. Lanes drift apart: a lane of long documents is at a lower document index than a lane of
 short ones, and the spread grows like the square root of the steps taken. The stream is read as far as the
 fastest lane needs, and the slower lanes' documents wait in memory as text (they are tokenized only when their
-lane is a few windows from running dry). Local files allow a seek by whole files on resume; a Hub stream has
-no random access, so a resume re-reads (without tokenizing) its epoch up to the slowest lane.
+lane is a few windows from running dry). Local files allow a seek by whole files on resume.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -65,8 +75,12 @@ STATE_VERSION = 1
 TOKENIZE_BATCH_DOCS = 128  # documents per encode_batch call: large enough to keep every core busy
 MAX_IN_FLIGHT = 2
 HORIZON_BATCHES = 2
+READ_BATCH_DOCS = 256  # records read per call: one random-access read of a Hub dataset, bounded memory for a file
 HUB_SHUFFLE_BUFFER = 10_000  # rows in the streaming shuffle buffer of a Hub dataset
 HUB_CHUNK_ROWS = 1024
+# How long a node's other ranks wait for local rank 0 to download and convert the Hub dataset: ~3 GB of parquet
+# for the default one, longer than a process group's default timeout (10 min for NCCL) on a slow link.
+HUB_DOWNLOAD_TIMEOUT = timedelta(hours=2)
 
 
 # --- Reading documents from files ------------------------------------------------------------------
@@ -100,7 +114,14 @@ def _as_text(value, where: str) -> str:
     return value
 
 
-class _JsonLines:
+class _Records:
+    """Documents by record number: `text(i)` reads one, `texts(records)` several in one call."""
+
+    def texts(self, records: list[int]) -> list[str]:
+        return [self.text(i) for i in records]
+
+
+class _JsonLines(_Records):
     """One .jsonl/.jsonl.zst file held as raw lines; a line is parsed only when its text is asked for."""
 
     def __init__(self, path: Path, text_field: str):
@@ -131,7 +152,7 @@ class _JsonLines:
         return _as_text(record[self.text_field], where)
 
 
-class _Parquet:
+class _Parquet(_Records):
     def __init__(self, path: Path, text_field: str):
         import pyarrow.parquet as pq
 
@@ -148,7 +169,7 @@ class _Parquet:
         return _as_text(self.column[i].as_py(), f"{self.path}, row {i}")
 
 
-class _TextFile:
+class _TextFile(_Records):
     def __init__(self, path: Path, text_field: str):
         self.document = path.read_text(encoding="utf-8")
 
@@ -206,10 +227,17 @@ class _Chunk:
     def text(self, j: int) -> str:
         return self.docs.text(int(self.order[j]) if self.order is not None else j)
 
+    def read(self, positions: list[int]) -> Iterator[tuple[int, str]]:
+        """(position, text) for `positions`, READ_BATCH_DOCS records per read."""
+        for first in range(0, len(positions), READ_BATCH_DOCS):
+            part = positions[first:first + READ_BATCH_DOCS]
+            records = part if self.order is None else self.order[part].tolist()
+            yield from zip(part, self.docs.texts(records))
+
 
 def _rng(*key: int) -> np.random.Generator:
-    # Keys are tagged (1 for the file order, 2 for a file's documents): SeedSequence gives [s, e] and
-    # [s, e, 0] the same stream, so bare variable-length keys could collide.
+    # Keys are tagged (1 for the file order, 2 for a file's documents, 3 for a Hub dataset's rows): SeedSequence
+    # gives [s, e] and [s, e, 0] the same stream, so bare variable-length keys could collide.
     return np.random.default_rng(list(key))
 
 
@@ -218,6 +246,15 @@ class _LocalSource:
         self.files = files
         self.text_field = text_field
         self._sizes: dict[int, int] = {}  # documents per file, learnt on first load; lets a resume skip files
+        # Names and byte sizes, not full paths: the same files moved to another folder are the same data.
+        digest = hashlib.blake2b(digest_size=8)
+        for path in files:
+            digest.update(f"{path.name}\0{path.stat().st_size}\n".encode())
+        names = files[0].name + (f" .. {files[-1].name}" if len(files) > 1 else "")
+        self.identity = {"kind": "local", "files": len(files), "names_and_sizes": digest.hexdigest(),
+                         "text_field": text_field,
+                         "description": f"local, {len(files)} file(s) {names} (names and sizes {digest.hexdigest()}), "
+                                        f"text field {text_field!r}"}
 
     def describe(self) -> str:
         return f"local, {len(self.files)} file(s): {self.files[0]}" + (" ..." if len(self.files) > 1 else "")
@@ -240,7 +277,103 @@ class _LocalSource:
             base += len(docs)
 
 
-class _Rows:
+def _load_hub_dataset(name: str, split: str, revision: str | None, streaming: bool):
+    """(dataset, resolved revision): a memory-mapped `datasets.Dataset` in the local cache (downloaded and
+    converted to Arrow on first use), or an `IterableDataset` with streaming. The builder, unlike
+    load_dataset, tells the commit a branch or tag resolved to."""
+    import datasets
+
+    builder = datasets.load_dataset_builder(name, revision=revision)
+    if streaming:
+        return builder.as_streaming_dataset(split=split), builder.hash
+    builder.download_and_prepare()
+    return builder.as_dataset(split=split), builder.hash
+
+
+def _once_per_node(load):
+    """load() on local rank 0 of each node first, while the node's other ranks wait; then on those ranks,
+    which find what rank 0 put in the node's cache. A collective: with a process group of several ranks,
+    every rank must call it. A failure on any rank 0 stops every rank, without the others trying again."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return load()
+    # A gloo group of its own: the default group's timeout is too short for a download, and NCCL needs tensors.
+    group = dist.new_group(backend="gloo", timeout=HUB_DOWNLOAD_TIMEOUT)
+    first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+    result, error, failure = None, None, None
+    if first:
+        try:
+            result = load()
+        except Exception as caught:  # noqa: BLE001 - re-raised below, after the other ranks are told
+            error, failure = caught, f"rank {dist.get_rank()}: {type(caught).__name__}: {caught}"
+    failures: list = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(failures, failure, group=group)  # the barrier, carrying rank 0s' failures
+    finally:
+        dist.destroy_process_group(group)
+    if error is not None:
+        raise error
+    if first:
+        return result
+    reported = next((message for message in failures if message), None)
+    if reported is not None:
+        raise ConnectionError(f"local rank 0 could not load it ({reported})")
+    return load()
+
+
+class _DatasetRows(_Records):
+    """Rows `rows` of a memory-mapped datasets.Dataset, in that order; `texts` is one random-access read."""
+
+    def __init__(self, dataset, rows: np.ndarray, text_field: str, where: str):
+        self.dataset, self.rows, self.text_field, self.where = dataset, rows, text_field, where
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def text(self, j: int) -> str:
+        return self.texts([j])[0]
+
+    def texts(self, records: list[int]) -> list[str]:
+        if not records:
+            return []
+        rows = self.rows[records].tolist()
+        values = self.dataset[rows][self.text_field]
+        return [_as_text(value, f"{self.where}, row {row}") for value, row in zip(values, rows)]
+
+
+def _hub_identity(name: str, split: str, revision: str, text_field: str, streaming: bool, **extra) -> dict:
+    access = "streamed" if streaming else f"cached, {extra['documents']:,} rows, fingerprint {extra['fingerprint']}"
+    return {"kind": "hub", "dataset": name, "split": split, "revision": revision, "streaming": streaming,
+            "text_field": text_field, **extra,
+            "description": f"hub, {name}@{revision} (split {split}, {access}), text field {text_field!r}"}
+
+
+class _HubSource:
+    """A Hub dataset in the local `datasets` cache: every row by its index, so a rank reads only its own lanes'
+    rows and a resume starts at its resume point. The epoch order is a seeded permutation of all rows."""
+
+    def __init__(self, dataset, name: str, split: str, revision: str, text_field: str):
+        if text_field not in dataset.column_names:
+            raise ValueError(f"the Hub dataset {name} (split {split}) has no column {text_field!r} (data.text_field); "
+                             f"its columns are {dataset.column_names}")
+        self.dataset = dataset.select_columns([text_field])
+        self.name, self.split, self.text_field = name, split, text_field
+        self.identity = _hub_identity(name, split, revision, text_field, streaming=False, documents=len(dataset),
+                                      fingerprint=dataset._fingerprint)
+
+    def describe(self) -> str:
+        return self.identity["description"]
+
+    def chunks(self, epoch: int, start: int = 0, seed: int | None = None) -> Iterator[_Chunk]:
+        size = len(self.dataset)
+        rows = np.arange(size) if seed is None else _rng(seed, epoch, 3).permutation(size)
+        for base in range(start - start % HUB_CHUNK_ROWS, size, HUB_CHUNK_ROWS):
+            where = f"{self.name} (split {self.split})"
+            yield _Chunk(base, _DatasetRows(self.dataset, rows[base:base + HUB_CHUNK_ROWS], self.text_field, where))
+
+
+class _Rows(_Records):
     def __init__(self, rows: list[dict], text_field: str, where: str):
         self.rows, self.text_field, self.where = rows, text_field, where
 
@@ -251,18 +384,15 @@ class _Rows:
         return _as_text(self.rows[j][self.text_field], self.where)
 
 
-def _load_hub_dataset(name: str, split: str):
-    import datasets
+class _HubStreamSource:
+    """A streamed Hub dataset (data.hub_streaming): no disk needed, but no random access either."""
 
-    return datasets.load_dataset(name, split=split, streaming=True)
-
-
-class _HubSource:
-    def __init__(self, dataset, name: str, split: str, text_field: str):
+    def __init__(self, dataset, name: str, split: str, revision: str, text_field: str):
         self.dataset, self.name, self.split, self.text_field = dataset, name, split, text_field
+        self.identity = _hub_identity(name, split, revision, text_field, streaming=True)
 
     def describe(self) -> str:
-        return f"hub, {self.name} (split {self.split}, streaming)"
+        return self.identity["description"]
 
     def chunks(self, epoch: int, start: int = 0, seed: int | None = None) -> Iterator[_Chunk]:
         # A stream has no random access: a resume reads (but does not tokenize) the epoch up to `start`.
@@ -276,6 +406,23 @@ class _HubSource:
             base += len(rows)
 
 
+def _open_hub_source(config: DataConfig):
+    def load():
+        return _load_hub_dataset(config.hub_dataset, config.hub_split, config.hub_revision, config.hub_streaming)
+
+    try:
+        # A stream is read by every rank anyway; a download is made once per node.
+        dataset, revision = load() if config.hub_streaming else _once_per_node(load)
+    except Exception as error:  # noqa: BLE001 - any failure here means "no data", said plainly below
+        local = f"data.paths={config.paths} match no files and " if config.source == "auto" else ""
+        pinned = f", revision {config.hub_revision!r}" if config.hub_revision else ""
+        raise FileNotFoundError(f"{local}the Hub dataset data.hub_dataset={config.hub_dataset!r} (split "
+                                f"{config.hub_split!r}{pinned}) could not be opened: {error}. Point data.paths at "
+                                "local .jsonl/.jsonl.zst/.parquet/.txt files, or make the Hub reachable") from error
+    source_class = _HubStreamSource if config.hub_streaming else _HubSource
+    return source_class(dataset, config.hub_dataset, config.hub_split, revision, config.text_field)
+
+
 def _open_source(config: DataConfig, purpose: str):
     files = expand_paths(config.paths)
     if config.source == "local" or (config.source == "auto" and files):
@@ -284,14 +431,15 @@ def _open_source(config: DataConfig, purpose: str):
                                     f"{os.getcwd()}); fix the globs, or use data.source=hub")
         source = _LocalSource(files, config.text_field)
     elif config.source in ("hub", "auto"):
-        try:
-            dataset = _load_hub_dataset(config.hub_dataset, config.hub_split)
-        except Exception as error:  # noqa: BLE001 - any failure here means "no data", said plainly below
-            local = f"data.paths={config.paths} match no files and " if config.source == "auto" else ""
-            raise FileNotFoundError(f"{local}the Hub dataset data.hub_dataset={config.hub_dataset!r} (split "
-                                    f"{config.hub_split!r}) could not be opened: {error}. Point data.paths at local "
-                                    ".jsonl/.jsonl.zst/.parquet/.txt files, or make the Hub reachable") from error
-        source = _HubSource(dataset, config.hub_dataset, config.hub_split, config.text_field)
+        if config.source == "auto" and config.paths:
+            # Relative paths in a config resolve against the working directory: run from elsewhere and they match
+            # nothing. Training then goes on, on other data, which must not pass unnoticed.
+            logger.warning("data.source=auto: data.paths %s match no files relative to the working directory %s, so "
+                           "the %s data is the Hub dataset %s instead. To train on those files, run from the "
+                           "directory they are relative to or make them absolute; set data.source=local to stop "
+                           "with an error instead of switching", config.paths, os.getcwd(), purpose,
+                           config.hub_dataset)
+        source = _open_hub_source(config)
     else:
         raise ValueError(f"data.source={config.source!r} is not valid; choose one of local, hub, auto")
     logger.info("%s data: %s", purpose, source.describe())
@@ -433,12 +581,12 @@ class _Packer:
             for chunk in self.source.chunks(epoch, start, self.seed):
                 docs = chunk.base + np.arange(chunk.size)
                 mine = (docs >= start) & self.owned[docs % self.global_rows]
-                for j in np.flatnonzero(mine).tolist():
+                # Only this rank's lanes' documents from each lane's resume point on are read at all.
+                wanted = [j for j in np.flatnonzero(mine).tolist()
+                          if (epoch, chunk.base + j) >= self.lane_of[(chunk.base + j) % self.global_rows].resume]
+                for j, text in chunk.read(wanted):
                     doc = chunk.base + j
                     lane = self.lane_of[doc % self.global_rows]
-                    if (epoch, doc) < lane.resume:
-                        continue
-                    text = chunk.text(j)
                     if self.held_out_per_mille and is_held_out(text, self.held_out_per_mille):
                         continue
                     yielded += 1
@@ -673,7 +821,7 @@ class PackedBatches:
         """This rank's lanes as of the last batch returned (not as far as the prefetch thread has got)."""
         return {"version": STATE_VERSION, "global_rows": self.global_rows, "seq_len": self.seq_len,
                 "seed": self.seed, "shuffle": self.config.shuffle, "held_out_per_mille": self._held_out_per_mille,
-                "batches": self.batches_yielded,
+                "batches": self.batches_yielded, "source": dict(self._source.identity),
                 "lanes": {lane: dict(state) for lane, state in self._lane_states.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -733,6 +881,22 @@ def _check_compatible(state: dict, reference: dict, state_name: str, reference_n
             raise ValueError(f"{state_name} has {key}={state[key]} but {reference_name} has {key}={reference[key]} "
                              f"({meaning}): the lanes would not continue the same stream. Use the same setting, or "
                              "restart the data stream instead of loading this state")
+    # States saved before sources were recorded carry none: nothing to compare them with.
+    saved, current = state.get("source"), reference.get("source")
+    if saved is not None and current is not None and _source_mismatch(saved, current):
+        changed = ", ".join(f"{key} {saved.get(key)!r} -> {current.get(key)!r}"
+                            for key in _source_mismatch(saved, current))
+        raise ValueError(f"{state_name} was read from [{saved.get('description')}] but {reference_name} reads "
+                         f"[{current.get('description')}] ({changed}): its lane positions would point at other "
+                         "documents. Point data.paths / data.hub_dataset / data.hub_split / data.hub_revision / "
+                         "data.hub_streaming / data.text_field back at the saved source, or start a new run (another "
+                         "train.name; train.init_from keeps the weights and restarts the data stream)")
+
+
+def _source_mismatch(saved: dict, current: dict) -> list[str]:
+    """The identity keys (all but the description) on which two recorded sources differ."""
+    keys = (saved.keys() | current.keys()) - {"description"}
+    return sorted(key for key in keys if saved.get(key) != current.get(key))
 
 
 def merge_states(states: list[dict]) -> dict:
@@ -765,7 +929,9 @@ def held_out_files(config: DataConfig) -> list[Path]:
                                     "fix the globs, or set data.val_paths=[] to hold out documents by hash")
         # `auto` means "local files when present": a config written for a machine with local text still
         # runs elsewhere, on the Hub dataset with a hash-rule held-out set.
-        logger.warning("data.val_paths=%s match no files; holding out documents by hash instead", config.val_paths)
+        logger.warning("data.source=auto: data.val_paths %s match no files relative to the working directory %s; "
+                       "holding out documents by hash instead. Set data.source=local to stop with an error instead",
+                       config.val_paths, os.getcwd())
     return files
 
 
@@ -780,7 +946,9 @@ def held_out_documents(config: DataConfig) -> list[str]:
         source = _open_source(config, "held-out")
         docs = []
         for chunk in source.chunks(epoch=0):
-            docs.extend(text for text in map(chunk.text, range(chunk.size)) if is_held_out(text, config.val_per_mille))
+            for _, text in chunk.read(list(range(chunk.size))):
+                if is_held_out(text, config.val_per_mille):
+                    docs.append(text)
             if len(docs) >= config.val_docs:
                 break
         docs = docs[:config.val_docs]

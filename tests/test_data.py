@@ -1,16 +1,22 @@
-"""Tests for dist_llama.data: packing without padding, lane coverage, world-size-free resume, held-out split.
+"""Tests for dist_llama.data: packing without padding, lane coverage, world-size-free resume, held-out split,
+the Hub dataset (cached with random access, or streamed) and the data source a state was saved from.
 
 A small byte-level BPE tokenizer trained in a second stands in for the Mistral one (which has its own test at
-the end). Expected streams are built here from the documents
-themselves (file order, d % global_rows lanes), not from the packer's internals.
+the end). Expected streams are built here from the documents themselves (file order, d % global_rows lanes),
+not from the packer's internals. The Hub is replaced by parquet shards on disk, the format it serves, read
+through the real `datasets` builder.
 """
 
 import json
 import logging
+import multiprocessing
+import os
 import random
+import re
 import threading
 import time
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,6 +27,8 @@ from transformers import PreTrainedTokenizerFast
 
 from dist_llama import data
 from dist_llama.config import DataConfig
+
+import download_worker  # tests/download_worker.py
 
 WORDS = ("the of and to in is was for on that with as by at from it an be this are have or not which but "
          "river stone light market engine garden letter winter signal bridge orbit copper violet harbor").split()
@@ -418,7 +426,7 @@ def test_clear_errors(tmp_path, tokenizer, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"nope/\*\.jsonl"):
         data.PackedBatches(config(["nope/*.jsonl"]), tokenizer, global_rows=2)
 
-    def unreachable(name, split):
+    def unreachable(*args):
         raise ConnectionError("no route to huggingface.co")
 
     monkeypatch.setattr(data, "_load_hub_dataset", unreachable)
@@ -452,30 +460,239 @@ def test_clear_errors(tmp_path, tokenizer, monkeypatch):
             next(b)
 
 
-# --- Hub streaming (a local dataset streamed through datasets, as the Hub one would be) -------------------
+# --- The Hub dataset: parquet shards on disk behind the real `datasets` builder ---------------------------
 
 
-def test_hub_source_streams_shuffles_and_resumes(tmp_path, tokenizer, monkeypatch, caplog):
-    import datasets  # a required dependency: a broken install must fail here, not skip
-    docs = make_docs(60, seed=14)
-    write_jsonl(tmp_path / "hub.jsonl", docs)
-    calls = []
+class LocalHub:
+    """`datasets.load_dataset_builder` pointed at parquet shards in a folder instead of the Hub; everything after
+    it (conversion to Arrow in a cache, memory-mapping, streaming) is the real code. `revisions` maps a revision
+    to its folder (None: the default branch). `reads` collects every row index read through Dataset[...]."""
 
-    def local_stream(name, split):
-        calls.append((name, split))
-        return datasets.load_dataset("json", data_files=str(tmp_path / "hub.jsonl"), split="train", streaming=True)
+    def __init__(self, root, monkeypatch):
+        self.root, self.calls, self.reads = root, [], []
+        real_builder, real_getitem = datasets.load_dataset_builder, datasets.Dataset.__getitem__
 
-    monkeypatch.setattr(data, "_load_hub_dataset", local_stream)
-    cfg = config(["no/such/*.jsonl"], source="auto", shuffle=True, val_per_mille=100, val_docs=3)
+        def builder(name, revision=None, **kwargs):
+            assert not kwargs, f"unexpected load_dataset_builder arguments {kwargs}"
+            self.calls.append((name, revision))
+            shards = sorted(str(path) for path in (root / str(revision)).iterdir())
+            module = "parquet" if shards[0].endswith(".parquet") else "json"
+            return real_builder(module, data_files={"train": shards}, cache_dir=str(root / "cache"))
+
+        def recording_getitem(dataset, key):
+            self.reads.extend(key if isinstance(key, list) else [key] if isinstance(key, int) else [])
+            return real_getitem(dataset, key)
+
+        monkeypatch.setattr(datasets, "load_dataset_builder", builder)
+        monkeypatch.setattr(datasets.Dataset, "__getitem__", recording_getitem)
+
+    def publish(self, docs, revision=None, shards=3, suffix="parquet"):
+        folder = self.root / str(revision)
+        folder.mkdir(parents=True)
+        per_shard = -(-len(docs) // shards)
+        write = write_parquet if suffix == "parquet" else write_jsonl
+        for k in range(shards):
+            write(folder / f"train-{k:05d}-of-{shards:05d}.{suffix}", docs[k * per_shard:(k + 1) * per_shard])
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> LocalHub:
+    return LocalHub(tmp_path / "hub", monkeypatch)
+
+
+def hub_config(**overrides) -> DataConfig:
+    return config([], source="hub", **overrides)
+
+
+def test_hub_dataset_is_cached_packs_in_row_order_and_records_its_revision(hub, tokenizer):
+    docs = make_docs(40, seed=14)
+    hub.publish(docs, revision="v1")
+    cfg = hub_config(hub_revision="v1")
+    with data.PackedBatches(cfg, tokenizer, global_rows=4) as batches:
+        streams = lane_streams(windows(batches, 30))
+        source = batches.state_dict()["source"]
+    assert hub.calls == [(cfg.hub_dataset, "v1")]
+    for lane, stream in enumerate(streams):
+        assert stream == expected_lane_stream(tokenizer, docs, lane, 4, len(stream))
+    assert list((hub.root / "cache").rglob("*.arrow")), "the dataset must be converted to an Arrow cache"
+    assert (source["kind"], source["dataset"], source["split"], source["streaming"], source["documents"]) == (
+        "hub", cfg.hub_dataset, "train", False, 40)
+    assert source["revision"] and source["fingerprint"]  # what the revision resolved to, as the builder saw it
+    assert source["revision"] in source["description"]
+
+
+def test_hub_dataset_shuffles_every_row_once_per_epoch_and_resumes_on_another_world_size(hub, tokenizer):
+    docs = make_docs(24, seed=15)
+    hub.publish(docs)
+    with data.PackedBatches(hub_config(shuffle=True), tokenizer, global_rows=4, seed=2) as batches:
+        streams = lane_streams(windows(batches, 60))
+        assert batches.epoch >= 1.0
+    epoch_0 = [doc for stream in streams for doc in split_documents(stream, 1, 2)[:6]]  # 24 rows, 4 lanes
+    assert sorted(epoch_0) == sorted(tuple(encode(tokenizer, doc)) for doc in docs), "each row once per epoch"
+    assert epoch_0 != [tuple(encode(tokenizer, doc)) for doc in docs[0::4] + docs[1::4] + docs[2::4] + docs[3::4]], (
+        "shuffle=True must change the order")
+
+    # With hash-held-out rows, resumed at another world size.
+    cfg = hub_config(shuffle=True, val_per_mille=100)
+    assert 0 < sum(data.is_held_out(doc, 100) for doc in docs) < len(docs) // 2
+    reference, _ = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=16, seed=2)
+    head, state = global_windows(cfg, tokenizer, global_rows=4, world_size=2, steps=9, seed=2)
+    assert any(lane["offset"] > 0 for lane in state["lanes"].values())
+    tail, _ = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=7, seed=2,
+                             state=json.loads(json.dumps(state)))
+    for step, batch in enumerate(head + tail):
+        assert torch.equal(batch, reference[step]), f"step {step} differs"
+
+
+def test_hub_resume_seeks_and_a_rank_reads_only_its_lanes_rows(hub, tokenizer, monkeypatch):
+    monkeypatch.setattr(data, "HUB_CHUNK_ROWS", 8)  # many chunks, so that a resume has whole chunks to skip
+    hub.publish(make_docs(600, seed=16))  # more rows than the reader reads ahead: no lane wraps into epoch 1
+    cfg = hub_config()
+    with data.PackedBatches(cfg, tokenizer, global_rows=4, rank=1, world_size=2) as rank_1:
+        windows(rank_1, 8)
+    assert hub.reads and {row % 4 for row in hub.reads} == {1, 3}, "rank 1 of 2 owns lanes 1 and 3 only"
+    assert len(hub.reads) == len(set(hub.reads)), "no row is read twice"
+
+    reference, state = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=30)
+    resume_docs = {int(lane): lane_state["doc"] for lane, lane_state in state["lanes"].items()}
+    assert min(resume_docs.values()) >= 2 * data.HUB_CHUNK_ROWS, "the resume point must lie past whole chunks"
+    hub.reads.clear()
+    with data.PackedBatches(cfg, tokenizer, global_rows=4, rank=0, world_size=2) as rank_0:
+        rank_0.load_state_dict(state)
+        resumed = windows(rank_0, 3)
+    assert hub.reads, "the resumed run must read rows"
+    for row in hub.reads:
+        assert row % 4 in (0, 2) and row >= resume_docs[row % 4], f"row {row} lies before its lane's resume point"
+    continued, _ = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=3, state=state)
+    for step, batch in enumerate(resumed):
+        assert torch.equal(batch, continued[step][0::2])
+
+
+def test_hub_streaming_is_an_option_and_resumes(hub, tokenizer, caplog):
+    docs = make_docs(60, seed=17)
+    # JSON lines: a shuffled parquet stream sleeps 5 s each time it ends (datasets' guard for an Arrow thread
+    # shutdown bug), and the stream is opened a dozen times here. The code under test is the same for both.
+    hub.publish(docs, suffix="jsonl")
+    cfg = config(["no/such/*.jsonl"], source="auto", shuffle=True, val_per_mille=100, val_docs=3, hub_streaming=True)
     with caplog.at_level(logging.INFO, logger="dist_llama.data"):
-        reference, _ = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=10)
-    assert "hub" in caplog.text and calls[0] == (cfg.hub_dataset, cfg.hub_split)
+        reference, state = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=10)
+    assert "streamed" in caplog.text and hub.calls[0] == (cfg.hub_dataset, None)
+    assert state["source"]["streaming"] is True
+    assert not list((hub.root / "cache").rglob("*.arrow")), "a stream is not downloaded"
     head, state = global_windows(cfg, tokenizer, global_rows=4, world_size=2, steps=5)
     tail, _ = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=5, state=state)
     for a, b in zip(reference, head + tail):
         assert torch.equal(a, b)
     assert data.held_out_documents(cfg) == [doc for doc in docs if data.is_held_out(doc, 100)][:3]
 
+
+def test_hub_held_out_set_is_the_hash_rule_over_the_rows(hub):
+    docs = make_docs(200, seed=18)
+    hub.publish(docs)
+    assert data.held_out_documents(hub_config(val_per_mille=100, val_docs=5)) == [
+        doc for doc in docs if data.is_held_out(doc, 100)][:5]
+    with pytest.raises(ValueError, match=r"no column 'body' \(data.text_field\)"):
+        data.held_out_documents(hub_config(val_per_mille=100, text_field="body"))
+
+
+def test_only_local_rank_0_downloads_while_the_others_wait(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    log, results = tmp_path / "log", tmp_path / "results"
+    workers = [context.Process(target=download_worker.run, args=(rank, str(tmp_path / "store"), str(log), str(results)))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    # Rank 1 loads only after rank 0 has finished, and not at all when rank 0 failed.
+    assert log.read_text().splitlines() == ["works start 0", "works end 0", "works start 1", "works end 1",
+                                            "fails start 0"]
+    rank_0, rank_1 = (json.loads((tmp_path / f"results.{rank}").read_text()) for rank in range(2))
+    assert rank_0 == ["result 0", "ConnectionError: no route to huggingface.co"]
+    assert rank_1[0] == "result 1"
+    assert "local rank 0 could not load it" in rank_1[1] and "no route to huggingface.co" in rank_1[1]
+
+
+# --- The source a state was saved from ------------------------------------------------------------------
+
+
+def test_resume_on_another_data_source_is_refused_naming_old_and_new(tmp_path, tokenizer, hub):
+    docs = make_docs(30, seed=19)
+    write_jsonl(tmp_path / "a.jsonl", docs)
+    with data.PackedBatches(config([tmp_path / "a.jsonl"]), tokenizer, global_rows=2) as batches:
+        next(batches)
+        state = json.loads(json.dumps(batches.state_dict()))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "a.jsonl").write_bytes((tmp_path / "a.jsonl").read_bytes())
+    with data.PackedBatches(config([moved / "a.jsonl"]), tokenizer, global_rows=2) as same_files:
+        same_files.load_state_dict(state)  # the same files in another folder are the same data
+
+    write_jsonl(tmp_path / "b.jsonl", make_docs(5, seed=20))
+    (tmp_path / "body.jsonl").write_text("".join(json.dumps({"text": doc, "body": doc.upper()}) + "\n" for doc in docs))
+    hub.publish(docs)
+    changes = [(config([tmp_path / "*.jsonl"], val_per_mille=0), r"files 1 -> 3"),
+               (config([tmp_path / "body.jsonl"], text_field="body"), r"text_field 'text' -> 'body'"),
+               (hub_config(), r"kind 'local' -> 'hub'")]
+    for cfg, change in changes:
+        with data.PackedBatches(cfg, tokenizer, global_rows=2) as other:
+            with pytest.raises(ValueError, match=r"was read from \[local, .*\] but this run reads \[.*\]") as error:
+                other.load_state_dict(state)
+        assert len(str(error.value).splitlines()) == 1
+        assert "data.paths" in str(error.value) and "train.init_from" in str(error.value)
+        assert re.search(change, str(error.value)), str(error.value)
+
+    legacy = {key: value for key, value in state.items() if key != "source"}
+    with data.PackedBatches(config([tmp_path / "a.jsonl"]), tokenizer, global_rows=2) as batches:
+        batches.load_state_dict(legacy)  # saved before sources were recorded: nothing to compare
+
+
+def test_resume_on_another_hub_revision_or_access_is_refused(hub, tokenizer):
+    docs = make_docs(30, seed=21)
+    hub.publish(docs, revision="v1")
+    hub.publish(docs[:-1] + ["a changed last document"], revision="v2")
+    with data.PackedBatches(hub_config(hub_revision="v1"), tokenizer, global_rows=2) as batches:
+        next(batches)
+        state = batches.state_dict()
+    with data.PackedBatches(hub_config(hub_revision="v1"), tokenizer, global_rows=2) as same:
+        same.load_state_dict(state)
+    for overrides, change in [({"hub_revision": "v2"}, "fingerprint"), ({"hub_revision": "v1", "hub_streaming": True},
+                                                                         "streaming False -> True")]:
+        with data.PackedBatches(hub_config(**overrides), tokenizer, global_rows=2) as other:
+            with pytest.raises(ValueError, match=change):
+                other.load_state_dict(state)
+    pinned_elsewhere = json.loads(json.dumps(state))
+    pinned_elsewhere["source"]["revision"] = "0123abcd"
+    with data.PackedBatches(hub_config(hub_revision="v1"), tokenizer, global_rows=2) as other:
+        with pytest.raises(ValueError, match=r"revision '0123abcd' -> '\w+'.*data.hub_revision"):
+            other.load_state_dict(pinned_elsewhere)
+    with pytest.raises(ValueError, match="was read from"):
+        data.merge_states([state, {**pinned_elsewhere, "lanes": {}}])
+
+
+def test_auto_fallback_to_the_hub_warns_naming_the_missing_paths_and_the_directory(tmp_path, hub, tokenizer,
+                                                                                   monkeypatch, caplog):
+    hub.publish(make_docs(20, seed=22))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a config written for the repository root, run from another directory
+    cfg = config(["../shared/data/owt/tiny.jsonl"], source="auto")
+    with caplog.at_level(logging.INFO, logger="dist_llama.data"):
+        with data.PackedBatches(cfg, tokenizer, global_rows=2) as batches:
+            next(batches)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    for part in ("../shared/data/owt/tiny.jsonl", str(elsewhere), cfg.hub_dataset, "data.source=local"):
+        assert part in warnings[0]
+
+    write_jsonl(tmp_path / "tiny.jsonl", make_docs(20, seed=22))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dist_llama.data"):
+        with data.PackedBatches(config([str(tmp_path / "tiny.jsonl")], source="auto"), tokenizer, global_rows=2) as b:
+            next(b)
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert "local, 1 file(s)" in caplog.text
 
 # --- The real tokenizer ---------------------------------------------------------------------------------
 
@@ -493,12 +710,15 @@ def test_real_mistral_tokenizer_packs_bos_doc_eos(shared_data):
         assert stream == expected_lane_stream(mistral, docs, lane, 2, len(stream))
 
 
-def test_missing_val_paths_fall_back_to_the_hash_rule_only_with_auto(tmp_path, tokenizer):
+def test_missing_val_paths_fall_back_to_the_hash_rule_only_with_auto(tmp_path, tokenizer, caplog):
     docs = make_docs(200)
     write_jsonl(tmp_path / "train.jsonl", docs)
     missing = str(tmp_path / "nowhere" / "*.jsonl")
     auto = config([str(tmp_path / "train.jsonl")], source="auto", val_paths=[missing], val_per_mille=200, val_docs=5)
-    held_out = data.held_out_documents(auto)
+    with caplog.at_level(logging.WARNING, logger="dist_llama.data"):
+        held_out = data.held_out_documents(auto)
     assert len(held_out) == 5 and all(data.is_held_out(text, 200) for text in held_out)
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert missing in warning and os.getcwd() in warning and "data.source=local" in warning
     with pytest.raises(FileNotFoundError, match="data.val_paths"):
         data.held_out_documents(config([str(tmp_path / "train.jsonl")], source="local", val_paths=[missing]))
