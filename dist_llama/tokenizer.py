@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.resources
+import json
 import logging
 import os
 import struct
@@ -34,6 +35,9 @@ _SP_MODEL_PACKAGE, _SP_MODEL_FILE = "mistral_common", "data/tokenizer.model.v1"
 
 # SentencePiece piece types (sentencepiece_model.proto, SentencePiece.Type).
 _NORMAL, _UNKNOWN, _CONTROL = 1, 2, 3
+
+# Cuts text before each run of "▁" (SentencePiece's escaped space): "a▁▁b" -> "a", "▁▁b".
+_METASPACE_WORDS = "▁*[^▁]+|▁+"
 
 # Only the files that make up a tokenizer: `PreTrainedTokenizerFast.from_pretrained(repo)` asks the
 # Hub for a dozen files, each with five retries, and took over 2 min to fail without a network;
@@ -133,8 +137,8 @@ def _offline_backend_json() -> str:
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     # SentencePiece runs BPE over the whole string; no piece has a "▁" after another character, so
     # cutting before each "▁" run changes no ids and keeps the BPE words short enough for the
-    # tokenizers word cache.
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("▁*[^▁]+|▁+"), behavior="isolated")
+    # tokenizers word cache (see add_metaspace_presplit).
+    backend.pre_tokenizer = _metaspace_presplit()
     # Strip drops the dummy prefix from the fused text, as SentencePiece's decoder does.
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
@@ -142,6 +146,36 @@ def _offline_backend_json() -> str:
     specials = [piece for piece, _, piece_type in pieces if piece_type in (_UNKNOWN, _CONTROL)]
     backend.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in specials])
     return backend.to_str()
+
+
+def _metaspace_presplit() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Split(Regex(_METASPACE_WORDS), behavior="isolated")
+
+
+def add_metaspace_presplit(backend: Tokenizer) -> bool:
+    """Give a SentencePiece-style BPE pipeline the offline build's pre-split when it cannot change an id;
+    returns whether it did.
+
+    The Hub's Mistral-7B-v0.1 tokenizer.json has no pre-tokenizer (and later conversions a Metaspace that
+    does not split), so BPE runs over each whole document as one word: never served from the word cache,
+    and slower the longer the document. Cutting before each "▁" run changes no id exactly when no merge
+    joins a piece ending in another character to a piece starting with "▁": no BPE step can then cross a
+    cut. That is checked on the merges themselves, so a vocabulary that breaks it is left as it is.
+    """
+    spec = json.loads(backend.to_str())
+    current = spec.get("pre_tokenizer")
+    unsplit_metaspace = current is not None and current.get("type") == "Metaspace" and not current.get("split", True)
+    if spec["model"].get("type") != "BPE" or (current is not None and not unsplit_metaspace):
+        return False
+    for merge in spec["model"].get("merges", []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if right.startswith("▁") and not left.endswith("▁"):
+            return False
+    if current is None:
+        backend.pre_tokenizer = _metaspace_presplit()
+    else:  # the Metaspace escapes spaces first; the cut comes after it
+        backend.pre_tokenizer = pre_tokenizers.Sequence([backend.pre_tokenizer, _metaspace_presplit()])
+    return True
 
 
 def build_offline_tokenizer(model_max_length: int | None = None) -> PreTrainedTokenizerFast:
@@ -203,7 +237,11 @@ def _load_folder(folder: str | os.PathLike, **overrides) -> PreTrainedTokenizerF
         raise FileNotFoundError(
             f"{folder} has no tokenizer.json; write one with `python -m dist_llama.tokenizer --save DIR`"
         )
-    return PreTrainedTokenizerFast.from_pretrained(str(folder), **overrides)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(folder), **overrides)
+    if add_metaspace_presplit(tok.backend_tokenizer):
+        logger.info("tokenizer: %s has no pre-split; cutting text before each '▁' run as the offline build does "
+                    "(the same ids, without one BPE word per document)", folder)
+    return tok
 
 
 def _load_hub(name: str) -> PreTrainedTokenizerFast:

@@ -6,7 +6,8 @@ import logging
 import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dist_llama import tokenizer as tokenizer_module
 from dist_llama.tokenizer import (
@@ -14,6 +15,7 @@ from dist_llama.tokenizer import (
     EOS_ID,
     UNK_ID,
     VOCAB_SIZE,
+    add_metaspace_presplit,
     build_offline_tokenizer,
     check_tokenizer,
     load_tokenizer,
@@ -201,3 +203,56 @@ def test_hub_source_loads_the_downloaded_folder(monkeypatch, tok, sp, tmp_path):
     monkeypatch.setattr(tokenizer_module, "snapshot_download", lambda name, **kwargs: str(tmp_path))
     text = "a <s> b"
     assert load_tokenizer("hub")(text).input_ids == [BOS_ID] + sp.encode(text)
+
+
+def _hub_like_folder(tok, folder):
+    """The offline build saved the way the Hub's Mistral-7B-v0.1 folder has it: the same normalizer, BPE and
+    decoder, but no pre-tokenizer (BPE over each whole text) and split_special_tokens off."""
+    tok.save_pretrained(folder)
+    spec_file, config_file = folder / "tokenizer.json", folder / "tokenizer_config.json"
+    spec = json.loads(spec_file.read_text())
+    assert spec["pre_tokenizer"] is not None
+    spec["pre_tokenizer"] = None
+    spec_file.write_text(json.dumps(spec))
+    config = json.loads(config_file.read_text())
+    config["split_special_tokens"] = False
+    config_file.write_text(json.dumps(config))
+    return folder
+
+
+def test_hub_tokenizer_gets_the_offline_presplit_with_the_same_ids(monkeypatch, tok, sp, tiny_docs, tmp_path):
+    folder = _hub_like_folder(tok, tmp_path)
+    as_downloaded = PreTrainedTokenizerFast.from_pretrained(str(folder), split_special_tokens=True)
+    assert as_downloaded.backend_tokenizer.pre_tokenizer is None
+    monkeypatch.setattr(tokenizer_module, "snapshot_download", lambda name, **kwargs: str(folder))
+    hub = load_tokenizer("hub")
+    presplit = json.loads(hub.backend_tokenizer.to_str())["pre_tokenizer"]
+    assert presplit == json.loads(tok.backend_tokenizer.to_str())["pre_tokenizer"], "the offline build's pre-split"
+
+    texts = tiny_docs + list(HARD_CASES.values()) + list(NO_ROUND_TRIP.values())
+    expected = as_downloaded(texts).input_ids
+    assert not _first_mismatches(hub(texts).input_ids, expected), "the pre-split must change no id"
+    assert expected[:len(tiny_docs)] == [[BOS_ID] + ids for ids in sp.encode(tiny_docs)]
+
+
+def test_presplit_after_a_metaspace_that_does_not_split_keeps_the_ids(tok, tiny_docs):
+    # Later conversions escape spaces with a Metaspace pre-tokenizer (split off) instead of the normalizer.
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    spec["normalizer"], spec["pre_tokenizer"] = None, None
+    unsplit = Tokenizer.from_str(json.dumps(spec))
+    unsplit.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    presplit = Tokenizer.from_str(unsplit.to_str())
+    assert add_metaspace_presplit(presplit)
+    assert json.loads(presplit.to_str())["pre_tokenizer"]["type"] == "Sequence"
+    texts = tiny_docs[:100] + [text for text in HARD_CASES.values() if text]
+    assert [e.ids for e in presplit.encode_batch(texts)] == [e.ids for e in unsplit.encode_batch(texts)]
+
+
+def test_presplit_is_refused_when_a_merge_would_cross_the_cut():
+    vocab = {"<unk>": 0, "a": 1, "▁": 2, "b": 3, "a▁": 4}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "▁")], unk_token="<unk>"))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    assert backend.encode("a b").tokens == ["a▁", "b"]  # a cut before "▁" would give "a", "▁", "b"
+    assert not add_metaspace_presplit(backend)
+    assert backend.pre_tokenizer is None and backend.encode("a b").tokens == ["a▁", "b"]
+    assert not add_metaspace_presplit(build_offline_tokenizer().backend_tokenizer), "it already splits"
