@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# launch/prepare_gpu_bundle.sh [OUT_DIR] [--check]
+# Builds the offline bundle that launch/gpu_session.sh needs on a GPU machine without network (default
+# OUT_DIR: gpu_bundle/, git-ignored; name it in the machine's carry):
+#   wheels/   cp312 manylinux x86-64 wheels of what that machine lacks: lm-eval, datasets, evaluate and
+#             their needs (sdist-only packages are built into wheels here with pip wheel --no-deps)
+#   the data  python -m dist_llama.gpu_session bundle: tokenizer, training shards as parquet, held-out
+#             documents, tinyMMLU and spread MMLU items, manifest.json; it prints the total with the
+#             checkout's files and refuses above 60 MiB (training shards that do not fit are left out).
+# --check     then install the wheels as the session does (pip --no-index --no-deps --target) in a clean
+#             Python 3.12 venv that holds what the GPU machine has (PYPI access needed for that venv
+#             only; torch is left out: no CPU build for 3.12 here) and import lm_eval, datasets, ...
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+out=${repo}/gpu_bundle
+check=0
+for arg in "$@"; do
+  case "${arg}" in
+    --check) check=1 ;;
+    -*) echo "error: unknown option ${arg}; usage: launch/prepare_gpu_bundle.sh [OUT_DIR] [--check]" >&2; exit 2 ;;
+    *) out=${arg} ;;
+  esac
+done
+python=${PYTHON:-${repo}/.venv/bin/python}
+python312=${PYTHON312:-python3.12}
+
+# What lm-eval 0.4.13 (hf backend) and datasets 5.2.0 need beyond the GPU machine's packages: the install
+# set `pip install --dry-run --report` gave on top of that machine's list in a clean 3.12 venv, pinned to
+# the versions this checkout's tests run with. Wheels of packages the machine already has are skipped at
+# install time, so those listed only for safety (requests, jinja2, click, psutil, ...) cost room, not risk.
+WHEELS=(
+  lm_eval==0.4.13 datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19
+  requests==2.34.2 charset-normalizer==3.5.3 urllib3==2.8.0 six==1.17.0 Jinja2==3.1.6
+  more-itertools==11.2.1 nltk==3.10.4 click==8.5.1 defusedxml==0.7.1 pytablewriter==1.2.1
+  DataProperty==1.1.1 mbstrdecoder==1.1.5 chardet==6.0.0.post1 pathvalidate==3.3.1 tabledata==1.3.5
+  tcolorpy==0.1.7 typepy==1.3.5 python-dateutil==2.9.0.post0 pytz==2026.6 psutil==7.2.2
+)
+SDIST_ONLY=(rouge_score==0.1.2 sqlitedict==2.1.0 word2number==1.1)
+# The GPU machine's own packages (besides torch), for the --check venv.
+GPU_MACHINE=(
+  "transformers==5.17.*" tokenizers sentencepiece safetensors tensorboard numpy pandas pyarrow matplotlib
+  scikit-learn sacrebleu tqdm huggingface-hub xxhash fsspec aiohttp
+)
+
+mkdir -p "${out}/wheels"
+"${python}" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --dest "${out}/wheels" "${WHEELS[@]}"
+for spec in "${SDIST_ONLY[@]}"; do
+  name=${spec%%==*}
+  if ! ls "${out}/wheels/${name}-"*.whl >/dev/null 2>&1; then
+    "${python}" -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "${out}/wheels" "${spec}"
+  fi
+done
+ls "${out}/wheels"/*.whl | while read -r wheel; do
+  case "$(basename "${wheel}")" in
+    *-none-any.whl|*-cp312-*manylinux*x86_64*.whl|*-abi3-*manylinux*x86_64*.whl) ;;
+    *) echo "error: ${wheel} is not for CPython 3.12 on manylinux x86-64; delete it and rerun" >&2; exit 2 ;;
+  esac
+done
+
+PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" "${python}" -m dist_llama.gpu_session bundle --out "${out}"
+
+if [ "${check}" = 1 ]; then
+  venv=$(mktemp -d)/venv312
+  "${python312}" -m venv "${venv}"
+  "${venv}/bin/pip" install --quiet --disable-pip-version-check "${GPU_MACHINE[@]}"
+  "${venv}/bin/pip" install --quiet --disable-pip-version-check --no-deps accelerate peft
+  PYTHONPATH="${repo}" "${venv}/bin/python" -m dist_llama.gpu_session install --bundle "${out}" \
+    --target "$(dirname "${venv}")/site"
+  echo "checked: the bundle's wheels install and import in ${venv} ($("${venv}/bin/python" --version))"
+fi
