@@ -226,7 +226,7 @@ def _train(config: Config, env: DistEnv) -> dict:
              "(%d ranks x %d micro-batches of %d); optimizer %s, %s schedule", f"{counts['non_embedding']:,}",
              f"{counts['total']:,}", flops, plan.global_rows, plan.seq_len, env.world_size, plan.accumulation_steps,
              plan.micro_batch_size, config.optim.name, config.optim.schedule)
-    if plan.micro_batch_size != config.train.micro_batch_size:
+    if plan.micro_batch_size < min(config.train.micro_batch_size, plan.rows_per_rank):
         log.info("micro-batch %d (the largest up to train.micro_batch_size=%d that divides the %d rows per rank)",
                  plan.micro_batch_size, config.train.micro_batch_size, plan.rows_per_rank)
 
