@@ -62,6 +62,10 @@ done
 PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" "${python}" -m dist_llama.gpu_session bundle --out "${out}"
 
 if [ "${check}" = 1 ]; then
+  if ! "${python312}" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+    echo "error: ${python312} is not a working Python 3.12; set PYTHON312=/path/to/python3.12" >&2
+    exit 2
+  fi
   venv=$(mktemp -d)/venv312
   "${python312}" -m venv "${venv}"
   "${venv}/bin/pip" install --quiet --disable-pip-version-check "${GPU_MACHINE[@]}"

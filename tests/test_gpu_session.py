@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def environment() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    # PYTHON: the launch script runs the session with the interpreter running these tests.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+            "PYTHON": sys.executable}
 
 
 def session(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
