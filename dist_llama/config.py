@@ -117,7 +117,7 @@ class EvalConfig:
     batch_size: int = 4
     irt_params: str | None = None  # tinyBenchmarks parameter file; None: the official one, if reachable
     ppl_data: str | None = None  # held-out jsonl for loss by position
-    ppl_docs: int = 32
+    ppl_docs: int = 32  # documents of at least seq_len + 1 tokens, one window from the start of each
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,7 @@ def _model_section(values: dict) -> dict:
 # that change how fast, how often or where, not the trajectory of the weights. Anything else is refused
 # unless named in checkpoint.allow_changes.
 RESUMABLE = ("train.steps", "train.time_budget_s", "train.budget_warmup_steps", "train.budget_measure_steps",
-             "train.budget_safety", "train.run_root", "train.log_every", "train.eval_every", "train.eval_batches",
+             "train.budget_safety", "train.name", "train.run_root", "train.log_every", "train.eval_every", "train.eval_batches",
              "train.device", "train.micro_batch_size", "train.loss_chunk_tokens", "train.max_bad_steps",
              "train.init_from", "train.init_data_stream", "data.prefetch_steps", "data.tokenizer", "data.val_docs",
              "parallel.activation_checkpointing", "parallel.compile", "parallel.backend",
