@@ -11,7 +11,15 @@ tokenizer settings and documents per encode_batch call:
           are left out.
 Runs alternate, --repeats times, and the median ratios are printed. Target: >= 0.9.
 
+--longest N takes the N longest documents of --paths instead of the first --docs. --tokenizer mistral-no-presplit
+is the offline build without its pre-tokenizer: the Hub's tokenizer.json as it is downloaded, before
+load_tokenizer adds the cut before each "▁" run (BPE then runs over each whole document). --join-bytes N joins
+the documents into documents of at least N bytes. Several tokenizers run in turn within each repeat, so that they
+share the machine's load.
+
     python benchmarks/bench_packer.py [--paths ../shared/data/owt/train/shard-00000.jsonl.zst] [--docs 4000]
+    python benchmarks/bench_packer.py --longest 1000 --tokenizer mistral-no-presplit mistral
+    python benchmarks/bench_packer.py --docs 3000 --join-bytes 2000000 --bare-only --tokenizer mistral-no-presplit mistral
 """
 
 from __future__ import annotations
@@ -37,13 +45,28 @@ DEFAULT_PATHS = [str(Path(__file__).resolve().parents[2] / "shared/data/owt/trai
 
 
 def load_tokenizer(name: str):
-    if name == "mistral":
+    if name in ("mistral", "mistral-no-presplit"):
         from dist_llama.tokenizer import load_tokenizer as load
 
-        return load(source="offline")
+        tokenizer = load(source="offline")
+        if name == "mistral-no-presplit":
+            tokenizer.backend_tokenizer.pre_tokenizer = None
+        return tokenizer
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name)
+
+
+def join_documents(texts: list[str], min_bytes: int) -> list[str]:
+    """Consecutive documents joined by blank lines into documents of at least `min_bytes` (the last may be shorter)."""
+    joined, current, size = [], [], 0
+    for text in texts:
+        current.append(text)
+        size += len(text.encode())
+        if size >= min_bytes:
+            joined.append("\n\n".join(current))
+            current, size = [], 0
+    return joined + (["\n\n".join(current)] if current else [])
 
 
 def bare(tokenizer, texts: list[str], batch_docs: int, with_ids: bool) -> tuple[int, float]:
@@ -80,49 +103,79 @@ def packer(config: DataConfig, tokenizer, rows: int, target_tokens: int) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--paths", nargs="+", default=DEFAULT_PATHS, help="data files or globs")
-    parser.add_argument("--tokenizer", default="mistral", help="'mistral' (dist_llama.tokenizer, offline) or a folder")
+    parser.add_argument("--tokenizer", nargs="+", default=["mistral"],
+                        help="one or more, run in turn within each repeat: 'mistral' (dist_llama.tokenizer, offline), "
+                             "'mistral-no-presplit' (the same without its pre-tokenizer, as the Hub's file is) or a "
+                             "folder")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=32, help="global rows (lanes), all on this one rank")
     parser.add_argument("--docs", type=int, default=4000,
                         help="documents (the first of --paths, rewritten to a temporary .jsonl.zst); 0: all of --paths")
+    parser.add_argument("--longest", type=int, default=0,
+                        help="the N longest documents of --paths instead of the first --docs (rewritten likewise)")
+    parser.add_argument("--join-bytes", type=int, default=0,
+                        help="join the documents (with blank lines) into documents of at least this many bytes")
+    parser.add_argument("--bare-only", action="store_true",
+                        help="time the bare tokenizer only (for documents too long for a short packer run: it "
+                             "tokenizes whole documents ahead, TOKENIZE_BATCH_DOCS per batch)")
     parser.add_argument("--repeats", type=int, default=5, help="alternating bare/packer runs; the median ratio counts")
     parser.add_argument("--batch-docs", type=int, default=data.TOKENIZE_BATCH_DOCS)
     parser.add_argument("--prefetch-steps", type=int, default=4)
     args = parser.parse_args()
     data.TOKENIZE_BATCH_DOCS = args.batch_docs
 
-    tokenizer = load_tokenizer(args.tokenizer)
-    texts = data.read_documents(args.paths, limit=args.docs or None)
+    tokenizers = {name: load_tokenizer(name) for name in args.tokenizer}
+    if args.longest:
+        texts = sorted(data.read_documents(args.paths), key=len, reverse=True)[:args.longest]
+    else:
+        texts = data.read_documents(args.paths, limit=args.docs or None)
+    if args.join_bytes:
+        texts = join_documents(texts, args.join_bytes)
     megabytes = sum(len(t.encode()) for t in texts) / 1e6
-    print(f"{len(texts)} documents, {megabytes:.1f} MB of text from {args.paths}")
+    kind = "longest " if args.longest else f"joined (>= {args.join_bytes:,} bytes) " if args.join_bytes else ""
+    print(f"{len(texts)} {kind}documents, {megabytes:.1f} MB of text from {args.paths}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
           f"RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'unset')}")
     with tempfile.TemporaryDirectory() as tmp:
         paths = args.paths
-        if args.docs:  # the packer reads exactly these documents, decompressing and parsing them itself
+        if args.docs or args.longest:  # the packer reads exactly these documents, decompressing and parsing them
             paths = [str(Path(tmp) / "subset.jsonl.zst")]
             lines = "".join(json.dumps({"text": text}) + "\n" for text in texts).encode()
             Path(paths[0]).write_bytes(zstandard.ZstdCompressor(level=19).compress(lines))
         config = DataConfig(source="local", paths=paths, seq_len=args.seq_len, shuffle=False, val_per_mille=0,
                             prefetch_steps=args.prefetch_steps)
-        ratios = {"end to end / encode+ids": [], "steady / encode+ids": [], "steady / encode only": []}
+        results = {name: {"bare encode+ids tok/s": [], "packer steady tok/s": [], "end to end / encode+ids": [],
+                          "steady / encode+ids": [], "steady / encode only": []} for name in tokenizers}
         for repeat in range(args.repeats):
-            ids_tokens, ids_s = bare(tokenizer, texts, args.batch_docs, with_ids=True)
-            only_tokens, only_s = bare(tokenizer, texts, args.batch_docs, with_ids=False)
-            # The packer yields every token once as a target; stop once it has yielded as many as bare made.
-            run = packer(config, tokenizer, args.rows, ids_tokens)
-            ids_rate, only_rate, rate = ids_tokens / ids_s, only_tokens / only_s, run["tokens"] / run["wall"]
-            ratios["end to end / encode+ids"].append(rate / ids_rate)
-            ratios["steady / encode+ids"].append(run["steady"] / ids_rate)
-            ratios["steady / encode only"].append(run["steady"] / only_rate)
-            print(f"[{repeat}] bare encode_batch + .ids: {ids_rate:>9,.0f} tokens/s   encode_batch only: "
-                  f"{only_rate:>9,.0f} tokens/s   ({ids_tokens:,} tokens)")
-            print(f"[{repeat}] PackedBatches end to end: {rate:>9,.0f} tokens/s   steady state:      "
-                  f"{run['steady']:>9,.0f} tokens/s   ({run['tokens']:,} tokens in {run['wall']:.2f} s)")
-    print(f"medians of {args.repeats} ({args.rows} rows x {args.seq_len}, {args.batch_docs} documents per "
-          "encode_batch; target >= 0.9):")
-    for name, values in ratios.items():
-        print(f"  {name:<24} {statistics.median(values):.3f}   (runs: {', '.join(f'{v:.3f}' for v in values)})")
+            for name, tokenizer in tokenizers.items():  # alternating, so that every tokenizer sees the same load
+                ids_tokens, ids_s = bare(tokenizer, texts, args.batch_docs, with_ids=True)
+                only_tokens, only_s = bare(tokenizer, texts, args.batch_docs, with_ids=False)
+                tag = f"[{repeat}]" if len(tokenizers) == 1 else f"[{repeat} {name}]"
+                print(f"{tag} bare encode_batch + .ids: {ids_tokens / ids_s:>9,.0f} tokens/s   encode_batch only: "
+                      f"{only_tokens / only_s:>9,.0f} tokens/s   ({ids_tokens:,} tokens)")
+                results[name]["bare encode+ids tok/s"].append(ids_tokens / ids_s)
+                if args.bare_only:
+                    continue
+                # The packer yields every token once as a target; stop once it has yielded as many as bare made.
+                run = packer(config, tokenizer, args.rows, ids_tokens)
+                ids_rate, only_rate, rate = ids_tokens / ids_s, only_tokens / only_s, run["tokens"] / run["wall"]
+                result = results[name]
+                result["packer steady tok/s"].append(run["steady"])
+                result["end to end / encode+ids"].append(rate / ids_rate)
+                result["steady / encode+ids"].append(run["steady"] / ids_rate)
+                result["steady / encode only"].append(run["steady"] / only_rate)
+                print(f"{tag} PackedBatches end to end: {rate:>9,.0f} tokens/s   steady state:      "
+                      f"{run['steady']:>9,.0f} tokens/s   ({run['tokens']:,} tokens in {run['wall']:.2f} s)")
+    for name, result in results.items():
+        print(f"{name}: medians of {args.repeats} ({args.rows} rows x {args.seq_len}, {args.batch_docs} documents per "
+              "encode_batch; ratio target >= 0.9):")
+        for key, values in result.items():
+            if not values:  # --bare-only
+                continue
+            runs = ", ".join(f"{v:,.0f}" if "tok/s" in key else f"{v:.3f}" for v in values)
+            median = statistics.median(values)
+            print(f"  {key:<24} {f'{median:,.0f}' if 'tok/s' in key else f'{median:.3f}'}   (runs: {runs})")
+
 
 if __name__ == "__main__":
     main()

@@ -157,10 +157,12 @@ def add_metaspace_presplit(backend: Tokenizer) -> bool:
     returns whether it did.
 
     The Hub's Mistral-7B-v0.1 tokenizer.json has no pre-tokenizer (and later conversions a Metaspace that
-    does not split), so BPE runs over each whole document as one word: never served from the word cache,
-    and slower the longer the document. Cutting before each "▁" run changes no id exactly when no merge
-    joins a piece ending in another character to a piece starting with "▁": no BPE step can then cross a
-    cut. That is checked on the merges themselves, so a vocabulary that breaks it is left as it is.
+    does not split), so BPE runs over each whole document as one word. With the cut, the Hub path runs the
+    offline build's pipeline. Speed is a trade (BENCHMARKS.md, "Tokenizer pre-split"): the whole-document
+    BPE was faster on web documents up to 120 KB and 1.4-1.5x slower on 2 MB ones.
+    Cutting before each "▁" run changes no id exactly when no merge joins a piece ending in another
+    character to a piece starting with "▁": no BPE step can then cross a cut. That is checked on the
+    merges themselves, so a vocabulary that breaks it is left as it is.
     """
     spec = json.loads(backend.to_str())
     current = spec.get("pre_tokenizer")
@@ -240,7 +242,7 @@ def _load_folder(folder: str | os.PathLike, **overrides) -> PreTrainedTokenizerF
     tok = PreTrainedTokenizerFast.from_pretrained(str(folder), **overrides)
     if add_metaspace_presplit(tok.backend_tokenizer):
         logger.info("tokenizer: %s has no pre-split; cutting text before each '▁' run as the offline build does "
-                    "(the same ids, without one BPE word per document)", folder)
+                    "(the same ids)", folder)
     return tok
 
 
