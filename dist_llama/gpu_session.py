@@ -121,7 +121,7 @@ REHEARSAL = Mode(name="rehearse", config="configs/debug.yaml", deadline_s=290, r
                              "--device", "cpu"),
                  limits={"install": (0, 10), "preflight": (15, 90), "bench": (10, 40), "train": (60, 0),
                          "release": (15, 60), "evaluate": (15, 100), "report": (5, 30)},
-                 after_train_s=90, train_grace_s=20)
+                 after_train_s=110, train_grace_s=20)
 
 
 @dataclass
@@ -491,7 +491,7 @@ class Session:
         return sum(self.mode.limits[s][0] for s in later if s not in self.skip)
 
     def allowance(self, stage: str) -> float:
-        least, most = self.mode.limits[stage]
+        most = self.mode.limits[stage][1]
         reserve = self.minimum_after(stage)
         if STAGES.index(stage) < STAGES.index("train") and "train" not in self.skip:
             reserve += self.mode.after_train_s - sum(self.mode.limits[s][0] for s in ("release", "evaluate", "report"))

@@ -197,3 +197,23 @@ def test_bench_checks_the_weights_and_reports_what_the_summary_shows(tmp_path):
     markdown = summary_markdown({"mode": "rehearse", "date": "today", "config": "c", "overrides": [], "deadline_s": 1,
                                  "elapsed_s": 1, "bad_input": None, "stages": [], "bench": bench})
     assert "| ours |" in markdown and "| transformers |" in markdown and "ours/transformers" in markdown
+
+
+def test_a_compile_that_fails_in_the_smoke_gives_an_eager_run(bundle, tmp_path):
+    # No working C++ compiler: inductor fails on this CPU as a broken compile stack would on a GPU machine.
+    out = tmp_path / "out"
+    result = subprocess.run([str(REPO / "launch/gpu_session.sh"), "--rehearse", "--bundle", str(bundle), "--out", str(out),
+                             "--work", str(tmp_path / "work"), "--skip=bench,release,evaluate,report",
+                             "--parallel.compile=true", "--train.steps=2", "--train.tokens_per_step=256",
+                             "--train.micro_batch_size=4", "--data.seq_len=32", "--data.val_docs=4",
+                             "--train.eval_batches=1", "--checkpoint.every=2"],
+                            cwd=REPO, env={**environment(), "CXX": "/bin/false"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert stages["preflight"]["status"] == "ok"
+    assert "compiled smoke failed" in stages["preflight"]["detail"] and "training runs eager" in stages["preflight"]["detail"]
+    assert "InvalidCxxCompiler" in stages["preflight"]["detail"]
+    assert stages["train"]["status"] == "ok" and stages["train"]["detail"].startswith("debug_eager:")
+    assert summary["run"] == "debug_eager" and summary["preflight"]["config"]["parallel"]["compile"] is True
