@@ -766,6 +766,8 @@ class PackedBatches:
 
     Each `next()` gives (inputs, labels), LongTensors of shape (global_rows // world_size, seq_len): the rows
     of the lanes l with l % world_size == rank, in increasing l. `labels` is `inputs` shifted by one token.
+    With a cached Hub dataset and a process group of several ranks, every rank must build it (and likewise call
+    validation_batches): local rank 0 downloads while the others wait at a barrier.
     """
 
     def __init__(self, config: DataConfig, tokenizer, *, global_rows: int, rank: int = 0, world_size: int = 1,
