@@ -309,10 +309,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            logits = (hidden[rows] @ weight.T).float()
-            total += F.cross_entropy(logits, labels[rows], reduction="sum")
+            log_probs = torch.log_softmax((hidden[rows] @ weight.T).float(), dim=-1)
+            total -= log_probs.gather(1, labels[rows, None]).sum()
             if needs_grad:
-                grad_logits = torch.softmax(logits, dim=-1)
+                grad_logits = log_probs.exp_()  # the softmax, in the same buffer
                 grad_logits[torch.arange(grad_logits.shape[0], device=labels.device), labels[rows]] -= 1.0
                 grad_logits = grad_logits.to(hidden.dtype)
                 grad_hidden[rows] = grad_logits @ weight
