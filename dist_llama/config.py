@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from dist_llama.cli import CommandParser, user_errors
 from dist_llama.model import PRESETS, ModelArgs, RopeScaling
 
 
@@ -354,25 +355,23 @@ def save_config(config: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def config_argument_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     epilog="Any --section.key=value after the options overrides the config file.")
+def config_argument_parser(command: str, description: str) -> argparse.ArgumentParser:
+    parser = CommandParser(command=command, description=description,
+                           epilog="Any --section.key=value after the options overrides the config file.")
     parser.add_argument("--config", default=None, help="YAML file in configs/ (default: the built-in debug config)")
     return parser
 
 
-def parse_cli(description: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+def parse_cli(command: str, description: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
     """Parse --config and --section.key=value overrides; exit with a one-line message on a user mistake."""
-    parser = config_argument_parser(description)
+    parser = config_argument_parser(command, description)
     args, overrides = parser.parse_known_args(argv)
-    try:
+    with user_errors(command, ConfigError):
         return args, load_config(args.config, overrides)
-    except ConfigError as error:
-        parser.exit(2, f"config error: {error}\n")
 
 
 def main(argv: list[str] | None = None) -> None:
-    _, config = parse_cli("Print the resolved configuration.", argv)
+    _, config = parse_cli("config", "Print the resolved configuration.", argv)
     sys.stdout.write(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 

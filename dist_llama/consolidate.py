@@ -18,7 +18,6 @@ No weights are ever unpickled: the checkpoint is read through DCP, the release h
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import re
@@ -29,15 +28,14 @@ from pathlib import Path
 import torch
 
 from dist_llama.checkpoint import CheckpointError, load_full_model_state, read_meta, resolve_checkpoint
-from dist_llama.config import Config, ConfigError, from_dict, save_config
-from dist_llama.data import expand_paths
-from dist_llama.devices import DTYPES
+from dist_llama.cards import model_card
+from dist_llama.cli import CommandParser, user_errors
+from dist_llama.config import ConfigError, from_dict, save_config
+from dist_llama.devices import DTYPES, dtype_name
 from dist_llama.interop import llama_config_dict
-from dist_llama.model import ModelArgs, Transformer, count_parameters
-from dist_llama.tables import format_value
+from dist_llama.model import ModelArgs, Transformer
 
 RELEASE_DTYPES = ("fp32", "bf16")
-TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}  # as config.json spells them
 MODEL_SOURCE = Path(__file__).resolve().parent / "model.py"
 INTEROP_SOURCE = Path(__file__).resolve().parent / "interop.py"
 RELEASE_CODE = Path(__file__).resolve().parent / "hub_release"
@@ -126,7 +124,7 @@ def _release_config_class():
 def model_config(args: ModelArgs, dtype: str, stock_llama: bool, bos_id: int, eos_id: int):
     """The transformers config object of a release (DistLlamaConfig, or LlamaConfig with stock_llama)."""
     fields = {**llama_config_dict(args), "bos_token_id": bos_id, "eos_token_id": eos_id,
-              "dtype": TORCH_DTYPE_NAMES[dtype]}
+              "dtype": dtype_name(DTYPES[dtype])}
     if stock_llama:
         from transformers import LlamaConfig
 
@@ -171,83 +169,7 @@ def release_code_files() -> dict[str, str]:
     return files
 
 
-# --- Model card -------------------------------------------------------------------------------------
-
-
-def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            flat[name] = value
-    return flat
-
-
-def _table(rows) -> str:
-    return "\n".join(["| | |", "|---|---|", *(f"| {key} | {format_value(value)} |" for key, value in rows)])
-
-
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.2f}M ({n:,})"
-
-
-def model_card(config: Config, meta: dict, eval_summary: dict | None, repo_name: str, stock_llama: bool,
-               dtype: str) -> str:
-    args = config.model
-    counts = count_parameters(args)
-    data = config.data
-    # As the packer decides: `auto` trained on the local files when the globs matched any.
-    local = data.source == "local" or (data.source == "auto" and expand_paths(data.paths))
-    data_source = ", ".join(data.paths) if local else data.hub_dataset
-    rope = f"linear Position Interpolation, factor {args.rope_scaling.factor}" if args.rope_scaling else "none"
-    architecture = [
-        ("layers", args.n_layers), ("hidden size", args.dim), ("attention heads", args.n_heads),
-        ("key/value heads", args.kv_heads), ("SwiGLU hidden size", args.hidden_dim), ("vocabulary", args.vocab_size),
-        ("context length", args.max_seq_len), ("RoPE theta", f"{args.rope_theta:g}"), ("RoPE scaling", rope),
-        ("tied embeddings", args.tie_embeddings), ("RMSNorm eps", f"{args.norm_eps:g}"),
-    ]
-    training = [
-        ("data", data_source), ("tokenizer", f"Mistral-7B-v0.1 ({data.tokenizer})"), ("sequence length", data.seq_len),
-        ("steps", meta.get("step")), ("tokens seen", meta.get("tokens_seen")),
-        ("tokens per step", config.train.tokens_per_step), ("peak learning rate", f"{config.optim.lr:g}"),
-        ("final train loss", meta.get("final_loss")), ("validation loss", meta.get("val_loss")),
-    ]
-    if stock_llama:
-        load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f'tokenizer = AutoTokenizer.from_pretrained("{repo_name}")\n'
-                f'model = AutoModelForCausalLM.from_pretrained("{repo_name}")  # stock LlamaForCausalLM')
-    else:
-        load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f'tokenizer = AutoTokenizer.from_pretrained("{repo_name}", trust_remote_code=True)\n'
-                f'model = AutoModelForCausalLM.from_pretrained("{repo_name}", trust_remote_code=True)')
-    load += ('\n\ninputs = tokenizer("The capital of France is", return_tensors="pt")\n'
-             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20, do_sample=False)[0]))")
-    sections = [
-        "---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: text-generation\n"
-        "tags:\n- llama\n- dist_llama\n- pretrained-from-scratch\n---\n",
-        f"# {repo_name}\n\nA {_millions(counts['total'])}-parameter LLaMA-architecture language model pretrained "
-        "from scratch with dist_llama (PyTorch FSDP2). A base model: it continues text, "
-        "it does not follow instructions.\n",
-        f"## Architecture\n\nPre-norm decoder (RMSNorm), rotary position embeddings (half rotation, as in "
-        f"transformers' Llama), grouped-query attention, SwiGLU feed-forward, no biases.\n\n{_table(architecture)}\n",
-        "## Parameters\n\n" + _table([("total", _millions(counts["total"])),
-                                      ("non-embedding", _millions(counts["non_embedding"])),
-                                      ("embedding", _millions(counts["embedding"])),
-                                      ("output head", _millions(counts["lm_head"]) if counts["lm_head"] else "tied")]) + "\n",
-        f"## Training\n\n{_table(training)}\n\nThe resolved run configuration is in `training_config.yaml`.\n",
-    ]
-    if eval_summary:
-        rows = list(_flatten(eval_summary).items())
-        sections.append(f"## Evaluation\n\n{_table(rows)}\n")
-    else:
-        sections.append("## Evaluation\n\nNo evaluation results were recorded for this checkpoint.\n")
-    weights = f"safetensors, {dtype}"
-    sections.append(f"## Usage\n\n```python\n{load}\n```\n\nWeights: {weights}; parameter names are transformers' "
-                    "Llama names" + ("." if stock_llama else ", and the same files also load into stock "
-                                     "`LlamaForCausalLM` with a Llama config.") + "\n")
-    return "\n".join(sections)
+# --- The evaluation quoted in the model card --------------------------------------------------------
 
 
 def _find_eval_summary(checkpoint_dir: Path, eval_summary) -> dict | None:
@@ -348,7 +270,7 @@ def write_model_card(release: str | Path, checkpoint: str | Path, eval_summary: 
     released = json.loads(config_path.read_text())
     checkpoint_dir = resolve_checkpoint(checkpoint)
     meta = read_meta(checkpoint_dir)
-    dtype = {name: key for key, name in TORCH_DTYPE_NAMES.items()}.get(released.get("dtype"), "fp32")
+    dtype = {dtype_name(DTYPES[name]): name for name in RELEASE_DTYPES}.get(released.get("dtype"), "fp32")
     card = model_card(from_dict(meta["config"]), meta, _find_eval_summary(checkpoint_dir, eval_summary),
                       repo_name or release.resolve().name, released.get("model_type") == "llama", dtype)
     (release / "README.md").write_text(card)
@@ -386,7 +308,8 @@ def check_release_folder(folder: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Consolidate a sharded checkpoint into a Hugging Face release folder.")
+    parser = CommandParser(command="consolidate",
+                           description="Consolidate a sharded checkpoint into a Hugging Face release folder.")
     parser.add_argument("--checkpoint", required=True, help="a step_N checkpoint folder, or a run directory (its latest)")
     parser.add_argument("--out", required=True, help="release folder to write (replaced if it is an earlier release)")
     parser.add_argument("--dtype", choices=RELEASE_DTYPES, default="fp32", help="weight dtype in the release")
@@ -399,11 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file before sharding")
     parser.add_argument("--repo-name", default=None, help="model name for the model card (default: the folder name)")
     args = parser.parse_args(argv)
-    try:
+    with user_errors("consolidate", CheckpointError, ConfigError, ReleaseError):
         out = consolidate(args.checkpoint, args.out, args.dtype, args.stock_llama, args.eval_summary,
                           tokenizer=args.tokenizer, max_shard_size=args.max_shard_size, repo_name=args.repo_name)
-    except (CheckpointError, ConfigError, ReleaseError) as error:
-        parser.exit(1, f"consolidate: error: {error}\n")
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
 

@@ -16,3 +16,8 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16", as config.json and our result files spell a dtype."""
+    return str(dtype).removeprefix("torch.")

@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
+from dist_llama.cli import CommandParser, fail, user_errors
 from dist_llama.consolidate import ReleaseError, check_release_folder, local_path_or_hub_id
 from dist_llama.devices import default_device
 
@@ -46,7 +46,7 @@ def generate(tokenizer, model, prompt: str, max_new_tokens: int = 50, temperatur
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Continue a prompt with a released dist_llama model.")
+    parser = CommandParser(command="generate", description="Continue a prompt with a released dist_llama model.")
     parser.add_argument("--model", required=True, help="release folder (from dist_llama.consolidate) or Hub repo id")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=50)
@@ -59,16 +59,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.temperature is not None and args.temperature <= 0:
         parser.error("--temperature must be positive (use --greedy for deterministic decoding)")
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.exit(1, "generate: error: --device cuda but no CUDA device is visible\n")
+        fail("generate", "--device cuda but no CUDA device is visible")
     torch.manual_seed(args.seed)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stdout/stderr carry the text only
-    try:
+    with user_errors("generate", ReleaseError):
         tokenizer, model = load_release(args.model, args.device)
         print(generate(tokenizer, model, args.prompt, args.max_new_tokens, args.temperature))
-    except ReleaseError as error:
-        parser.exit(1, f"generate: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ fine-tune, and after the fine-tune.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import sys
 from pathlib import Path
 
 from dist_llama.checkpoint import CheckpointError, complete_checkpoints
+from dist_llama.cli import CommandParser, error_message, fail
 from dist_llama.config import Config, ConfigError, load_config, to_dict
 
 log = logging.getLogger("dist_llama.pipeline")
@@ -63,8 +63,8 @@ def finished_checkpoint(config: Config) -> Path | None:
 def run_logged(command: list[str], log_path: Path, stage: str) -> None:
     """Run a child process, its output shown as it comes and appended to log_path.
 
-    A failure raises StageError with the child's own first `error: ...` line (our commands' one-line
-    errors) rather than the launcher's traceback that follows it.
+    A failure raises StageError with the message of the child's own first error line (our commands'
+    one-line errors, see dist_llama.cli) rather than the launcher's traceback that follows it.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     first_error = None
@@ -77,10 +77,10 @@ def run_logged(command: list[str], log_path: Path, stage: str) -> None:
             for line in child.stdout:
                 sys.stderr.write(line)
                 log_file.write(line)
-                if first_error is None and line.startswith("error: "):
-                    first_error = line.strip()
+                if first_error is None:
+                    first_error = error_message(line)
     if child.returncode != 0:
-        cause = f": {first_error.removeprefix('error: ')}" if first_error else ""
+        cause = f": {first_error}" if first_error else ""
         raise StageError(f"{stage} stage failed (exit status {child.returncode}){cause}; its log is {log_path}")
 
 
@@ -117,7 +117,8 @@ def consolidate_stage(checkpoint: Path, out: Path, name: str, state: PipelineSta
 
 
 def evaluate_stage(config: Config, release: Path, stage1: tuple[Config, Path] | None, eval_dir: Path) -> None:
-    from dist_llama.evaluate import loss_by_position, plot_loss_by_position, run_mmlu
+    from dist_llama.evaluation.mmlu import run_mmlu
+    from dist_llama.evaluation.position import loss_by_position, plot_loss_by_position
 
     eval_dir.mkdir(parents=True, exist_ok=True)
     mmlu_data = config.eval.mmlu_data
@@ -209,8 +210,8 @@ def run_pipeline(config: Config, config_path: str | None, overrides: list[str], 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train, consolidate, evaluate and report in one command.",
-                                     epilog="Any --section.key=value after the options overrides the config file.")
+    parser = CommandParser(command="pipeline", description="Train, consolidate, evaluate and report in one command.",
+                           epilog="Any --section.key=value after the options overrides the config file.")
     parser.add_argument("--config", default=None, help="YAML config (default: the built-in debug config)")
     parser.add_argument("--stage1-config", default=None,
                         help="train this config first and start --config from its weights (Position Interpolation)")
@@ -223,10 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     redo = {s for s in args.redo.split(",") if s}
     for stage in skip | redo:
         if stage not in STAGES:
-            parser.exit(2, f"error: unknown stage {stage!r}; stages are {', '.join(STAGES)}\n")
+            fail("pipeline", f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from dist_llama.consolidate import ReleaseError
-    from dist_llama.evaluate import EvaluationError
+    from dist_llama.evaluation import EvaluationError
     from dist_llama.train import NonFiniteError
 
     try:
@@ -235,9 +236,10 @@ def main(argv: list[str] | None = None) -> None:
                               redo=redo, nproc=args.nproc)
     except (ConfigError, CheckpointError, ReleaseError, EvaluationError, NonFiniteError, FileNotFoundError,
             ValueError) as error:
-        parser.exit(2, f"error: {error}\n")
+        fail("pipeline", str(error))
     except StageError as error:
-        parser.exit(1, f"error: {error}\n")
+        # Status 1, not 2: the child failed, and whether through a user's mistake is the child's to say.
+        fail("pipeline", str(error), status=1)
     print(f"pipeline done: {result}")
     if Path(result).is_file():
         print(Path(result).read_text())

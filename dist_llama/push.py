@@ -8,13 +8,13 @@ the files that would be uploaded. The token comes from `huggingface-cli login` o
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from dist_llama.cli import CommandParser, fail
 from dist_llama.consolidate import ReleaseError, check_release_folder
 
 # Run in a child process with `python -I`: dist_llama is blocked, so the folder's own code must suffice.
@@ -83,7 +83,7 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Upload a release folder to the Hugging Face Hub.")
+    parser = CommandParser(command="push", description="Upload a release folder to the Hugging Face Hub.")
     parser.add_argument("--dir", required=True, help="release folder written by python -m dist_llama.consolidate")
     parser.add_argument("--repo-id", required=True, help="USER/NAME of the model repository")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(push(args.dir, args.repo_id, args.private, args.dry_run))
     except ReleaseError as error:
-        parser.exit(1, f"push: error: {error}\n")
+        fail("push", str(error))
     except subprocess.TimeoutExpired:
-        parser.exit(1, f"push: error: loading {args.dir} took too long\n")
+        fail("push", f"loading {args.dir} took too long")
 
 
 if __name__ == "__main__":

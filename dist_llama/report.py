@@ -8,7 +8,6 @@ position) and results.md, which REPORT.md quotes. Nothing here is typed by hand.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -20,7 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 import yaml  # noqa: E402
 
-from dist_llama.tables import format_value  # noqa: E402
+from dist_llama.cards import format_value  # noqa: E402
+from dist_llama.cli import CommandParser, user_errors  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -134,7 +134,7 @@ def generate_report(run_dir: Path, out: Path | None = None) -> Path:
     eval_summary = json.loads((eval_dir / "summary.json").read_text()) if (eval_dir / "summary.json").is_file() else None
     ppl = [json.loads(p.read_text()) for p in sorted(eval_dir.glob("ppl_*.json"))] if eval_dir.is_dir() else []
     if ppl:
-        from dist_llama.evaluate import plot_loss_by_position
+        from dist_llama.evaluation.position import plot_loss_by_position
 
         plots.append(out / "loss_by_position.png")
         plot_loss_by_position(ppl, plots[-1])
@@ -146,14 +146,12 @@ def generate_report(run_dir: Path, out: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(command="report", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="run directory (runs/NAME)")
     parser.add_argument("--out", default=None, help="output folder (default: RUN/report)")
     args = parser.parse_args(argv)
-    try:
+    with user_errors("report", FileNotFoundError):
         results = generate_report(Path(args.run), Path(args.out) if args.out else None)
-    except FileNotFoundError as error:
-        parser.exit(2, f"error: {error}\n")
     print(f"wrote {results} and its plots")
 
 

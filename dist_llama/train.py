@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import psutil
 import torch
 
 from dist_llama.checkpoint import Checkpointer, CheckpointError, load_model_weights, read_meta
+from dist_llama.cli import user_errors
 from dist_llama.config import Config, ConfigError, from_dict, parse_cli, recipe_changes, save_config, to_dict
 from dist_llama.data import PackedBatches, merge_states, validation_batches
 from dist_llama.metrics import MetricsLogger, environment_record, memory_gib, peak_flops
@@ -341,13 +341,9 @@ def _train(config: Config, env: DistEnv) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _, config = parse_cli("Train a LLaMA model (single process, or under torchrun).", argv)
-    try:
+    _, config = parse_cli("train", "Train a LLaMA model (single process, or under torchrun).", argv)
+    with user_errors("train", ConfigError, CheckpointError, NonFiniteError, BudgetError, FileNotFoundError, ValueError):
         train(config)
-    except (ConfigError, CheckpointError, NonFiniteError, BudgetError, FileNotFoundError, ValueError) as error:
-        # User-facing problems: one clear line instead of a traceback wall.
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

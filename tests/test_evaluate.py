@@ -1,4 +1,4 @@
-"""Tests for dist_llama.evaluate: tinyMMLU through lm-eval, IRT, loss by position, plots, CLI errors.
+"""Tests for dist_llama.evaluation and its command line: tinyMMLU through lm-eval, IRT, loss by position, plots, CLI errors.
 
 All on CPU with tiny random models and local data. The Hub is off (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE,
 in this process and in subprocesses), and the tinyBenchmarks parameter download is replaced by a stub
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_llama import evaluate, irt
+from dist_llama import evaluate
+from dist_llama.evaluation import EvaluationError, irt, mmlu, position, stats
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 PPL_SEQ_LEN, PPL_DOCS = 64, 3
@@ -78,7 +79,7 @@ def mmlu_items(shared_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mmlu_run(tiny_hf_model_dir, mmlu_items, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("mmlu_out")
-    summary = evaluate.run_mmlu(tiny_hf_model_dir, out, data=mmlu_items, batch_size=4, device="cpu")
+    summary = mmlu.run_mmlu(tiny_hf_model_dir, out, data=mmlu_items, batch_size=4, device="cpu")
     return out, summary
 
 
@@ -135,14 +136,14 @@ def test_mmlu_irt_is_null_with_a_reason_for_non_anchor_items(mmlu_run):
 
 def test_confidence_intervals_match_textbook_values():
     # Wilson: 0 of 10 -> [0, z^2 / (n + z^2)]; 5 of 10 -> 0.5 -+ 0.2634 (Agresti & Coull 1998, table values)
-    assert evaluate.wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
-    assert evaluate.wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert stats.wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert stats.wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
     # Student t over subject means: mean 0.5, sd 0.1, k = 5 -> 0.5 -+ 2.7764 * 0.1 / sqrt(5)
     means = [0.4, 0.45, 0.5, 0.55, 0.6]
     sd = math.sqrt(sum((m - 0.5) ** 2 for m in means) / 4)
-    assert evaluate.macro_interval(means) == pytest.approx([0.5 - 2.7764 * sd / math.sqrt(5),
+    assert stats.macro_interval(means) == pytest.approx([0.5 - 2.7764 * sd / math.sqrt(5),
                                                             0.5 + 2.7764 * sd / math.sqrt(5)], abs=1e-4)
-    assert evaluate.macro_interval([0.5]) is None
+    assert stats.macro_interval([0.5]) is None
 
 
 # --- IRT ------------------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_irt_anchor_selection(synthetic_params, monkeypatch):
     full = [{"doc_id": i, "tb_index": i, "acc_norm": float(rng.random() < 0.4)} for i in range(14042)]
     rng.shuffle(full)
     score_of = {s["tb_index"]: s["acc_norm"] for s in full}
-    got = evaluate.irt_for_samples(full, from_hub_task=False, params=synthetic_params, params_source="synthetic")
+    got = irt.irt_for_samples(full, from_hub_task=False, params=synthetic_params, params_source="synthetic")
     assert got["irt"] == irt.estimate([score_of[i] for i in seen], synthetic_params)
     assert got["irt_note"] is None
 
@@ -214,20 +215,20 @@ def test_irt_anchor_selection(synthetic_params, monkeypatch):
     hub = [{"doc_id": i, "acc_norm": float(rng.random() < 0.5)} for i in range(100)]
     by_doc = [s["acc_norm"] for s in hub]
     rng.shuffle(hub)
-    assert evaluate.irt_for_samples(hub, True, synthetic_params)["irt"] == irt.estimate(by_doc, synthetic_params)
+    assert irt.irt_for_samples(hub, True, synthetic_params)["irt"] == irt.estimate(by_doc, synthetic_params)
 
     # Not the anchors: null, with the reason.
-    got = evaluate.irt_for_samples(hub[:99], True, synthetic_params)
+    got = irt.irt_for_samples(hub[:99], True, synthetic_params)
     assert got["irt"] is None and "99" in got["irt_note"]
-    got = evaluate.irt_for_samples(hub, False, synthetic_params)
+    got = irt.irt_for_samples(hub, False, synthetic_params)
     assert got["irt"] is None and "tb_index" in got["irt_note"]
     missing_one = [s for s in full if s["tb_index"] != seen[0]]
-    got = evaluate.irt_for_samples(missing_one, False, synthetic_params)
+    got = irt.irt_for_samples(missing_one, False, synthetic_params)
     assert got["irt"] is None and "99 of them" in got["irt_note"]
 
     # No parameter file given and none downloadable.
     monkeypatch.setattr(irt, "fetch_official_params", lambda *args, **kwargs: None)
-    got = evaluate.irt_for_samples(hub, True, None)
+    got = irt.irt_for_samples(hub, True, None)
     assert got["irt"] is None and "parameter file unavailable" in got["irt_note"]
 
 
@@ -242,7 +243,7 @@ def owt_tiny(shared_data) -> Path:
 @pytest.fixture(scope="module")
 def ppl_results(tiny_hf_model_dir, owt_tiny) -> dict:
     """loss_by_position of the tiny model without override, with PI factor 4, and with factor 1."""
-    return {factor: evaluate.loss_by_position(tiny_hf_model_dir, owt_tiny, PPL_SEQ_LEN, PPL_DOCS,
+    return {factor: position.loss_by_position(tiny_hf_model_dir, owt_tiny, PPL_SEQ_LEN, PPL_DOCS,
                                               rope_scaling_factor=factor, device="cpu")
             for factor in (None, 4.0, 1.0)}
 
@@ -265,7 +266,7 @@ def test_loss_by_position_buckets(ppl_results):
     tok = load_tokenizer("offline")
     docs = read_documents([result["data"]], limit=PPL_DOCS)
     assert (result["docs_read"], result["docs_qualified"], result["n_windows"]) == (PPL_DOCS, PPL_DOCS, PPL_DOCS)
-    windows, read, _ = evaluate._document_windows(docs, tok, PPL_SEQ_LEN, None)
+    windows, read, _ = position._document_windows(docs, tok, PPL_SEQ_LEN, None)
     assert windows.tolist() == [[tok.bos_token_id, *tok(doc, add_special_tokens=False)["input_ids"]][:PPL_SEQ_LEN + 1]
                                 for doc in docs]
 
@@ -290,7 +291,7 @@ def test_loss_by_position_takes_one_window_from_each_long_document(tiny_hf_model
     from dist_llama.tokenizer import load_tokenizer
 
     path, long_docs = mixed_lengths
-    result = evaluate.loss_by_position(tiny_hf_model_dir, path, PPL_SEQ_LEN, 2, device="cpu")
+    result = position.loss_by_position(tiny_hf_model_dir, path, PPL_SEQ_LEN, 2, device="cpu")
     # The first two long documents are documents 2 and 4: four read, the short ones skipped.
     assert (result["docs_read"], result["docs_qualified"], result["n_windows"]) == (4, 2, 2)
     tok = load_tokenizer("offline")
@@ -303,15 +304,15 @@ def test_loss_by_position_takes_one_window_from_each_long_document(tiny_hf_model
     expected = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").mean(0)
     assert result["loss_by_position"] == pytest.approx(expected.tolist(), abs=1e-5)
 
-    everything = evaluate.loss_by_position(tiny_hf_model_dir, path, PPL_SEQ_LEN, None, device="cpu")
+    everything = position.loss_by_position(tiny_hf_model_dir, path, PPL_SEQ_LEN, None, device="cpu")
     assert (everything["docs_read"], everything["docs_qualified"]) == (5, 3)
 
 
 def test_loss_by_position_refuses_when_no_document_is_long_enough(tiny_hf_model_dir, mixed_lengths):
     path, _ = mixed_lengths
-    with pytest.raises(evaluate.EvaluationError, match=r"none of its 5 documents has the seq_len \+ 1 = 4097 tokens"
+    with pytest.raises(EvaluationError, match=r"none of its 5 documents has the seq_len \+ 1 = 4097 tokens"
                                                        r".*lower --seq-len"):
-        evaluate.loss_by_position(tiny_hf_model_dir, path, 4096, 8, device="cpu")
+        position.loss_by_position(tiny_hf_model_dir, path, 4096, 8, device="cpu")
 
 
 def test_rope_scaling_factor_overrides_positions_only(ppl_results):
@@ -371,7 +372,7 @@ def test_user_errors_are_one_line(tmp_path, tiny_hf_model_dir, mmlu_items, owt_t
     for name, argv in cases.items():
         assert evaluate.main(argv) == 2, name
         errors[name] = capsys.readouterr().err.strip()
-        assert errors[name].startswith("error: ") and "\n" not in errors[name], (name, errors[name])
+        assert errors[name].startswith("evaluate: error: ") and "\n" not in errors[name], (name, errors[name])
     assert "input_formatted" in errors["bad row"] and "bad.jsonl:1" in errors["bad row"]
     assert "bad.pkl" in errors["bad params"]
     assert "no such folder" in errors["no model"] and "no such folder" in errors["no tokenizer"]
@@ -394,7 +395,7 @@ def custom_release(make_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def custom_release_mmlu(custom_release, mmlu_items, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("release_mmlu")
-    return out, evaluate.run_mmlu(custom_release[1], out, data=mmlu_items, batch_size=4, device="cpu")
+    return out, mmlu.run_mmlu(custom_release[1], out, data=mmlu_items, batch_size=4, device="cpu")
 
 
 def test_mmlu_on_our_release_with_remote_code(custom_release, custom_release_mmlu):
@@ -410,8 +411,8 @@ def test_ppl_of_a_checkpoint_matches_its_release(custom_release, owt_tiny):
     # The run folder is consolidated to stock Llama; the release runs our code. With the same PI override
     # both must give the same losses, so our config honours the rope_parameters override too.
     run_dir, release = custom_release
-    from_checkpoint = evaluate.loss_by_position(run_dir, owt_tiny, PPL_SEQ_LEN, 2, rope_scaling_factor=4, device="cpu")
-    from_release = evaluate.loss_by_position(release, owt_tiny, PPL_SEQ_LEN, 2, rope_scaling_factor=4, device="cpu")
+    from_checkpoint = position.loss_by_position(run_dir, owt_tiny, PPL_SEQ_LEN, 2, rope_scaling_factor=4, device="cpu")
+    from_release = position.loss_by_position(release, owt_tiny, PPL_SEQ_LEN, 2, rope_scaling_factor=4, device="cpu")
     assert from_checkpoint["rope_parameters"]["factor"] == from_release["rope_parameters"]["factor"] == 4
     assert from_checkpoint["n_windows"] == from_release["n_windows"] > 0
     assert from_checkpoint["loss_by_position"] == pytest.approx(from_release["loss_by_position"], abs=1e-4)
@@ -445,7 +446,7 @@ def test_stock_lm_eval_cli_on_our_release(custom_release, custom_release_mmlu, t
 
 
 def test_limit_on_local_data_spreads_items_over_the_file(tmp_path):
-    from dist_llama.evaluate import spread_subset
+    from dist_llama.evaluation.tasks import spread_subset
 
     source = tmp_path / "all.jsonl"
     source.write_text("".join(json.dumps({"subject": chr(ord("a") + i)}) + "\n" for i in range(10)))

@@ -1,4 +1,4 @@
-"""Tests for dist_llama.irt: reference vectors from upstream tinyBenchmarks, safe loading, input checks."""
+"""Tests for dist_llama.evaluation.irt: reference vectors from upstream tinyBenchmarks, safe loading, input checks."""
 
 import hashlib
 import io
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_llama import irt
+from dist_llama.evaluation import irt
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 IRT_REFERENCE = SHARED_DATA / "tinymmlu" / "irt_reference"

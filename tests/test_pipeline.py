@@ -103,7 +103,7 @@ def test_pipeline_names_the_failed_stage_and_its_log(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1, result.stderr[-3000:]
     # One line: the stage, the children's own error, the log.
-    assert last.startswith("error: train (broken, 2 processes) stage failed (exit status 1): "), last
+    assert last.startswith("pipeline: error: train (broken, 2 processes) stage failed (exit status 1): "), last
     assert "not valid JSON" in last and last.endswith(f"; its log is {log}"), last
     assert "CalledProcessError" not in result.stderr
     assert "record 0 is not valid JSON" in log.read_text()  # the children's own output is kept
@@ -129,6 +129,39 @@ def test_pipeline_rejects_unknown_stage(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dist_llama.pipeline", "--skip=trian"], cwd=REPO,
                             env=environment(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown stage 'trian'" in result.stderr
+
+
+def test_every_command_reports_a_user_mistake_as_one_error_line(tmp_path, capsys):
+    from dist_llama import config, consolidate, evaluate, generate, pipeline, push, report, summary, train
+    from dist_llama.cli import error_message
+
+    missing = str(tmp_path / "missing")
+    mistakes = {
+        "train": (train.main, ["--train.stepz=3"], "unknown key train.stepz"),
+        "config": (config.main, ["--config", missing], "not found"),
+        "summary": (summary.main, ["--model.preset=huge"], "model.preset='huge' is unknown"),
+        "consolidate": (consolidate.main, ["--checkpoint", missing, "--out", str(tmp_path / "out")],
+                        "no complete checkpoint"),
+        "generate": (generate.main, ["--model", missing, "--prompt", "Hello"], "no such folder"),
+        "push": (push.main, ["--dir", missing, "--repo-id", "someone/x", "--dry-run"], "not found"),
+        "pipeline": (pipeline.main, ["--skip=trian"], "unknown stage 'trian'"),
+        "report": (report.main, ["--run", missing], "metrics.jsonl not found"),
+        "evaluate": (evaluate.main, ["irt", "--params", missing, "--samples", missing], "no such file"),
+    }
+    for command, (main, argv, message) in mistakes.items():
+        with pytest.raises(SystemExit) as exit_info:
+            status = main(argv)
+            raise SystemExit(status)  # evaluate's main returns its status instead of exiting
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2, (command, err)
+        assert err.startswith(f"{command}: error: ") and "\n" not in err and message in err, (command, err)
+        assert error_message(err) == err.removeprefix(f"{command}: error: ")
+    # argparse's own usage errors name the command the same way, after the usage line.
+    with pytest.raises(SystemExit) as exit_info:
+        consolidate.main(["--out", str(tmp_path / "out")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and last.startswith("consolidate: error: the following arguments are required")
+    assert error_message("ValueError: error: something") is None  # a traceback's last line is not ours
 
 
 def test_report_from_metrics_alone(tmp_path):

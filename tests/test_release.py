@@ -297,7 +297,7 @@ def test_push_dry_run_rejects_folder_that_does_not_load(releases, tmp_path, caps
     (broken / "config.json").unlink()
     with pytest.raises(SystemExit) as exit_info:
         push.main(["--dir", str(broken), "--repo-id", "someone/x", "--dry-run"])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "no config.json" in err and len(err.strip().splitlines()) == 1
 
@@ -308,7 +308,7 @@ def test_push_dry_run_rejects_folder_that_does_not_load(releases, tmp_path, caps
 def _cli_error(main, argv, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err

@@ -1,11 +1,15 @@
 """tinyBenchmarks IRT estimates (irt, p-IRT, gp-IRT) for tinyMMLU, reimplemented without the package.
 
-This file owns three things:
+This file owns four things:
   * loading a tinyBenchmarks parameter file (`tinyBenchmarks.pkl`) safely: optional sha256 pin, then a
     restricted unpickler that admits only what pickled numpy arrays need;
   * turning an lm-eval `--log_samples` jsonl into the 100 anchor scores in doc_id order;
   * the estimator itself, reproducing `tinyBenchmarks.evaluate(y, bench)` of
-    felipemaiapolo/tinyBenchmarks at commit e9a8b1031b0340571beb6c9ca3a27891be09a8fd.
+    felipemaiapolo/tinyBenchmarks at commit e9a8b1031b0340571beb6c9ca3a27891be09a8fd;
+  * summary.json's IRT fields for an evaluation run. IRT is computed only for the 100 tinyMMLU anchor
+    items: the Hub task run in full (doc_id i is anchor i), or a local file whose rows carry `tb_index`
+    and include every anchor (e.g. all of MMLU). Otherwise summary.json has "irt": null and an
+    "irt_note" saying why.
 
 We reimplement instead of depending on `tinyBenchmarks` because it is not on PyPI and downloads its
 parameter file from raw.githubusercontent.com at run time, which these machines cannot reach.
@@ -46,6 +50,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
+from dist_llama.evaluation import EvaluationError
+
 logger = logging.getLogger(__name__)
 
 OFFICIAL_PARAMS_URL = (
@@ -58,6 +64,7 @@ OFFICIAL_PARAMS_SHA256 = "c3b6e426dfe7b100fe6d0ee960398e10a8763254bcead3be80cc6b
 OFFICIAL_PARAMS_FILENAME = "tinyBenchmarks.pkl"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "dist_llama"
 DOWNLOAD_TIMEOUT_S = 20
+IRT_BENCH = "mmlu"  # the bench of the parameter file that tinyMMLU's anchors belong to
 
 # Upstream's constants: logits are clipped per dimension, and the log-likelihood adds eps inside the logs.
 # Changing either changes theta when the anchors are all right or all wrong.
@@ -205,7 +212,7 @@ def _balance_weights(n_items: int, subscenarios_position: dict) -> np.ndarray:
     return weights
 
 
-def estimate(y: Sequence[float], params: dict, bench: str = "mmlu") -> dict[str, float]:
+def estimate(y: Sequence[float], params: dict, bench: str = IRT_BENCH) -> dict[str, float]:
     """tinyBenchmarks' {'irt', 'pirt', 'gpirt'} for `bench` from anchor scores y (y[i] scores seen_examples[i])."""
     if bench not in params:
         raise KeyError(f"bench {bench!r} not in the parameter file; available benches: {sorted(params)}")
@@ -251,3 +258,78 @@ def estimate(y: Sequence[float], params: dict, bench: str = "mmlu") -> dict[str,
     blend = float(bench_params["optimal_lambdas"][bench])
     gpirt = blend * irt + (1 - blend) * pirt
     return {"irt": irt, "pirt": pirt, "gpirt": gpirt}
+
+
+# --- summary.json's IRT fields -----------------------------------------------------------------------
+
+
+def anchor_scores(samples: list[dict], params: dict, metric: str = "acc_norm") -> tuple[list[float] | None, str | None]:
+    """The tinyMMLU anchor scores in anchor order (y[i] scores seen_examples[i]), or (None, why not).
+
+    Items that carry `tb_index` are matched by it, so a run over all of MMLU yields the anchors. Items
+    without it must be the Hub task's: tinyMMLU's rows are the anchors themselves, doc_id i = anchor i.
+    """
+    seen = [int(i) for i in params[IRT_BENCH]["seen_examples"]]
+    if samples and all("tb_index" in s for s in samples):
+        by_index = {int(s["tb_index"]): float(s[metric]) for s in samples}
+        covered = sum(i in by_index for i in seen)
+        if covered < len(seen):
+            return None, (f"IRT not computed: needs the {len(seen)} tinyMMLU anchor items; the data holds "
+                          f"{covered} of them (matched by tb_index)")
+        return [by_index[i] for i in seen], None
+    if len(samples) != len(seen):
+        return None, f"IRT not computed: needs the {len(seen)} tinyMMLU anchor items; this run scored {len(samples)}"
+    return [float(s[metric]) for s in sorted(samples, key=lambda s: int(s["doc_id"]))], None
+
+
+def _irt_precheck(samples: list[dict], from_hub_task: bool) -> str | None:
+    """Why IRT cannot apply to these items, judged without the parameter file (so nothing is downloaded
+    in vain); None if it may apply. tinyMMLU has 100 anchors; the parameter file is checked again later."""
+    if not samples:
+        return "IRT not computed: no items were scored"
+    has_tb_index = all("tb_index" in s for s in samples)
+    if not from_hub_task and not has_tb_index:
+        return ("IRT not computed: needs the 100 tinyMMLU anchor items; the local data has no tb_index field "
+                "to find them by")
+    if len(samples) < 100:
+        return f"IRT not computed: needs the 100 tinyMMLU anchor items; this run scored only {len(samples)} items"
+    if from_hub_task and len(samples) != 100:
+        return f"IRT not computed: tinyMMLU should have 100 items, this run scored {len(samples)}"
+    return None
+
+
+def load_params_file(path: Path) -> dict:
+    """A user-given parameter file that holds the tinyMMLU bench; raises EvaluationError naming the file."""
+    if not path.is_file():
+        raise EvaluationError(f"IRT parameter file {path}: no such file")
+    try:
+        params = load_irt_params(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable or refused pickle is the user's file problem
+        raise EvaluationError(f"cannot read IRT parameter file {path}: {err}") from None
+    if IRT_BENCH not in params:
+        raise EvaluationError(f"IRT parameter file {path} has no {IRT_BENCH!r} bench (has {sorted(params)})")
+    return params
+
+
+def irt_for_samples(samples: list[dict], from_hub_task: bool, params: dict | None = None,
+                    params_source: str | None = None, metric: str = "acc_norm") -> dict:
+    """summary.json's IRT fields: "irt" ({irt, pirt, gpirt} or None) and "irt_note" (why None).
+
+    params None: the official tinyBenchmarks.pkl, fetched (sha256-checked) only when the items allow IRT.
+    """
+    note = _irt_precheck(samples, from_hub_task)
+    if note is not None:
+        return {"irt": None, "irt_note": note}
+    if params is None:
+        path = fetch_official_params()
+        if path is None:
+            return {"irt": None, "irt_note": "IRT not computed: tinyBenchmarks parameter file unavailable (the "
+                                             "official tinyBenchmarks.pkl could not be downloaded and verified; "
+                                             "pass --irt-params FILE)"}
+        params = load_irt_params(path, expected_sha256=OFFICIAL_PARAMS_SHA256)
+        params_source = f"{path} (official, sha256 {OFFICIAL_PARAMS_SHA256})"
+    y, note = anchor_scores(samples, params, metric)
+    if y is None:
+        return {"irt": None, "irt_note": note}
+    return {"irt": estimate(y, params, IRT_BENCH), "irt_note": None, "irt_metric": metric,
+            "irt_params": params_source}
