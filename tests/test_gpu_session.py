@@ -99,7 +99,7 @@ def test_rehearsal_runs_every_stage_and_packs_what_must_come_back(bundle, tmp_pa
     assert status == {"install": "skipped", "preflight": "ok", "bench": "skipped", "train": "ok", "release": "ok",
                       "evaluate": "failed", "report": "ok"}, summary["stages"]
     evaluate = next(s for s in summary["stages"] if s["stage"] == "evaluate")
-    assert "tinymmlu: error: IRT parameter file /nonexistent/tinyBenchmarks.pkl: no such file" in evaluate["detail"]
+    assert "tinymmlu: evaluate: error: IRT parameter file /nonexistent/tinyBenchmarks.pkl: no such file" in evaluate["detail"]
     assert "ppl ok" in evaluate["detail"] and "mmlu_spread ok" in evaluate["detail"]
     assert summary["elapsed_s"] < 270
 
