@@ -114,18 +114,7 @@ def _run_irt(args) -> dict:
     params = irt.load_params_file(Path(args.params))
     if not Path(args.samples).is_file():
         raise EvaluationError(f"--samples {args.samples}: no such file")
-    try:
-        samples = [json.loads(line) for line in Path(args.samples).read_text().splitlines() if line.strip()]
-        if samples and all("tb_index" in s for s in samples):
-            # Items from a local MMLU file: the anchors are found by tb_index, as in the mmlu command.
-            y, note = irt.anchor_scores(samples, params, args.metric)
-            if y is None:
-                raise EvaluationError(note)
-        else:
-            y = irt.scores_from_samples(args.samples, metric=args.metric)
-        return irt.estimate(y, params, args.bench)
-    except (ValueError, KeyError) as err:
-        raise EvaluationError(str(err).strip("'\"")) from None
+    return irt.estimate_from_samples_file(args.samples, params, args.metric, args.bench)
 
 
 def main(argv: list[str] | None = None) -> int:

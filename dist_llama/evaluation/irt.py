@@ -6,7 +6,8 @@ This file owns four things:
   * turning an lm-eval `--log_samples` jsonl into the 100 anchor scores in doc_id order;
   * the estimator itself, reproducing `tinyBenchmarks.evaluate(y, bench)` of
     felipemaiapolo/tinyBenchmarks at commit e9a8b1031b0340571beb6c9ca3a27891be09a8fd;
-  * summary.json's IRT fields for an evaluation run. IRT is computed only for the 100 tinyMMLU anchor
+  * from scored items to estimates: summary.json's IRT fields for an evaluation run, and the estimates
+    of the `irt` command from a samples file. IRT is computed only for the 100 tinyMMLU anchor
     items: the Hub task run in full (doc_id i is anchor i), or a local file whose rows carry `tb_index`
     and include every anchor (e.g. all of MMLU). Otherwise summary.json has "irt": null and an
     "irt_note" saying why.
@@ -260,7 +261,7 @@ def estimate(y: Sequence[float], params: dict, bench: str = IRT_BENCH) -> dict[s
     return {"irt": irt, "pirt": pirt, "gpirt": gpirt}
 
 
-# --- summary.json's IRT fields -----------------------------------------------------------------------
+# --- From scored items to estimates ------------------------------------------------------------------
 
 
 def anchor_scores(samples: list[dict], params: dict, metric: str = "acc_norm") -> tuple[list[float] | None, str | None]:
@@ -333,3 +334,20 @@ def irt_for_samples(samples: list[dict], from_hub_task: bool, params: dict | Non
         return {"irt": None, "irt_note": note}
     return {"irt": estimate(y, params, IRT_BENCH), "irt_note": None, "irt_metric": metric,
             "irt_params": params_source}
+
+
+def estimate_from_samples_file(path: str | os.PathLike, params: dict, metric: str = "acc_norm",
+                               bench: str = IRT_BENCH) -> dict:
+    """{irt, pirt, gpirt} from a samples jsonl (ours or lm-eval's); raises EvaluationError for unusable items."""
+    try:
+        samples = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        if samples and all("tb_index" in s for s in samples):
+            # Items from a local MMLU file: the anchors are found by tb_index, as in the mmlu command.
+            y, note = anchor_scores(samples, params, metric)
+            if y is None:
+                raise EvaluationError(note)
+        else:
+            y = scores_from_samples(path, metric=metric)
+        return estimate(y, params, bench)
+    except (ValueError, KeyError) as err:
+        raise EvaluationError(str(err).strip("'\"")) from None
