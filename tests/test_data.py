@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from dist_llama import data
+from dist_llama.data import sources
 from dist_llama.config import DataConfig
 
 import download_worker  # tests/download_worker.py
@@ -429,7 +430,7 @@ def test_clear_errors(tmp_path, tokenizer, monkeypatch):
     def unreachable(*args):
         raise ConnectionError("no route to huggingface.co")
 
-    monkeypatch.setattr(data, "_load_hub_dataset", unreachable)
+    monkeypatch.setattr(sources, "_load_hub_dataset", unreachable)
     with pytest.raises(FileNotFoundError, match=r"match no files and the Hub dataset .* could not be opened"):
         data.PackedBatches(config(["nope/*.jsonl"], source="auto"), tokenizer, global_rows=2)
 
@@ -545,7 +546,7 @@ def test_hub_dataset_shuffles_every_row_once_per_epoch_and_resumes_on_another_wo
 
 
 def test_hub_resume_seeks_and_a_rank_reads_only_its_lanes_rows(hub, tokenizer, monkeypatch):
-    monkeypatch.setattr(data, "HUB_CHUNK_ROWS", 8)  # many chunks, so that a resume has whole chunks to skip
+    monkeypatch.setattr(sources, "HUB_CHUNK_ROWS", 8)  # many chunks, so that a resume has whole chunks to skip
     hub.publish(make_docs(600, seed=16))  # more rows than the reader reads ahead: no lane wraps into epoch 1
     cfg = hub_config()
     with data.PackedBatches(cfg, tokenizer, global_rows=4, rank=1, world_size=2) as rank_1:
@@ -555,7 +556,7 @@ def test_hub_resume_seeks_and_a_rank_reads_only_its_lanes_rows(hub, tokenizer, m
 
     reference, state = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=30)
     resume_docs = {int(lane): lane_state["doc"] for lane, lane_state in state["lanes"].items()}
-    assert min(resume_docs.values()) >= 2 * data.HUB_CHUNK_ROWS, "the resume point must lie past whole chunks"
+    assert min(resume_docs.values()) >= 2 * sources.HUB_CHUNK_ROWS, "the resume point must lie past whole chunks"
     hub.reads.clear()
     with data.PackedBatches(cfg, tokenizer, global_rows=4, rank=0, world_size=2) as rank_0:
         rank_0.load_state_dict(state)
