@@ -5,10 +5,14 @@ logits) against the chunked one (model(..., labels=..., loss_chunk_tokens=N)). E
 fresh process, so its peak resident memory is its own; memory is the peak during the step above the
 resident memory before it.
 
+`head`: the loss alone (hidden states -> logits -> cross-entropy, forward + backward) at the main preset's
+width and vocabulary, plain against chunked, alternating, in one process.
+
 `optimizer`: one optimizer step over the main preset's hidden matrices (attention and MLP projections,
 random gradients), AdamW against Muon (ShardedMuon on plain tensors, i.e. torch.optim.Muon's update).
 
     python benchmarks/bench_step_parts.py loss --batch 8 --seq-len 256 --chunk 512
+    python benchmarks/bench_step_parts.py head --tokens 2048 --chunk 1024 --repeats 3
     python benchmarks/bench_step_parts.py optimizer --repeats 5
 """
 
@@ -24,7 +28,7 @@ import time
 
 import torch
 
-from dist_llama.model import PRESETS, Transformer, causal_lm_loss
+from dist_llama.model import PRESETS, ChunkedCrossEntropy, Transformer, causal_lm_loss
 from dist_llama.optim import ShardedMuon, is_hidden_matrix
 
 
@@ -69,6 +73,28 @@ def bench_loss(args) -> None:
               f"{statistics.median(r['peak_above_start_mib'] for r in runs):,.0f} | {runs[0]['loss']:.4f} |")
 
 
+def bench_head(args) -> None:
+    torch.manual_seed(0)
+    args_main = PRESETS["main"]
+    hidden = torch.randn(args.tokens, args_main.dim, requires_grad=True)
+    weight = (torch.randn(args_main.vocab_size, args_main.dim) * 0.02).requires_grad_()
+    labels = torch.randint(0, args_main.vocab_size, (args.tokens,))
+    variants = {"plain": lambda: causal_lm_loss((hidden @ weight.T)[None], labels[None], reduction="sum"),
+                f"chunked, {args.chunk} tokens": lambda: ChunkedCrossEntropy.apply(hidden, weight, labels, args.chunk)}
+    times = {name: [] for name in variants}
+    for repeat in range(args.repeats):
+        for name, loss in (variants.items() if repeat % 2 == 0 else reversed(variants.items())):
+            start = time.perf_counter()
+            loss().backward()
+            times[name].append(time.perf_counter() - start)
+            hidden.grad = weight.grad = None
+    print(f"loss alone: {args.tokens} tokens x {args_main.dim} -> {args_main.vocab_size}, fp32 on CPU, {args.repeats} repeats")
+    print("| loss | forward + backward (s), each repeat | median |")
+    print("|---|---|---:|")
+    for name, values in times.items():
+        print(f"| {name} | {', '.join(f'{v:.2f}' for v in values)} | {statistics.median(values):.2f} |")
+
+
 def bench_optimizer(args) -> None:
     torch.manual_seed(0)
     model = Transformer(PRESETS["main"])
@@ -94,7 +120,8 @@ def bench_optimizer(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["loss", "loss-once", "optimizer"])
+    parser.add_argument("part", choices=["loss", "loss-once", "head", "optimizer"])
+    parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=512)
@@ -104,6 +131,8 @@ def main() -> None:
         print(json.dumps(one_loss_step(args)))
     elif args.part == "loss":
         bench_loss(args)
+    elif args.part == "head":
+        bench_head(args)
     else:
         bench_optimizer(args)
 
