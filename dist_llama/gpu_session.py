@@ -228,7 +228,7 @@ def build_bundle(out: Path, train_data: list[str], held_out: str, tinymmlu: str,
     the tokenizer folder, training shards as parquet, the held-out documents, tinyMMLU and spread MMLU items;
     then manifest.json. Training shards that would take the total over limit_mib are left out, and said so."""
     from dist_llama.data import expand_paths, read_documents
-    from dist_llama.evaluate import check_mmlu_data, spread_subset
+    from dist_llama.evaluation.tasks import check_mmlu_data, spread_subset
     from dist_llama.tokenizer import load_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -1209,7 +1209,7 @@ TASK_CHECK_SCRIPT = r"""
 import sys
 from pathlib import Path
 from lm_eval.tasks import TaskManager, get_task_dict
-from dist_llama.evaluate import write_task
+from dist_llama.evaluation.tasks import write_task
 name, path = write_task(Path(sys.argv[1]), Path(sys.argv[2]))
 task = get_task_dict([name], TaskManager(include_path=str(path.parent), include_defaults=False))[name]
 print(len(list(task.test_docs())))
