@@ -13,7 +13,7 @@ random gradients), AdamW against Muon (ShardedMuon on plain tensors, i.e. torch.
 
     python benchmarks/bench_step_parts.py loss --batch 8 --seq-len 256 --chunk 512
     python benchmarks/bench_step_parts.py head --tokens 2048 --chunk 1024 --repeats 3
-    python benchmarks/bench_step_parts.py optimizer --repeats 5
+    python benchmarks/bench_step_parts.py optimizer --repeats 5 [--layers 1]
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def bench_head(args) -> None:
 def bench_optimizer(args) -> None:
     torch.manual_seed(0)
     model = Transformer(PRESETS["main"])
-    hidden = [p for n, p in model.named_parameters() if is_hidden_matrix(n, p)]
+    layers = tuple(f"model.layers.{i}." for i in range(args.layers or model.args.n_layers))
+    hidden = [p for n, p in model.named_parameters() if is_hidden_matrix(n, p) and n.startswith(layers)]
     for p in hidden:
         p.grad = torch.randn_like(p) * 1e-3
     optimizers = {"adamw": torch.optim.AdamW(hidden, lr=1e-3), "muon": ShardedMuon(hidden, lr=0.02)}
@@ -110,7 +111,8 @@ def bench_optimizer(args) -> None:
             if repeat:  # the first step allocates the state
                 times[name].append(time.perf_counter() - start)
     count = sum(p.numel() for p in hidden)
-    print(f"main preset: {len(hidden)} hidden matrices, {count / 1e6:.1f}M parameters, CPU, {args.repeats} steps (median)")
+    print(f"main preset: the hidden matrices of {len(layers)} of {model.args.n_layers} blocks ({len(hidden)} matrices, "
+          f"{count / 1e6:.1f}M parameters), CPU, {args.repeats} steps (median)")
     print("| optimizer | step time (s) |")
     print("|---|---:|")
     for name, values in times.items():
@@ -122,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["loss", "loss-once", "head", "optimizer"])
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=0, help="optimizer: the first N blocks' matrices (0: all)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=512)

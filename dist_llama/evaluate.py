@@ -41,11 +41,7 @@ from dist_llama.evaluation import EvaluationError, irt
 from dist_llama.evaluation.mmlu import format_summary, run_mmlu
 from dist_llama.evaluation.models import DTYPE_CHOICES
 from dist_llama.evaluation.position import loss_by_position, plot_loss_by_position, read_ppl_result
-from dist_llama.evaluation.tasks import HUB_TASK, check_mmlu_data, spread_subset, write_task
-
-# The command, and the task helpers that dist_llama.gpu_session imports from here.
-__all__ = ["build_parser", "main", "check_mmlu_data", "spread_subset", "write_task"]
-
+from dist_llama.evaluation.tasks import HUB_TASK
 
 def _safe_filename(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
