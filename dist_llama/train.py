@@ -146,9 +146,10 @@ def events_between(first: int, last: int, every: int) -> int:
 
 def plan_steps(config: Config, step: int, step_s: float, eval_s: float, checkpoint_s: float) -> dict:
     """The step count that ends training, its evaluations and checkpoints (the final ones included) inside
-    train.time_budget_s, given the measured costs; capped by train.steps."""
-    budget = config.train.time_budget_s
-    left = (budget - process_age_s()) * (1 - config.train.budget_safety)
+    train.time_budget_s, given the measured costs; capped by train.steps. At most `step` when even the next
+    step does not fit (check_budget_plan then stops the run)."""
+    budget, age = config.train.time_budget_s, process_age_s()
+    left = (budget - age) * (1 - config.train.budget_safety)
 
     def cost(total: int) -> float:
         return ((total - step) * step_s + events_between(step, total, config.train.eval_every) * eval_s
@@ -158,13 +159,18 @@ def plan_steps(config: Config, step: int, step_s: float, eval_s: float, checkpoi
     total = min(config.train.steps, step + max(0, int((left - eval_s - checkpoint_s) / rate)) + 1)
     while total > step and cost(total) > left:
         total -= 1
-    if total <= step:
-        raise BudgetError(
-            f"train.time_budget_s={budget:g} is too small: {process_age_s():.0f} s are gone after {step} warm-up steps "
-            f"(a step takes {step_s:.2f} s, an evaluation {eval_s:.1f} s, a checkpoint {checkpoint_s:.1f} s); raise the "
-            "budget, or lower train.budget_warmup_steps / train.eval_batches")
     return {"planned_steps": total, "step_s": step_s, "eval_s": eval_s, "checkpoint_s": checkpoint_s,
-            "measured_at_step": step, "budget_s": budget, "age_s": process_age_s()}
+            "measured_at_step": step, "budget_s": budget, "age_s": age}
+
+
+def check_budget_plan(plan: dict) -> None:
+    """Every rank calls it on the broadcast plan, so all stop together when the budget is too small."""
+    if plan["planned_steps"] <= plan["measured_at_step"]:
+        raise BudgetError(
+            f"train.time_budget_s={plan['budget_s']:g} is too small: {plan['age_s']:.0f} s are gone after "
+            f"{plan['measured_at_step']} warm-up steps (a step takes {plan['step_s']:.2f} s, an evaluation "
+            f"{plan['eval_s']:.1f} s, a checkpoint {plan['checkpoint_s']:.1f} s); raise the budget, or lower "
+            "train.budget_warmup_steps / train.eval_batches")
 
 
 def setup_logging(env: DistEnv) -> None:
@@ -310,6 +316,7 @@ def _train(config: Config, env: DistEnv) -> dict:
                 window_start, window_tokens = time.perf_counter(), 0
 
             pause_start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
+            planned_now = False  # the plan's own evaluation also serves this step's regular one
             if config.train.time_budget_s is not None and budget_plan is None:
                 if step == probe_end - config.train.budget_measure_steps:
                     measure_start = synchronize()
@@ -322,14 +329,16 @@ def _train(config: Config, env: DistEnv) -> dict:
                     checkpoint_s = time.perf_counter() - checkpoint_start
                     budget_plan = broadcast_object(plan_steps(config, step, step_s, checkpoint_start - eval_start,
                                                               checkpoint_s) if env.is_main else None)
+                    check_budget_plan(budget_plan)
+                    planned_now = True
                     total_steps = logger.total_steps = budget_plan["planned_steps"]
                     logger.log({"kind": "plan", "step": step, **budget_plan})
                     log.info("time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint "
                              "%.1f s, %.0f s used so far)", budget_plan["budget_s"], total_steps, step_s,
                              budget_plan["eval_s"], checkpoint_s, budget_plan["age_s"])
-            if step % config.train.eval_every == 0 or step == total_steps:
+            if not planned_now and (step % config.train.eval_every == 0 or step == total_steps):
                 evaluate(step)
-            if step % config.checkpoint.every == 0 or step == total_steps:
+            if step % config.checkpoint.every == 0 or step == total_steps:  # again here: this one records the plan
                 save_checkpoint(step)
             paused = time.perf_counter() - pause_start
             window_start += paused

@@ -1,4 +1,4 @@
-"""Schedules, parameter groups, clipping, the batch plan and Muon under FSDP2 (CPU, gloo)."""
+"""Schedules, parameter groups, clipping, the batch and time-budget plans, and Muon under FSDP2 (CPU, gloo)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from dist_llama.config import ConfigError, OptimConfig, load_config
 from dist_llama.model import PRESETS, Transformer
 from dist_llama.optim import ShardedMuon, build_optimizer, is_hidden_matrix, lr_factor
 from dist_llama.parallel import DistEnv, parallelize
-from dist_llama.train import BatchPlan, train_step
+from dist_llama import train
+from dist_llama.train import BatchPlan, BudgetError, check_budget_plan, plan_steps, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -189,3 +190,24 @@ def test_micro_batch_is_a_maximum_and_only_an_uneven_global_batch_fails():
     three_rows = dataclasses.replace(debug, train=dataclasses.replace(debug.train, tokens_per_step=3 * 128))
     with pytest.raises(ConfigError, match="do not divide over world_size=2"):
         BatchPlan.from_config(three_rows, 2)
+
+
+def test_budget_plan_fits_the_measured_costs_and_refuses_a_budget_too_small(monkeypatch):
+    config = load_config(None, ["--train.time_budget_s=100", "--train.steps=100000", "--train.budget_safety=0",
+                                "--train.eval_every=10", "--checkpoint.every=50"])
+    monkeypatch.setattr(train, "process_age_s", lambda: 20.0)
+    plan = plan_steps(config, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0)
+    total = plan["planned_steps"]  # 80 s left: steps + an evaluation every 10 + checkpoints, finals included
+
+    def cost(n: int) -> float:
+        return (n - 8) + 2.0 * (n // 10 - 0 + (n % 10 > 0)) + 5.0 * (n // 50 + (n % 50 > 0))
+
+    assert cost(total) <= 80 < cost(total + 1)
+    check_budget_plan(plan)  # fits: no error
+    assert plan_steps(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=20)), 8, 1.0, 2.0,
+                      5.0)["planned_steps"] == 20, "train.steps caps the plan"
+
+    monkeypatch.setattr(train, "process_age_s", lambda: 99.0)
+    too_small = plan_steps(config, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0)
+    with pytest.raises(BudgetError, match="train.time_budget_s=100 is too small: 99 s are gone after 8 warm-up steps"):
+        check_budget_plan(too_small)
