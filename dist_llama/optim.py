@@ -74,17 +74,16 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.de
             raise ConfigError(f"optim.name=muon: this torch ({torch.__version__}) has no torch.optim._muon Newton-Schulz "
                               "step; use torch >= 2.9 or --optim.name=adamw")
         hidden = [p for n, p in named if is_hidden_matrix(n, p)]
-        rest = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
-        adamw = _adamw([p for _, p in rest if p.dim() >= 2], [p for _, p in rest if p.dim() < 2], optim, device)
         muon = ShardedMuon([{"params": hidden, "peak_lr": optim.muon_lr}], lr=optim.muon_lr,
                            momentum=optim.muon_momentum, weight_decay=optim.muon_weight_decay)
-        return OptimizerGroup([muon, adamw])
-    return OptimizerGroup([_adamw([p for _, p in named if p.dim() >= 2], [p for _, p in named if p.dim() < 2], optim, device)])
+        rest = [p for n, p in named if not is_hidden_matrix(n, p)]
+        return OptimizerGroup([muon, _adamw(rest, optim, device)])
+    return OptimizerGroup([_adamw([p for _, p in named], optim, device)])
 
 
-def _adamw(decay: list, no_decay: list, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    groups = [{"params": decay, "weight_decay": optim.weight_decay, "peak_lr": optim.lr},
-              {"params": no_decay, "weight_decay": 0.0, "peak_lr": optim.lr}]
+def _adamw(params: list, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay, "peak_lr": optim.lr},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "peak_lr": optim.lr}]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=device.type == "cuda")
 
 
