@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import types
 import typing
@@ -86,6 +87,10 @@ class TrainConfig:
     budget_measure_steps: int = 5  # with a budget: steps timed to plan the rest
     budget_safety: float = 0.03  # with a budget: share of the remaining time kept free for step-time jitter
     loss_chunk_tokens: int = 4096  # cross-entropy this many tokens at a time (no full fp32 logits); 0: in one piece
+    # Signals that stop training at the next step with a checkpoint (preemption, Slurm's --signal before the
+    # time limit); the handler only sets a flag, every rank then stops at the same step.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    time_limit_margin_s: float | None = 90.0  # under Slurm: stop this long before the job's time limit; null: never
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,8 @@ class ParallelConfig:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    init_timeout_s: float = 600.0  # collectives until the first step ends (loading, compile, checkpoint reads)
+    timeout_s: float = 300.0  # collectives after it: a rank that waits longer for another stops the run
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,15 @@ def _validate(config: Config) -> None:
     if config.optim.name == "muon" and not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"optim.name=muon needs torch.optim.Muon (torch >= 2.9), and this torch is {torch.__version__}; "
                           "upgrade torch or use --optim.name=adamw")
+    for key in ("parallel.init_timeout_s", "parallel.timeout_s", "train.time_limit_margin_s"):
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    unknown_signals = [name for name in config.train.stop_signals if name not in signal.Signals.__members__]
+    if unknown_signals:
+        raise ConfigError(f"train.stop_signals: {unknown_signals[0]!r} is not a signal name; use names such as "
+                          "SIGUSR1, SIGTERM")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas={config.optim.betas} must have two values, e.g. [0.9, 0.95]")
 
@@ -271,7 +287,9 @@ RESUMABLE = ("train.steps", "train.time_budget_s", "train.budget_warmup_steps", 
              "train.budget_safety", "train.name", "train.run_root", "train.log_every", "train.eval_every", "train.eval_batches",
              "train.device", "train.micro_batch_size", "train.loss_chunk_tokens", "train.max_bad_steps",
              "train.init_from", "train.init_data_stream", "data.prefetch_steps", "data.tokenizer", "data.val_docs",
-             "parallel.activation_checkpointing", "parallel.compile", "parallel.backend",
+             "train.stop_signals", "train.time_limit_margin_s",
+             "parallel.activation_checkpointing", "parallel.compile", "parallel.backend", "parallel.init_timeout_s",
+             "parallel.timeout_s",
              "checkpoint", "logging", "eval")
 
 
@@ -371,8 +389,12 @@ def parse_cli(command: str, description: str, argv: list[str] | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    _, config = parse_cli("config", "Print the resolved configuration.", argv)
-    sys.stdout.write(yaml.safe_dump(to_dict(config), sort_keys=False))
+    parser = config_argument_parser("config", "Print the resolved configuration.")
+    parser.add_argument("--run-dir", action="store_true", help="print only the run directory (train.run_root/train.name)")
+    args, overrides = parser.parse_known_args(argv)
+    with user_errors("config", ConfigError):
+        config = load_config(args.config, overrides)
+    sys.stdout.write(f"{config.run_dir}\n" if args.run_dir else yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 if __name__ == "__main__":

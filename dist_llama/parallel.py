@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,20 +46,58 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(parallel: ParallelConfig, device_request: str) -> DistEnv:
-    """Join the torchrun group, or make a one-process group when launched with plain python."""
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than its timeout for another rank (hung, stopped, or far slower)."""
+
+
+def nccl_environment(trace_dir: str) -> dict[str, str]:
+    """NCCL settings that turn a hang into an error and a trace: async error handling aborts a timed-out
+    collective (so the process exits and torchrun or Slurm can act), and the flight recorder dumps each
+    rank's last collectives to trace_dir/nccl_trace_rank_N. A variable already set is left as it is."""
+    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{trace_dir}/nccl_trace_rank_"}
+
+
+def init_distributed(parallel: ParallelConfig, device_request: str, trace_dir: str = ".") -> DistEnv:
+    """Join the torchrun group, or make a one-process group when launched with plain python. Collectives
+    wait parallel.init_timeout_s until set_step_timeout shortens it after the first step."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(device_request, local_rank)
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl":
+        for name, value in nccl_environment(trace_dir).items():
+            os.environ.setdefault(name, value)
+    timeout = timedelta(seconds=parallel.init_timeout_s)
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
         else:
             # An in-process store: no ports, no environment variables for the single-process user.
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return DistEnv(rank, world_size, local_rank, device)
+
+
+def set_step_timeout(seconds: float) -> None:
+    """After the first step, compile and loading are done: a collective that waits longer than a step
+    ever should means a hung rank (torchtitan does the same with its train timeout)."""
+    for group in list(dist.distributed_c10d._world.pg_names):
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
+
+
+@contextmanager
+def collective_timeout_hint(step: int, timeout_s: float, key: str):
+    """Name the timeout, the step and the way out when a collective gives up waiting for another rank."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            raise
+        raise CollectiveTimeout(
+            f"step {step}: a collective waited more than {key}={timeout_s:g} s for another rank, which is hung, "
+            f"stopped or far slower; every rank stops so that torchrun or Slurm can restart the job. If steps "
+            f"(or checkpoints) really take this long, raise --{key}") from error
 
 
 def shutdown_distributed() -> None:
@@ -101,6 +141,11 @@ def parallelize(model: Transformer, parallel: ParallelConfig, env: DistEnv) -> T
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value
 
 

@@ -14,7 +14,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import psutil
 import torch
 
 from dist_llama.checkpoint import Checkpointer, CheckpointError, load_model_weights, read_meta
@@ -24,7 +23,10 @@ from dist_llama.data import PackedBatches, merge_states, validation_batches
 from dist_llama.metrics import MetricsLogger, environment_record, memory_gib, peak_flops
 from dist_llama.model import Transformer, count_parameters, flops_per_token
 from dist_llama.optim import build_optimizer, lr_factor, set_learning_rates
-from dist_llama.parallel import DistEnv, all_reduce_sum, broadcast_object, init_distributed, parallelize, shutdown_distributed
+from dist_llama.parallel import (CollectiveTimeout, DistEnv, all_reduce_sum, collective_timeout_hint, init_distributed,
+                                 parallelize, set_step_timeout, shutdown_distributed)
+from dist_llama.stopping import (BudgetError, StopRequest, TimeBudget, clear_stop_record, stop_message,
+                                 write_stop_record)
 from dist_llama.tokenizer import check_tokenizer, load_tokenizer
 
 log = logging.getLogger("dist_llama.train")
@@ -128,51 +130,6 @@ def evaluate_loss(model, batches, micro_batch_size: int, loss_chunk_tokens: int,
     return (all_reduce_sum(loss_sum) / all_reduce_sum(tokens)).item()
 
 
-class BudgetError(ValueError):
-    """train.time_budget_s cannot hold even the measured warm-up."""
-
-
-def process_age_s() -> float:
-    """Seconds since this process started: the budget counts imports and set-up too."""
-    return time.time() - psutil.Process().create_time()
-
-
-def events_between(first: int, last: int, every: int) -> int:
-    """How many of steps first+1..last fall on a multiple of `every` or are `last` itself."""
-    if last <= first:
-        return 0
-    return last // every - first // every + (1 if last % every else 0)
-
-
-def plan_steps(config: Config, step: int, step_s: float, eval_s: float, checkpoint_s: float) -> dict:
-    """The step count that ends training, its evaluations and checkpoints (the final ones included) inside
-    train.time_budget_s, given the measured costs; capped by train.steps. At most `step` when even the next
-    step does not fit (check_budget_plan then stops the run)."""
-    budget, age = config.train.time_budget_s, process_age_s()
-    left = (budget - age) * (1 - config.train.budget_safety)
-
-    def cost(total: int) -> float:
-        return ((total - step) * step_s + events_between(step, total, config.train.eval_every) * eval_s
-                + events_between(step, total, config.checkpoint.every) * checkpoint_s)
-
-    rate = step_s + eval_s / config.train.eval_every + checkpoint_s / config.checkpoint.every
-    total = min(config.train.steps, step + max(0, int((left - eval_s - checkpoint_s) / rate)) + 1)
-    while total > step and cost(total) > left:
-        total -= 1
-    return {"planned_steps": total, "step_s": step_s, "eval_s": eval_s, "checkpoint_s": checkpoint_s,
-            "measured_at_step": step, "budget_s": budget, "age_s": age}
-
-
-def check_budget_plan(plan: dict) -> None:
-    """Every rank calls it on the broadcast plan, so all stop together when the budget is too small."""
-    if plan["planned_steps"] <= plan["measured_at_step"]:
-        raise BudgetError(
-            f"train.time_budget_s={plan['budget_s']:g} is too small: {plan['age_s']:.0f} s are gone after "
-            f"{plan['measured_at_step']} warm-up steps (a step takes {plan['step_s']:.2f} s, an evaluation "
-            f"{plan['eval_s']:.1f} s, a checkpoint {plan['checkpoint_s']:.1f} s); raise the budget, or lower "
-            "train.budget_warmup_steps / train.eval_batches")
-
-
 def setup_logging(env: DistEnv) -> None:
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -180,7 +137,7 @@ def setup_logging(env: DistEnv) -> None:
 
 def train(config: Config) -> dict:
     """Run (or resume) training; returns the last step's metrics."""
-    env = init_distributed(config.parallel, config.train.device)
+    env = init_distributed(config.parallel, config.train.device, trace_dir=str(config.run_dir))
     setup_logging(env)
     try:
         return _train(config, env)
@@ -258,11 +215,14 @@ def _train(config: Config, env: DistEnv) -> dict:
     # Without a budget, train.steps is the schedule's length. With one, train.steps is only the upper
     # bound until the plan: the measured steps use it, which matters only for a cosine schedule that is
     # already past its warmup then.
-    total_steps = min(budget_plan["planned_steps"], config.train.steps) if budget_plan else config.train.steps
-    probe_end = progress.step + config.train.budget_warmup_steps + config.train.budget_measure_steps
+    budget = TimeBudget(config.train, progress.step, budget_plan)
+    total_steps = min(budget.plan["planned_steps"], config.train.steps) if budget.plan else config.train.steps
     logger = MetricsLogger(run_dir, env.is_main, total_steps, config.logging.tensorboard, config.logging.progress)
     peak = peak_flops(env.device, config.logging.peak_tflops)
     start_step, last = progress.step, {}
+    stop = StopRequest.install(config.train, env)
+    if env.is_main:
+        clear_stop_record(run_dir)
 
     def synchronize() -> float:
         if env.device.type == "cuda":
@@ -279,17 +239,35 @@ def _train(config: Config, env: DistEnv) -> dict:
         checkpointer.save(step, model, optimizer, data.state_dict(),
                           {"tokens_seen": progress.tokens_seen, "bad_steps": progress.bad_steps,
                            "config": to_dict(config), "final_loss": last.get("loss"), "val_loss": last.get("val_loss"),
-                           "budget_plan": budget_plan, "planned_steps": total_steps if budget_plan else None,
+                           "budget_plan": budget.plan, "planned_steps": total_steps if budget.plan else None,
                            "recipe_changes": recipe_history})
+
+    def plan_budget(step: int) -> int:
+        """Time one evaluation and one checkpoint after the measured steps, then plan the step count."""
+        step_s = budget.step_s(synchronize())
+        eval_start = time.perf_counter()
+        evaluate(step)
+        checkpoint_start = synchronize()
+        save_checkpoint(step)
+        checkpoint_s = time.perf_counter() - checkpoint_start
+        budget_plan = budget.make_plan(config, env, step, step_s, checkpoint_start - eval_start, checkpoint_s)
+        logger.log({"kind": "plan", "step": step, **budget_plan})
+        log.info("time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint "
+                 "%.1f s, %.0f s used so far)", budget_plan["budget_s"], budget_plan["planned_steps"], step_s,
+                 budget_plan["eval_s"], checkpoint_s, budget_plan["age_s"])
+        return budget_plan["planned_steps"]
 
     try:
         window_start, window_tokens = time.perf_counter(), 0
-        measure_start = window_start  # reset after the budget's warm-up steps
+        timeout_key, timeout_s = "parallel.init_timeout_s", config.parallel.init_timeout_s
         while progress.step < total_steps:
             step = progress.step + 1
             lr_scale = lr_factor(progress.step, config.optim, total_steps)
-            with out_of_memory_hint(plan):
+            with out_of_memory_hint(plan), collective_timeout_hint(step, timeout_s, timeout_key):
                 loss, grad_norm = train_step(model, optimizer, next(data), plan, lr_scale, config, env.device)
+            if step == start_step + 1:  # loading and compile are behind: a long wait now means a hung rank
+                set_step_timeout(config.parallel.timeout_s)
+                timeout_key, timeout_s = "parallel.timeout_s", config.parallel.timeout_s
             progress.step = step
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 progress.bad_steps += 1
@@ -316,34 +294,29 @@ def _train(config: Config, env: DistEnv) -> dict:
                 window_start, window_tokens = time.perf_counter(), 0
 
             pause_start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
-            planned_now = False  # the plan's own evaluation also serves this step's regular one
-            if config.train.time_budget_s is not None and budget_plan is None:
-                if step == probe_end - config.train.budget_measure_steps:
-                    measure_start = synchronize()
-                elif step == probe_end:
-                    step_s = (synchronize() - measure_start) / config.train.budget_measure_steps
-                    eval_start = time.perf_counter()
-                    evaluate(step)
-                    checkpoint_start = synchronize()
+            with collective_timeout_hint(step, timeout_s, timeout_key):
+                if budget.starts_measuring(step):
+                    budget.measure_start = synchronize()
+                planned_now = budget.plans_now(step)  # the plan's own evaluation also serves this step's regular one
+                if planned_now:
+                    total_steps = logger.total_steps = plan_budget(step)
+                stop_reason = stop.reason() if step < total_steps else None
+                if stop_reason:  # one checkpoint of this step on every rank, then a clean exit
                     save_checkpoint(step)
-                    checkpoint_s = time.perf_counter() - checkpoint_start
-                    budget_plan = broadcast_object(plan_steps(config, step, step_s, checkpoint_start - eval_start,
-                                                              checkpoint_s) if env.is_main else None)
-                    check_budget_plan(budget_plan)
-                    planned_now = True
-                    total_steps = logger.total_steps = budget_plan["planned_steps"]
-                    logger.log({"kind": "plan", "step": step, **budget_plan})
-                    log.info("time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint "
-                             "%.1f s, %.0f s used so far)", budget_plan["budget_s"], total_steps, step_s,
-                             budget_plan["eval_s"], checkpoint_s, budget_plan["age_s"])
-            if not planned_now and (step % config.train.eval_every == 0 or step == total_steps):
-                evaluate(step)
-            if step % config.checkpoint.every == 0 or step == total_steps:  # again here: this one records the plan
-                save_checkpoint(step)
+                    logger.log({"kind": "stop", "step": step, "reason": stop_reason})
+                    log.info(stop_message(stop_reason, step, total_steps))
+                    if env.is_main:
+                        write_stop_record(run_dir, step, stop_reason)
+                    break
+                if not planned_now and (step % config.train.eval_every == 0 or step == total_steps):
+                    evaluate(step)
+                if step % config.checkpoint.every == 0 or step == total_steps:  # again here: this one records the plan
+                    save_checkpoint(step)
             paused = time.perf_counter() - pause_start
             window_start += paused
-            measure_start += paused
+            budget.measure_start += paused
     finally:
+        stop.close()
         data.close()
         logger.close()
     return last
@@ -351,7 +324,8 @@ def _train(config: Config, env: DistEnv) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     _, config = parse_cli("train", "Train a LLaMA model (single process, or under torchrun).", argv)
-    with user_errors("train", ConfigError, CheckpointError, NonFiniteError, BudgetError, FileNotFoundError, ValueError):
+    with user_errors("train", ConfigError, CheckpointError, NonFiniteError, BudgetError, CollectiveTimeout,
+                     FileNotFoundError, ValueError):
         train(config)
 
 

@@ -14,8 +14,9 @@ from dist_llama.config import ConfigError, OptimConfig, load_config
 from dist_llama.model import PRESETS, Transformer
 from dist_llama.optim import ShardedMuon, build_optimizer, is_hidden_matrix, lr_factor
 from dist_llama.parallel import DistEnv, parallelize
-from dist_llama import train
-from dist_llama.train import BatchPlan, BudgetError, check_budget_plan, plan_steps, train_step
+from dist_llama import stopping
+from dist_llama.stopping import BudgetError, check_budget_plan, plan_steps
+from dist_llama.train import BatchPlan, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -195,7 +196,7 @@ def test_micro_batch_is_a_maximum_and_only_an_uneven_global_batch_fails():
 def test_budget_plan_fits_the_measured_costs_and_refuses_a_budget_too_small(monkeypatch):
     config = load_config(None, ["--train.time_budget_s=100", "--train.steps=100000", "--train.budget_safety=0",
                                 "--train.eval_every=10", "--checkpoint.every=50"])
-    monkeypatch.setattr(train, "process_age_s", lambda: 20.0)
+    monkeypatch.setattr(stopping, "process_age_s", lambda: 20.0)
     plan = plan_steps(config, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0)
     total = plan["planned_steps"]  # 80 s left: steps + an evaluation every 10 + checkpoints, finals included
 
@@ -207,7 +208,7 @@ def test_budget_plan_fits_the_measured_costs_and_refuses_a_budget_too_small(monk
     assert plan_steps(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=20)), 8, 1.0, 2.0,
                       5.0)["planned_steps"] == 20, "train.steps caps the plan"
 
-    monkeypatch.setattr(train, "process_age_s", lambda: 99.0)
+    monkeypatch.setattr(stopping, "process_age_s", lambda: 99.0)
     too_small = plan_steps(config, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0)
     with pytest.raises(BudgetError, match="train.time_budget_s=100 is too small: 99 s are gone after 8 warm-up steps"):
         check_budget_plan(too_small)
