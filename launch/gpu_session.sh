@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # launch/gpu_session.sh --out DIR [--rehearse] [--deadline-s 540] [--bundle gpu_bundle] [--section.key=value ...]
 # One command on a GPU: install the bundle, preflight, bench, train, release, evaluate, report (see
-# dist_llama/gpu_session.py). --rehearse runs the same stages on this machine's CPU.
+# dist_llama/session/). --rehearse runs the same stages on this machine's CPU.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-}
@@ -10,4 +10,4 @@ if [ -z "${python}" ]; then
   if [ -x "${repo}/.venv/bin/python" ]; then python=${repo}/.venv/bin/python; else python=python3; fi
 fi
 export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"
-exec "${python}" -m dist_llama.gpu_session "$@"
+exec "${python}" -m dist_llama.session "$@"

@@ -4,7 +4,7 @@
 # OUT_DIR: gpu_bundle/, git-ignored; name it in the machine's carry):
 #   wheels/   cp312 manylinux x86-64 wheels of what that machine lacks: lm-eval, datasets, evaluate and
 #             their needs (sdist-only packages are built into wheels here with pip wheel --no-deps)
-#   the data  python -m dist_llama.gpu_session bundle: tokenizer, training shards as parquet, held-out
+#   the data  python -m dist_llama.session bundle: tokenizer, training shards as parquet, held-out
 #             documents, tinyMMLU and spread MMLU items, manifest.json; it prints the total with the
 #             checkout's files and refuses above 60 MiB (training shards that do not fit are left out).
 # --check     then install the wheels as the session does (pip --no-index --no-deps --target) in a clean
@@ -59,7 +59,7 @@ ls "${out}/wheels"/*.whl | while read -r wheel; do
   esac
 done
 
-PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" "${python}" -m dist_llama.gpu_session bundle --out "${out}"
+PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" "${python}" -m dist_llama.session bundle --out "${out}"
 
 if [ "${check}" = 1 ]; then
   if ! "${python312}" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
@@ -70,7 +70,7 @@ if [ "${check}" = 1 ]; then
   "${python312}" -m venv "${venv}"
   "${venv}/bin/pip" install --quiet --disable-pip-version-check "${GPU_MACHINE[@]}"
   "${venv}/bin/pip" install --quiet --disable-pip-version-check --no-deps accelerate peft
-  PYTHONPATH="${repo}" "${venv}/bin/python" -m dist_llama.gpu_session install --bundle "${out}" \
+  PYTHONPATH="${repo}" "${venv}/bin/python" -m dist_llama.session install --bundle "${out}" \
     --target "$(dirname "${venv}")/site"
   echo "checked: the bundle's wheels install and import in ${venv} ($("${venv}/bin/python" --version))"
 fi

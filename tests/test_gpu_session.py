@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_llama.gpu_session import MANIFEST, PACK_NAME, summary_markdown
+from dist_llama.session.bundle import MANIFEST
+from dist_llama.session.pack import PACK_NAME
+from dist_llama.session.summary import summary_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,5 @@
+import sys
+
+from dist_llama.session.cli import main
+
+sys.exit(main())
