@@ -46,6 +46,9 @@ class DataConfig:
     seq_len: int = 128
     shuffle: bool = True
     prefetch_steps: int = 4  # batches tokenized ahead by the background thread
+    # A folder of pre-tokenized documents (python -m dist_llama.data.prepare), built on first use by each node's
+    # local rank 0 when missing; null: tokenize on the fly. The batches are the same either way.
+    token_cache: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,11 @@ def _validate(config: Config) -> None:
     if config.optim.name == "muon" and not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"optim.name=muon needs torch.optim.Muon (torch >= 2.9), and this torch is {torch.__version__}; "
                           "upgrade torch or use --optim.name=adamw")
+    if config.data.token_cache is not None and config.data.hub_streaming:
+        raise ConfigError("data.token_cache needs random access to the documents, which data.hub_streaming=true does "
+                          "not give: set data.hub_streaming=false (the cached download) or data.token_cache=null")
+    if config.data.token_cache == "":
+        raise ConfigError("data.token_cache='' is not a folder; give a path, or null to tokenize on the fly")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas={config.optim.betas} must have two values, e.g. [0.9, 0.95]")
 
@@ -271,6 +279,7 @@ RESUMABLE = ("train.steps", "train.time_budget_s", "train.budget_warmup_steps", 
              "train.budget_safety", "train.name", "train.run_root", "train.log_every", "train.eval_every", "train.eval_batches",
              "train.device", "train.micro_batch_size", "train.loss_chunk_tokens", "train.max_bad_steps",
              "train.init_from", "train.init_data_stream", "data.prefetch_steps", "data.tokenizer", "data.val_docs",
+             "data.token_cache",
              "parallel.activation_checkpointing", "parallel.compile", "parallel.backend",
              "checkpoint", "logging", "eval")
 
