@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from dist_llama import data
-from dist_llama.data import sources
+from dist_llama.data import packing, sources
 from dist_llama.config import DataConfig
 
 import download_worker  # tests/download_worker.py
@@ -353,6 +353,28 @@ def test_thread_errors_reach_the_consumer_and_other_lanes_skip_without_parsing(t
             windows(lane_1, 5)
         with pytest.raises(ValueError, match="not valid JSON"):
             next(lane_1)  # and it keeps failing rather than hanging
+
+
+def test_a_tokenizer_batch_is_bounded_by_bytes_so_megabyte_documents_start_at_once(tmp_path, tokenizer, monkeypatch):
+    # Counted in documents alone, the first batch would take one 2 MB document per lane, and the next one all the
+    # others: minutes of tokenizing for one batch of a real corpus of such documents.
+    rng = random.Random(11)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(420_000))[:2_000_000] for _ in range(8)]
+    write_jsonl(tmp_path / "long.jsonl", docs)
+    handed = []
+    real = data.DocumentEncoder.encode_batch
+
+    def recording(self, texts):
+        handed.append([len(text) for text in texts])
+        return real(self, texts)
+
+    monkeypatch.setattr(data.DocumentEncoder, "encode_batch", recording)
+    start = time.perf_counter()
+    with data.PackedBatches(config([tmp_path / "long.jsonl"], seq_len=64), tokenizer, global_rows=4) as batches:
+        windows(batches, 1)
+    assert handed[0] == [2_000_000], "the first batch is the needy lane's one document"
+    assert all(len(sizes) == 1 or sum(sizes) <= packing.TOKENIZE_BATCH_BYTES for sizes in handed)
+    assert time.perf_counter() - start < 120
 
 
 # --- Held-out set ---------------------------------------------------------------------------------------

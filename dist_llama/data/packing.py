@@ -16,6 +16,10 @@ from dist_llama.data.encoding import DocumentEncoder
 from dist_llama.data.heldout import is_held_out
 
 TOKENIZE_BATCH_DOCS = 128  # documents per encode_batch call: large enough to keep every core busy
+# And at most this much text per call (a needy lane's one document may exceed it alone). OpenWebText's 128
+# documents are ~0.6 MB, so it does not bind there; but 128 documents of megabytes would be one call of hundreds
+# of megabytes, minutes of tokenizing before the first batch (BENCHMARKS.md, "Tokenizer pre-split").
+TOKENIZE_BATCH_BYTES = 2 << 20
 MAX_IN_FLIGHT = 2
 HORIZON_BATCHES = 2
 
@@ -193,10 +197,15 @@ class _Packer(_WindowPacker):
         candidates = [(lane.available + lane.tokenizing_estimate + (len(picked[0][3]) // 4 if lane is needy else 0),
                        lane.index) for lane in self.lanes if lane.texts]
         heapq.heapify(candidates)
+        size = sum(len(text) for *_, text in picked)
         while candidates and candidates[0][0] < horizon and len(picked) < TOKENIZE_BATCH_DOCS:
-            projected, index = heapq.heappop(candidates)
+            projected, index = candidates[0]
             lane = self.lane_of[index]
+            if picked and size + len(lane.texts[0][2]) > TOKENIZE_BATCH_BYTES:
+                break
+            heapq.heappop(candidates)
             picked.append((lane, *lane.texts.popleft()))
+            size += len(picked[-1][3])
             if lane.texts:
                 heapq.heappush(candidates, (projected + len(picked[-1][3]) // 4, index))
         if not picked:
