@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from dist_llama import data
 from dist_llama.config import ConfigError, load_config, recipe_changes
 from dist_llama.data import cache
 from test_data import (config, encode, global_windows, hub, hub_config, make_docs, tokenizer,  # noqa: F401 (fixtures)
-                       write_jsonl, write_parquet)
+                       train_tokenizer, write_jsonl, write_parquet)
 
 import download_worker  # tests/download_worker.py
 
@@ -112,16 +110,6 @@ def test_two_build_processes_write_the_same_cache_as_one(tmp_path, tokenizer, mo
     assert manifests[0]["shards"] == manifests[1]["shards"] and manifests[0]["files"] == manifests[1]["files"]
 
 
-def other_tokenizer():
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(make_docs(300, seed=98), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
 def test_a_cache_that_does_not_match_the_config_is_refused_in_one_line(tmp_path, tokenizer):
     docs = make_docs(20, seed=35)
     folder = tmp_path / "data"
@@ -141,7 +129,7 @@ def test_a_cache_that_does_not_match_the_config_is_refused_in_one_line(tmp_path,
 
     refused(dataclasses.replace(cfg, text_field="body"), tokenizer, r"text field 'text' -> 'body'")
     refused(dataclasses.replace(cfg, val_per_mille=10), tokenizer, r"held-out rule 50 -> 10 per mille")
-    refused(cfg, other_tokenizer(), r"tokenizer hash '\w+' -> '\w+'")
+    refused(cfg, train_tokenizer(vocab_size=300, seed=98), r"tokenizer hash '\w+' -> '\w+'")
     original = (folder / "a.jsonl").read_bytes()
     (folder / "a.jsonl").write_bytes(original.replace(b"doc0:", b"DOC0:"))  # same size, other text
     refused(cfg, tokenizer, r"the content of a\.jsonl")

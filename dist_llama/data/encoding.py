@@ -59,6 +59,8 @@ class DocumentEncoder:
         # the text are encoded as plain text, as SentencePiece does.
         backend.encode_special_tokens = True
         self.backend = backend
+        # tokenizers >= 0.21: the same ids without computing character offsets, which nothing here reads.
+        self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
     def __getstate__(self) -> dict:
         return {"tokenizer": self.backend.to_str(), "bos": self.bos, "eos": self.eos}
@@ -83,7 +85,7 @@ class DocumentEncoder:
 
     def encode_batch(self, texts: list[str]) -> list:
         """Rust encodings; the GIL is released meanwhile, so this runs on a thread of its own."""
-        return self.backend.encode_batch(texts, add_special_tokens=False)
+        return self._encode_batch(texts, add_special_tokens=False)
 
     def to_tokens(self, encoding) -> np.ndarray:
         ids = encoding.ids

@@ -10,7 +10,7 @@ import torch
 
 from dist_llama.config import DataConfig
 from dist_llama.data.cache import open_token_cache
-from dist_llama.data.encoding import DocumentEncoder
+from dist_llama.data.encoding import DocumentEncoder, limit_tokenizer_threads, rank_cores
 from dist_llama.data.heldout import held_out_files
 from dist_llama.data.packing import _CachePacker, _Lane, _Packer
 from dist_llama.data.sources import _open_source
@@ -117,6 +117,8 @@ class PackedBatches:
         if config.token_cache:
             self._source, self._encoder = open_token_cache(config, tokenizer), None
         else:
+            # The rank's share of the node's cores for the tokenizer's threads.
+            limit_tokenizer_threads(rank_cores())
             self._source, self._encoder = _open_source(config, "training"), DocumentEncoder(tokenizer)
         self._held_out_per_mille = 0 if held_out_files(config) else config.val_per_mille
         self._lane_states = {str(lane): {"epoch": 0, "doc": lane, "offset": 0} for lane in self.lanes}
