@@ -276,13 +276,15 @@ def _remove_stale_partials(folder: Path) -> None:
             pass
 
 
-def build_token_cache(config: DataConfig, tokenizer, *, workers: int | None = None, force: bool = False) -> Path:
-    """Tokenize the training documents of `config` (a DataConfig) into config.token_cache and return the folder.
+def build_token_cache(config, tokenizer, *, workers: int | None = None, force: bool = False) -> Path:
+    """Tokenize the training documents of `config` (a Config or its DataConfig) into data.token_cache; returns the
+    folder.
 
     `workers` processes tokenize (default: every core this process may use). A cache already there that matches
     the config is kept as it is; one that does not is refused (ConfigError) unless `force`, which replaces it.
     Not a collective: in a process group, open_token_cache is the call that builds once per node.
     """
+    config: DataConfig = getattr(config, "data", config)
     if not config.token_cache:
         raise ConfigError("data.token_cache is not set: name the cache folder, e.g. --data.token_cache=cache/owt")
     folder = Path(config.token_cache)

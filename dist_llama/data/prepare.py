@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.workers is not None and args.workers <= 0:
             raise ConfigError(f"--workers={args.workers} must be positive")
         tokenizer = load_tokenizer(config.data.tokenizer)
-        folder = build_token_cache(config.data, tokenizer, workers=args.workers, force=args.force)
+        folder = build_token_cache(config, tokenizer, workers=args.workers, force=args.force)
         cache = load_token_cache(config.data, tokenizer)
     print(f"{folder}: {cache.describe()}")
 
