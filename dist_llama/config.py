@@ -47,6 +47,9 @@ class DataConfig:
     seq_len: int = 128
     shuffle: bool = True
     prefetch_steps: int = 4  # batches tokenized ahead by the background thread
+    # A folder of pre-tokenized documents (python -m dist_llama.data.prepare), built on first use by each node's
+    # local rank 0 when missing; null: tokenize on the fly. The batches are the same either way.
+    token_cache: str | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,11 @@ def _validate(config: Config) -> None:
     if unknown_signals:
         raise ConfigError(f"train.stop_signals: {unknown_signals[0]!r} is not a signal name; use names such as "
                           "SIGUSR1, SIGTERM")
+    if config.data.token_cache is not None and config.data.hub_streaming:
+        raise ConfigError("data.token_cache needs random access to the documents, which data.hub_streaming=true does "
+                          "not give: set data.hub_streaming=false (the cached download) or data.token_cache=null")
+    if config.data.token_cache == "":
+        raise ConfigError("data.token_cache='' is not a folder; give a path, or null to tokenize on the fly")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas={config.optim.betas} must have two values, e.g. [0.9, 0.95]")
 
@@ -287,7 +295,7 @@ RESUMABLE = ("train.steps", "train.time_budget_s", "train.budget_warmup_steps", 
              "train.budget_safety", "train.name", "train.run_root", "train.log_every", "train.eval_every", "train.eval_batches",
              "train.device", "train.micro_batch_size", "train.loss_chunk_tokens", "train.max_bad_steps",
              "train.init_from", "train.init_data_stream", "data.prefetch_steps", "data.tokenizer", "data.val_docs",
-             "train.stop_signals", "train.time_limit_margin_s",
+             "train.stop_signals", "train.time_limit_margin_s", "data.token_cache",
              "parallel.activation_checkpointing", "parallel.compile", "parallel.backend", "parallel.init_timeout_s",
              "parallel.timeout_s",
              "checkpoint", "logging", "eval")

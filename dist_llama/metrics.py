@@ -1,4 +1,5 @@
-"""What a run records: metrics.jsonl, tensorboard scalars, a progress line, the environment, and MFU.
+"""What a run records: metrics.jsonl, tensorboard scalars, a progress line, the environment, MFU, and how long
+the training loop waited for its data.
 
 Only rank 0 writes. Every record is one JSON object per line in run_dir/metrics.jsonl, so the report
 generator and anyone with pandas can read a run without tensorboard.
@@ -7,6 +8,7 @@ generator and anyone with pandas can read a run without tensorboard.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import resource
@@ -18,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peak FLOP/s, keyed by the words a card's CUDA name must contain. NVIDIA's
 # datasheets quote bf16 "with sparsity"; the dense peak is half of that:
@@ -99,6 +103,31 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+# Above this share of step time spent waiting for batches, the run says once that the data is the bottleneck.
+DATA_WAIT_WARNING = 0.05
+
+
+class DataWait:
+    """The seconds the training loop waits in next(data) for its batches, summed until take() reads them."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def next(self, data):
+        start = time.perf_counter()
+        try:
+            return next(data)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def take(self, elapsed_s: float) -> dict:
+        """The train record's fields for a window of `elapsed_s` seconds of steps: data_wait_s, and data_wait, the
+        share of the window it was."""
+        fields = {"data_wait_s": self.seconds, "data_wait": self.seconds / elapsed_s if elapsed_s > 0 else 0.0}
+        self.seconds = 0.0
+        return fields
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, tensorboard: bool, progress: bool):
         self.enabled = enabled
@@ -107,6 +136,7 @@ class MetricsLogger:
         self.start = time.perf_counter()
         self.writer = None
         self.file = None
+        self.train_records, self.warned_data_wait = 0, False
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +160,20 @@ class MetricsLogger:
                     self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
         if self.progress:
             print(self._progress_line(record, start_step), flush=True)
+        if record.get("kind", "train") == "train":
+            self.train_records += 1
+            self._warn_data_wait(record)
+
+    def _warn_data_wait(self, record: dict) -> None:
+        # The first window holds the start-up (the first batches, files opened): steady waiting counts from the second.
+        share = record.get("data_wait")
+        if share is None or self.warned_data_wait or self.train_records < 2 or share <= DATA_WAIT_WARNING:
+            return
+        self.warned_data_wait = True
+        log.warning("step %d: the training loop waited for its batches %.1f%% of the step time (over %.0f%%): the "
+                    "data cannot keep up. Tokenize once instead of on the fly: --data.token_cache=FOLDER (python -m "
+                    "dist_llama.data.prepare builds it beforehand)", record["step"], 100 * share,
+                    100 * DATA_WAIT_WARNING)
 
     def _progress_line(self, record: dict, start_step: int) -> str:
         step = record["step"]
@@ -142,6 +186,8 @@ class MetricsLogger:
                   f"{record['tokens_per_s']:,.0f} tok/s"]
         if "mfu" in record:
             parts.append(f"MFU {100 * record['mfu']:.1f}%")
+        if "data_wait" in record:
+            parts.append(f"data_wait {100 * record['data_wait']:.1f}%")
         parts.append(f"mem {record['memory_gib']:.2f}GiB")
         elapsed = time.perf_counter() - self.start
         done = step - start_step

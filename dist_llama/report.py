@@ -64,7 +64,8 @@ def training_plots(train: list[dict], val: list[dict], out: Path, name: str) -> 
     written.append(out / "loss.png")
     _line_plot(written[-1], f"{name}: loss", "cross-entropy (nats/token)", loss_series, "tokens seen")
     for key, title, logy in [("lr", "learning rate", False), ("grad_norm", "gradient norm (before clipping)", True),
-                             ("tokens_per_s", "throughput (tokens/s)", False), ("mfu", "model FLOPs utilisation", False)]:
+                             ("tokens_per_s", "throughput (tokens/s)", False), ("mfu", "model FLOPs utilisation", False),
+                             ("data_wait", "share of step time waiting for batches", False)]:
         points = [(r["tokens_seen"], r[key]) for r in train if key in r]
         if points:
             written.append(out / f"{key}.png")
@@ -92,6 +93,9 @@ def run_summary(run_dir: Path, train: list[dict], val: list[dict]) -> dict:
         "median_tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady) if steady else None,
         "median_mfu": statistics.median(r["mfu"] for r in steady if "mfu" in r) if any("mfu" in r for r in steady) else None,
         "peak_memory_gib": max(r["memory_gib"] for r in train) if train else None,
+        # The share of step time the loop waited for batches (runs from before it was logged have none).
+        "median_data_wait": statistics.median(r["data_wait"] for r in steady if "data_wait" in r)
+        if any("data_wait" in r for r in steady) else None,
     }
 
 
@@ -101,7 +105,7 @@ def results_markdown(summary: dict, eval_summary: dict | None, ppl: list[dict], 
              f"commit `{(summary['git_commit'] or 'unknown')[:12]}`.", "",
              "| metric | value |", "| --- | --- |"]
     for key in ("seq_len", "steps", "tokens_seen", "final_train_loss", "final_val_loss", "best_val_loss",
-                "median_tokens_per_s", "median_mfu", "peak_memory_gib"):
+                "median_tokens_per_s", "median_mfu", "median_data_wait", "peak_memory_gib"):
         lines.append(f"| {key} | {format_value(summary[key], 1 if key == 'median_tokens_per_s' else 4)} |")
     if eval_summary:
         lines += ["", "Evaluation (`eval/summary.json`):", "", "| metric | value |", "| --- | --- |"]

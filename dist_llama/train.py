@@ -20,7 +20,7 @@ from dist_llama.checkpoint import Checkpointer, CheckpointError, load_model_weig
 from dist_llama.cli import user_errors
 from dist_llama.config import Config, ConfigError, from_dict, parse_cli, recipe_changes, save_config, to_dict
 from dist_llama.data import PackedBatches, merge_states, validation_batches
-from dist_llama.metrics import MetricsLogger, environment_record, memory_gib, peak_flops
+from dist_llama.metrics import DataWait, MetricsLogger, environment_record, memory_gib, peak_flops
 from dist_llama.model import Transformer, count_parameters, flops_per_token
 from dist_llama.optim import build_optimizer, lr_factor, set_learning_rates
 from dist_llama.parallel import (CollectiveTimeout, DistEnv, all_reduce_sum, collective_timeout_hint, init_distributed,
@@ -260,11 +260,12 @@ def _train(config: Config, env: DistEnv) -> dict:
     try:
         window_start, window_tokens = time.perf_counter(), 0
         timeout_key, timeout_s = "parallel.init_timeout_s", config.parallel.init_timeout_s
+        data_wait = DataWait()
         while progress.step < total_steps:
             step = progress.step + 1
             lr_scale = lr_factor(progress.step, config.optim, total_steps)
             with out_of_memory_hint(plan), collective_timeout_hint(step, timeout_s, timeout_key):
-                loss, grad_norm = train_step(model, optimizer, next(data), plan, lr_scale, config, env.device)
+                loss, grad_norm = train_step(model, optimizer, data_wait.next(data), plan, lr_scale, config, env.device)
             if step == start_step + 1:  # loading and compile are behind: a long wait now means a hung rank
                 set_step_timeout(config.parallel.timeout_s)
                 timeout_key, timeout_s = "parallel.timeout_s", config.parallel.timeout_s
@@ -287,7 +288,8 @@ def _train(config: Config, env: DistEnv) -> dict:
                              "grad_norm": grad_norm, "lr": config.optim.lr * lr_scale, "tokens_in_batch": plan.tokens_per_step,
                              "tokens_per_s": tokens_per_s, "epoch": data.epoch,
                              "mfu": flops * tokens_per_s / (peak * env.world_size) if peak else None,
-                             "memory_gib": memory_gib(env.device), "time_s": time.perf_counter() - logger.start})
+                             "memory_gib": memory_gib(env.device), "time_s": time.perf_counter() - logger.start,
+                             **data_wait.take(elapsed)})
                 if config.optim.name == "muon":
                     last["muon_lr"] = config.optim.muon_lr * lr_scale
                 logger.log({k: v for k, v in last.items() if k != "val_loss"}, start_step)

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from dist_llama import data
-from dist_llama.data import sources
+from dist_llama.data import packing, sources
 from dist_llama.config import DataConfig
 
 import download_worker  # tests/download_worker.py
@@ -41,17 +41,22 @@ def make_docs(n: int, seed: int = 0, prefix: str = "doc") -> list[str]:
     return [f"{prefix}{i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))) for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
+def train_tokenizer(vocab_size: int = 400, seed: int = 99) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on make_docs(300, seed), with <unk> <s> </s> as ids 0, 1, 2."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(make_docs(300, seed=99), trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(make_docs(300, seed=seed), trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     assert (hf.bos_token_id, hf.eos_token_id) == (1, 2)
     return hf
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return train_tokenizer()
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -353,6 +358,28 @@ def test_thread_errors_reach_the_consumer_and_other_lanes_skip_without_parsing(t
             windows(lane_1, 5)
         with pytest.raises(ValueError, match="not valid JSON"):
             next(lane_1)  # and it keeps failing rather than hanging
+
+
+def test_a_tokenizer_batch_is_bounded_by_bytes_so_megabyte_documents_start_at_once(tmp_path, tokenizer, monkeypatch):
+    # Counted in documents alone, the first batch would take one 2 MB document per lane, and the next one all the
+    # others: minutes of tokenizing for one batch of a real corpus of such documents.
+    rng = random.Random(11)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(420_000))[:2_000_000] for _ in range(8)]
+    write_jsonl(tmp_path / "long.jsonl", docs)
+    handed = []
+    real = data.DocumentEncoder.encode_batch
+
+    def recording(self, texts):
+        handed.append([len(text) for text in texts])
+        return real(self, texts)
+
+    monkeypatch.setattr(data.DocumentEncoder, "encode_batch", recording)
+    start = time.perf_counter()
+    with data.PackedBatches(config([tmp_path / "long.jsonl"], seq_len=64), tokenizer, global_rows=4) as batches:
+        windows(batches, 1)
+    assert handed[0] == [2_000_000], "the first batch is the needy lane's one document"
+    assert all(len(sizes) == 1 or sum(sizes) <= packing.TOKENIZE_BATCH_BYTES for sizes in handed)
+    assert time.perf_counter() - start < 120
 
 
 # --- Held-out set ---------------------------------------------------------------------------------------
@@ -709,6 +736,33 @@ def test_real_mistral_tokenizer_packs_bos_doc_eos(shared_data):
         streams = lane_streams(windows(batches, 4))
     for lane, stream in enumerate(streams):
         assert stream == expected_lane_stream(mistral, docs, lane, 2, len(stream))
+
+
+def test_the_encoder_gives_the_full_encodings_ids_without_offsets(shared_data):
+    from dist_llama.tokenizer import load_tokenizer
+
+    mistral = load_tokenizer(source="offline")
+    encoder = data.DocumentEncoder(mistral)
+    assert encoder._encode_batch.__name__ == "encode_batch_fast"  # tokenizers >= 0.21, as pinned
+    docs = data.read_documents([shared_data / "owt" / "tiny.jsonl"], limit=200)
+    full = encoder.backend.encode_batch(docs, add_special_tokens=False)  # with character offsets
+    assert [tokens.tolist() for tokens in encoder.encode(docs)] == [[1] + e.ids + [2] for e in full]
+
+
+def test_the_tokenizer_threads_are_the_ranks_share_of_its_cores(tmp_path, tokenizer, monkeypatch):
+    from dist_llama.data import encoding
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert encoding.rank_cores() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert encoding.rank_cores() == 2
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    write_jsonl(tmp_path / "a.jsonl", make_docs(10))
+    data.PackedBatches(config([tmp_path / "a.jsonl"]), tokenizer, global_rows=2).close()
+    assert os.environ["RAYON_NUM_THREADS"] == "2"  # 16 cores shared by 8 ranks
+    encoding.limit_tokenizer_threads(5)  # set already (by the user, or before): left as it is
+    assert os.environ["RAYON_NUM_THREADS"] == "2"
 
 
 def test_missing_val_paths_fall_back_to_the_hash_rule_only_with_auto(tmp_path, tokenizer, caplog):

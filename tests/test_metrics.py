@@ -1,9 +1,15 @@
-"""The MFU peak table: each GPU variant gets its own dense bf16 peak, the most specific entry first."""
+"""The MFU peak table (each GPU variant gets its own dense bf16 peak, the most specific entry first), and the
+data-wait share: large behind a slow tokenizer, said once, and close to nothing from the token cache."""
+
+import dataclasses
+import logging
+import time
 
 import pytest
 import torch
 
-from dist_llama import metrics
+from dist_llama import data, metrics
+from test_data import config, make_docs, tokenizer, write_jsonl  # noqa: F401 (a fixture)
 
 
 @pytest.mark.parametrize("name, tflops", [
@@ -32,3 +38,53 @@ def test_peak_flops_reads_the_cuda_name(monkeypatch):
     assert metrics.peak_flops(torch.device("cuda", 0), None) == pytest.approx(756.5e12)
     assert metrics.peak_flops(torch.device("cuda", 0), 100.0) == pytest.approx(100e12)  # the config's override
     assert metrics.peak_flops(torch.device("cpu"), None) is None
+
+
+def data_wait_shares(batches, logger, windows=3, steps=6, step_s=0.002) -> list[float]:
+    """A training loop's timing around batches from `batches`, each step `step_s` of work, logged per window."""
+    shares = []
+    for window in range(windows):
+        wait, start = metrics.DataWait(), time.perf_counter()
+        for _ in range(steps):
+            wait.next(batches)
+            time.sleep(step_s)  # the step
+        record = {"kind": "train", "step": (window + 1) * steps, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0,
+                  "tokens_per_s": 1.0, "memory_gib": 0.1, **wait.take(time.perf_counter() - start)}
+        logger.log(record)
+        shares.append(record["data_wait"])
+    return shares
+
+
+def test_a_slow_source_makes_the_data_wait_large_and_the_run_says_so_once(tmp_path, tokenizer, monkeypatch, caplog,
+                                                                        capsys):
+    write_jsonl(tmp_path / "a.jsonl", make_docs(400, seed=40))
+    real = data.DocumentEncoder.encode_batch
+
+    def slow(self, texts):
+        time.sleep(0.002 * len(texts))  # 500 documents/s, while a step of 4 x 256 tokens takes ~50
+        return real(self, texts)
+
+    monkeypatch.setattr(data.DocumentEncoder, "encode_batch", slow)
+    logger = metrics.MetricsLogger(tmp_path / "run", True, 18, tensorboard=False, progress=True)
+    with caplog.at_level(logging.WARNING, logger="dist_llama.metrics"):
+        with data.PackedBatches(config([tmp_path / "a.jsonl"], prefetch_steps=1, seq_len=256), tokenizer,
+                                 global_rows=4) as batches:
+            shares = data_wait_shares(batches, logger)
+    logger.close()
+    assert min(shares) > 0.3, shares
+    warnings = [r.message for r in caplog.records if "waited for its batches" in r.message]
+    assert len(warnings) == 1 and "data.token_cache" in warnings[0]
+    assert "data_wait" in capsys.readouterr().out  # the progress line shows it
+
+
+def test_the_token_cache_makes_the_data_wait_nearly_nothing(tmp_path, tokenizer, caplog):
+    write_jsonl(tmp_path / "a.jsonl", make_docs(400, seed=41))
+    cfg = dataclasses.replace(config([tmp_path / "a.jsonl"], prefetch_steps=1), token_cache=str(tmp_path / "cache"))
+    data.build_token_cache(cfg, tokenizer, workers=1)
+    logger = metrics.MetricsLogger(tmp_path / "run", True, 18, tensorboard=False, progress=False)
+    with caplog.at_level(logging.WARNING, logger="dist_llama.metrics"):
+        with data.PackedBatches(cfg, tokenizer, global_rows=4) as batches:
+            shares = data_wait_shares(batches, logger, step_s=0.01)
+    logger.close()
+    assert max(shares[1:]) < 0.05, shares  # the first window holds the start-up
+    assert not [r for r in caplog.records if "waited for its batches" in r.message]

@@ -168,7 +168,8 @@ def test_report_from_metrics_alone(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     records = [{"kind": "train", "step": s, "tokens_seen": 100 * s, "loss": 10.0 - s, "grad_norm": 1.0 / s,
-                "lr": 1e-3, "tokens_in_batch": 100, "tokens_per_s": 50.0 + s, "memory_gib": 1.0} for s in range(1, 6)]
+                "lr": 1e-3, "tokens_in_batch": 100, "tokens_per_s": 50.0 + s, "memory_gib": 1.0,
+                "data_wait": 0.01 * s, "data_wait_s": 0.1} for s in range(1, 6)]
     records.insert(3, {"kind": "val", "step": 3, "tokens_seen": 300, "val_loss": 7.5})
     # A resumed run re-logs step 5: the last record wins.
     records.append({**records[-1], "loss": 4.5})
@@ -179,7 +180,8 @@ def test_report_from_metrics_alone(tmp_path):
     assert "| final_val_loss | 7.5000 |" in text
     assert "| steps | 5 |" in text
     assert "| median_mfu | n/a |" in text
-    for plot in ("loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png"):
+    assert "| median_data_wait | 0.0350 |" in text  # of steps 2-5: the first window is start-up
+    for plot in ("loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png", "data_wait.png"):
         assert (run_dir / "report" / plot).stat().st_size > 1000
     assert not (run_dir / "report" / "mfu.png").exists()
     assert text.index("loss.png") < text.index("lr.png"), "the loss plot comes first"

@@ -120,8 +120,10 @@ def test_run_directory_holds_config_environment_metrics_and_checkpoints(runs):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
-    for key in ("step", "tokens_seen", "loss", "grad_norm", "lr", "tokens_in_batch", "tokens_per_s", "memory_gib"):
+    for key in ("step", "tokens_seen", "loss", "grad_norm", "lr", "tokens_in_batch", "tokens_per_s", "memory_gib",
+                "data_wait", "data_wait_s"):
         assert key in train[0], key
+    assert all(0 <= r["data_wait"] < 1 and r["data_wait_s"] >= 0 for r in train)
     assert "mfu" not in train[0], "MFU is left out on CPU"
     assert train[-1]["tokens_seen"] == STEPS * 256 and train[0]["tokens_in_batch"] == 256
     assert [r["step"] for r in val] == [6, 12] and all(r["val_loss"] > 0 for r in val)
@@ -160,6 +162,19 @@ def test_sigkill_then_resume_continues_exactly(runs, corpus, tmp_path):
     one_rank_args = tiny_overrides(*corpus, tmp_path, "killed_copy")
     run(1, one_rank_args)
     assert_close_losses(train_losses(tmp_path / "killed_copy"), expected, rel=1e-5,
+                        steps=list(range(CHECKPOINT_AT + 1, STEPS + 1)))
+
+
+def test_a_checkpoint_resumes_from_the_token_cache_on_two_ranks_exactly(runs, corpus, tmp_path):
+    """The 1-rank run's checkpoint (tokenized on the fly) resumed on 2 ranks with data.token_cache switched on: the
+    cache is built once on the node, the data state is accepted as the same source, and the losses are the 2-rank
+    run's (within the float tolerance of a change of world size: other batches would differ by far more)."""
+    run_dir = tmp_path / "one_rank"
+    shutil.copytree(runs["one_rank"], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / f"step_{STEPS:08d}")
+    result = run(2, tiny_overrides(*corpus, tmp_path, "one_rank") + [f"--data.token_cache={tmp_path / 'cache'}"])
+    assert f"at step {CHECKPOINT_AT}" in result.stderr and result.stderr.count("token cache: shard 0 done") == 1
+    assert_close_losses(train_losses(run_dir), train_losses(runs["two_ranks"]), rel=1e-5,
                         steps=list(range(CHECKPOINT_AT + 1, STEPS + 1)))
 
 

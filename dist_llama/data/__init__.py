@@ -4,8 +4,10 @@ Which module holds what:
 
     readers.py    one reader per file format (.jsonl, .jsonl.zst, .parquet, .txt) and the globs naming the files
     sources.py    the epoch order of a local source or a Hub dataset (cached once per node, or streamed)
-    encoding.py   documents -> [bos] ids [eos] token arrays
-    packing.py    lanes and the packer that cuts their tokens into windows
+    encoding.py   documents -> [bos] ids [eos] token arrays; the tokenizer's identity and its share of the cores
+    cache.py      the token cache: the training documents tokenized once (build_token_cache), read by index
+    prepare.py    `python -m dist_llama.data.prepare --config X.yaml`: build the token cache beforehand
+    packing.py    lanes and the packers that cut their tokens into windows (tokenizing, or from the token cache)
     loader.py     PackedBatches, its prefetch thread, and the loader state that checkpoints carry (merge_states)
     heldout.py    the held-out split and the validation batches
 
@@ -37,6 +39,11 @@ is streamed instead (for datasets too large for the disk): there is no random ac
 stream, the order comes from a shuffle buffer, and a resume re-reads (without tokenizing) its epoch up to the
 slowest lane.
 
+With `data.token_cache` (a folder) no tokenizer runs under training: the documents' tokens are read by index from
+the cache (numpy.memmap), which `python -m dist_llama.data.prepare`, or else each node's local rank 0 on first use,
+builds once with every core. The epoch order, the lanes and the state are the same, so the batches are identical
+bit for bit to tokenizing on the fly, and a checkpoint of either resumes on the other.
+
 The held-out set is either `data.val_paths` or, without them, the documents whose blake2b text hash falls
 below `data.val_per_mille` / 1000; the training stream then skips every such document.
 
@@ -52,12 +59,13 @@ lane is a few windows from running dry). Local files allow a seek by whole files
 
 # The public names. The tunables (TOKENIZE_BATCH_DOCS, HUB_CHUNK_ROWS, ...) are not re-exported: a copy here
 # would not be the value the packer reads, so set them on the module that uses them.
+from dist_llama.data.cache import build_token_cache, load_token_cache, open_token_cache
 from dist_llama.data.encoding import DocumentEncoder
 from dist_llama.data.heldout import cut_windows, held_out_documents, held_out_files, is_held_out, token_stream, \
     validation_batches
 from dist_llama.data.loader import PackedBatches, merge_states
 from dist_llama.data.readers import FORMATS, expand_paths, iter_documents, read_documents
 
-__all__ = ["FORMATS", "DocumentEncoder", "PackedBatches", "cut_windows", "expand_paths", "held_out_documents",
-           "held_out_files", "is_held_out", "iter_documents", "merge_states", "read_documents", "token_stream",
-           "validation_batches"]
+__all__ = ["FORMATS", "DocumentEncoder", "PackedBatches", "build_token_cache", "cut_windows", "expand_paths",
+           "held_out_documents", "held_out_files", "is_held_out", "iter_documents", "load_token_cache",
+           "merge_states", "open_token_cache", "read_documents", "token_stream", "validation_batches"]

@@ -9,9 +9,10 @@ import threading
 import torch
 
 from dist_llama.config import DataConfig
-from dist_llama.data.encoding import DocumentEncoder
+from dist_llama.data.cache import open_token_cache
+from dist_llama.data.encoding import DocumentEncoder, limit_tokenizer_threads, rank_cores
 from dist_llama.data.heldout import held_out_files
-from dist_llama.data.packing import _Lane, _Packer
+from dist_llama.data.packing import _CachePacker, _Lane, _Packer
 from dist_llama.data.sources import _open_source
 
 STATE_VERSION = 1
@@ -94,8 +95,9 @@ class PackedBatches:
 
     Each `next()` gives (inputs, labels), LongTensors of shape (global_rows // world_size, seq_len): the rows
     of the lanes l with l % world_size == rank, in increasing l. `labels` is `inputs` shifted by one token.
-    With a cached Hub dataset and a process group of several ranks, every rank must build it (and likewise call
-    validation_batches): local rank 0 downloads while the others wait at a barrier.
+    With a cached Hub dataset or a token cache still to build, and a process group of several ranks, every rank
+    must build it (and likewise call validation_batches): local rank 0 downloads or builds while the others wait
+    at a barrier. With data.token_cache the documents' tokens come from the cache: the same batches and state.
     """
 
     def __init__(self, config: DataConfig, tokenizer, *, global_rows: int, rank: int = 0, world_size: int = 1,
@@ -112,8 +114,12 @@ class PackedBatches:
         self.global_rows, self.rank, self.world_size, self.seed = global_rows, rank, world_size, seed
         self.seq_len = config.seq_len
         self.lanes = tuple(range(rank, global_rows, world_size))
-        self._source = _open_source(config, "training")
-        self._encoder = DocumentEncoder(tokenizer)
+        if config.token_cache:
+            self._source, self._encoder = open_token_cache(config, tokenizer), None
+        else:
+            # The rank's share of the node's cores for the tokenizer's threads.
+            limit_tokenizer_threads(rank_cores())
+            self._source, self._encoder = _open_source(config, "training"), DocumentEncoder(tokenizer)
         self._held_out_per_mille = 0 if held_out_files(config) else config.val_per_mille
         self._lane_states = {str(lane): {"epoch": 0, "doc": lane, "offset": 0} for lane in self.lanes}
         self._producer = self._packer = None
@@ -122,8 +128,11 @@ class PackedBatches:
     # The producer is built lazily, from the lane states, so that load_state_dict can come first.
     def _start(self) -> None:
         lanes = [_Lane(lane, **self._lane_states[str(lane)]) for lane in self.lanes]
-        packer = _Packer(self._source, self._encoder, lanes, global_rows=self.global_rows, seq_len=self.seq_len,
-                         seed=self.seed, shuffle=self.config.shuffle, held_out_per_mille=self._held_out_per_mille)
+        shape = dict(global_rows=self.global_rows, seq_len=self.seq_len, seed=self.seed, shuffle=self.config.shuffle)
+        if self._encoder is None:
+            packer = _CachePacker(self._source, lanes, **shape)
+        else:
+            packer = _Packer(self._source, self._encoder, lanes, held_out_per_mille=self._held_out_per_mille, **shape)
         if self.config.prefetch_steps > 0:
             self._producer = _Prefetcher(packer.next_batch, self.config.prefetch_steps,
                                          f"PackedBatches-rank{self.rank}")

@@ -1,5 +1,6 @@
-"""Lanes and the packer: each lane's documents tokenized and cut into windows of seq_len + 1 tokens, one row per
-lane of every batch, with tokenizing on a worker thread a few windows ahead of need."""
+"""Lanes and the packers: each lane's documents cut into windows of seq_len + 1 tokens, one row per lane of every
+batch. _Packer tokenizes on a worker thread a few windows ahead of need; _CachePacker takes the documents'
+tokens from the token cache (cache.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from dist_llama.data.encoding import DocumentEncoder
 from dist_llama.data.heldout import is_held_out
 
 TOKENIZE_BATCH_DOCS = 128  # documents per encode_batch call: large enough to keep every core busy
+# And at most this much text per call (a needy lane's one document may exceed it alone). OpenWebText's 128
+# documents are ~0.6 MB, so it does not bind there; but 128 documents of megabytes would be one call of hundreds
+# of megabytes, minutes of tokenizing before the first batch (BENCHMARKS.md, "Tokenizer pre-split").
+TOKENIZE_BATCH_BYTES = 2 << 20
 MAX_IN_FLIGHT = 2
 HORIZON_BATCHES = 2
 
@@ -78,14 +83,42 @@ class _Lane:
         return {"epoch": epoch, "doc": doc, "offset": self.offset}
 
 
-class _Packer:
-    """Makes this rank's batches in order. Not thread-safe: exactly one thread calls next_batch."""
+class _WindowPacker:
+    """Makes this rank's batches in order from its lanes, which _fill gives documents. Not thread-safe: exactly one
+    thread calls next_batch."""
+
+    def __init__(self, lanes: list[_Lane], *, global_rows: int, seq_len: int, seed: int, shuffle: bool):
+        self.lanes, self.global_rows, self.seq_len = lanes, global_rows, seq_len
+        self.seed = seed if shuffle else None
+
+    def _fill(self, needy: _Lane) -> None:
+        raise NotImplementedError
+
+    def _ahead(self) -> None:
+        """Work for the time the batch is being handed over."""
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        windows = np.empty((len(self.lanes), self.seq_len + 1), dtype=np.int64)
+        for row, lane in zip(windows, self.lanes):
+            while lane.available < self.seq_len + 1:
+                self._fill(lane)
+            lane.take_window(row, self.seq_len)
+        self._ahead()
+        windows = torch.from_numpy(windows)
+        states = {str(lane.index): lane.state() for lane in self.lanes}
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), states
+
+    def close(self) -> None:
+        pass
+
+
+class _Packer(_WindowPacker):
+    """Tokenizes the lanes' documents as read from the source."""
 
     def __init__(self, source, encoder: DocumentEncoder, lanes: list[_Lane], *, global_rows: int, seq_len: int,
                  seed: int, shuffle: bool, held_out_per_mille: int):
-        self.source, self.encoder, self.lanes = source, encoder, lanes
-        self.global_rows, self.seq_len = global_rows, seq_len
-        self.seed = seed if shuffle else None
+        super().__init__(lanes, global_rows=global_rows, seq_len=seq_len, seed=seed, shuffle=shuffle)
+        self.source, self.encoder = source, encoder
         self.held_out_per_mille = held_out_per_mille
         self.lane_of = {lane.index: lane for lane in lanes}
         self.owned = np.zeros(global_rows, dtype=bool)
@@ -164,10 +197,15 @@ class _Packer:
         candidates = [(lane.available + lane.tokenizing_estimate + (len(picked[0][3]) // 4 if lane is needy else 0),
                        lane.index) for lane in self.lanes if lane.texts]
         heapq.heapify(candidates)
+        size = sum(len(text) for *_, text in picked)
         while candidates and candidates[0][0] < horizon and len(picked) < TOKENIZE_BATCH_DOCS:
-            projected, index = heapq.heappop(candidates)
+            projected, index = candidates[0]
             lane = self.lane_of[index]
+            if picked and size + len(lane.texts[0][2]) > TOKENIZE_BATCH_BYTES:
+                break
+            heapq.heappop(candidates)
             picked.append((lane, *lane.texts.popleft()))
+            size += len(picked[-1][3])
             if lane.texts:
                 heapq.heappush(candidates, (projected + len(picked[-1][3]) // 4, index))
         if not picked:
@@ -201,17 +239,53 @@ class _Packer:
         while needy.documents_pushed < target:
             self._unpack_oldest()
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        windows = np.empty((len(self.lanes), self.seq_len + 1), dtype=np.int64)
-        for row, lane in zip(windows, self.lanes):
-            while lane.available < self.seq_len + 1:
-                self._fill(lane)
-            lane.take_window(row, self.seq_len)
+    def _ahead(self) -> None:
         if len(self.in_flight) < MAX_IN_FLIGHT:
             self._submit()  # tokenize ahead while the batch is handed over
-        windows = torch.from_numpy(windows)
-        states = {str(lane.index): lane.state() for lane in self.lanes}
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), states
 
     def close(self) -> None:
         self.tokenizer_thread.shutdown(wait=True, cancel_futures=True)
+
+
+class _CachePacker(_WindowPacker):
+    """Takes each lane's documents from the token cache: lane l's next document is position d of its epoch's order
+    (the text source's order), d = l, l + global_rows, ..., skipping held-out (empty) records."""
+
+    def __init__(self, cache, lanes: list[_Lane], *, global_rows: int, seq_len: int, seed: int, shuffle: bool):
+        super().__init__(lanes, global_rows=global_rows, seq_len=seq_len, seed=seed, shuffle=shuffle)
+        self.cache = cache
+        if cache.documents == 0:
+            raise ValueError(f"the data source ({cache.describe()}) holds no documents")
+        if cache.documents < global_rows:
+            raise ValueError(f"the data source has {cache.documents} documents, fewer than the {global_rows} lanes "
+                             "(global batch rows): add data or lower train.tokens_per_step")
+        self.next_doc = {}
+        for lane in lanes:
+            if lane.resume[1] >= cache.documents:
+                raise ValueError(f"the data state points at document {lane.resume[1]} of epoch {lane.resume[0]}, "
+                                 "past the end of the epoch: the data is not the one the state was saved with")
+            self.next_doc[lane.index] = lane.resume
+        self.orders: dict[int, np.ndarray] = {}  # epoch -> its order, for the epochs the lanes are in
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self.orders:
+            oldest = min(epoch for epoch, _ in self.next_doc.values())
+            self.orders = {kept: order for kept, order in self.orders.items() if kept >= oldest}
+            self.orders[epoch] = self.cache.epoch_order(epoch, self.seed)
+        return self.orders[epoch]
+
+    def _fill(self, needy: _Lane) -> None:
+        epoch, doc = self.next_doc[needy.index]
+        wrapped = 0
+        while True:
+            if doc >= self.cache.documents:
+                epoch, doc, wrapped = epoch + 1, needy.index, wrapped + 1
+                if wrapped == 2:
+                    raise ValueError(f"lane {needy.index} got no training document in a whole epoch: the source has "
+                                     f"too few documents for {self.global_rows} lanes")
+            tokens = self.cache.tokens(int(self._order(epoch)[doc]))
+            here, doc = doc, doc + self.global_rows
+            if len(tokens):
+                break
+        self.next_doc[needy.index] = (epoch, doc)
+        needy.push(epoch, here, tokens)

@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 READ_BATCH_DOCS = 256  # records read per call: one random-access read of a Hub dataset, bounded memory for a file
 HUB_SHUFFLE_BUFFER = 10_000  # rows in the streaming shuffle buffer of a Hub dataset
 HUB_CHUNK_ROWS = 1024
-# How long a node's other ranks wait for local rank 0 to download and convert the Hub dataset: ~3 GB of parquet
-# for the default one, longer than a process group's default timeout (10 min for NCCL) on a slow link.
+# How long a node's other ranks wait for local rank 0 to download and convert the Hub dataset (~3 GB of parquet
+# for the default one) or to build the token cache: longer than a process group's default timeout (10 min for
+# NCCL) on a slow link.
 HUB_DOWNLOAD_TIMEOUT = timedelta(hours=2)
 
 
@@ -59,6 +60,33 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
+# The epoch orders. Both the readers below and the token cache (cache.py) number an epoch's documents with these,
+# so that a lane's documents are the same ones whether they are read as text or as cached tokens.
+
+
+def _file_order(files: int, epoch: int, seed: int | None):
+    return range(files) if seed is None else _rng(seed, epoch, 1).permutation(files)
+
+
+def _record_order(records: int, epoch: int, seed: int | None, file: int) -> np.ndarray | None:
+    return None if seed is None else _rng(seed, epoch, 2, file).permutation(records)
+
+
+def _row_order(rows: int, epoch: int, seed: int | None) -> np.ndarray:
+    return np.arange(rows) if seed is None else _rng(seed, epoch, 3).permutation(rows)
+
+
+def local_epoch_order(records_per_file: list[int], epoch: int, seed: int | None) -> np.ndarray:
+    """Position in epoch -> record number counted over the files in sorted order, as _LocalSource.chunks reads them."""
+    firsts = np.concatenate([[0], np.cumsum(records_per_file)[:-1]]).astype(np.int64)
+    parts = []
+    for k in _file_order(len(records_per_file), epoch, seed):
+        k = int(k)
+        order = _record_order(records_per_file[k], epoch, seed, k)
+        parts.append(firsts[k] + (np.arange(records_per_file[k]) if order is None else order))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 class _LocalSource:
     def __init__(self, files: list[Path], text_field: str):
         self.files = files
@@ -80,9 +108,8 @@ class _LocalSource:
     def chunks(self, epoch: int, start: int = 0, seed: int | None = None) -> Iterator[_Chunk]:
         """Epoch `epoch` from document `start`: files in a seeded order, each file's records in a seeded order
         (seed None: sorted file order, then record order)."""
-        file_order = range(len(self.files)) if seed is None else _rng(seed, epoch, 1).permutation(len(self.files))
         base = 0
-        for k in file_order:
+        for k in _file_order(len(self.files), epoch, seed):
             k = int(k)
             if k in self._sizes and base + self._sizes[k] <= start:
                 base += self._sizes[k]
@@ -90,8 +117,7 @@ class _LocalSource:
             docs = _open_file(self.files[k], self.text_field)
             self._sizes[k] = len(docs)
             if base + len(docs) > start:
-                order = None if seed is None else _rng(seed, epoch, 2, k).permutation(len(docs))
-                yield _Chunk(base, docs, order)
+                yield _Chunk(base, docs, _record_order(len(docs), epoch, seed, k))
             base += len(docs)
 
 
@@ -185,7 +211,7 @@ class _HubSource:
 
     def chunks(self, epoch: int, start: int = 0, seed: int | None = None) -> Iterator[_Chunk]:
         size = len(self.dataset)
-        rows = np.arange(size) if seed is None else _rng(seed, epoch, 3).permutation(size)
+        rows = _row_order(size, epoch, seed)
         for base in range(start - start % HUB_CHUNK_ROWS, size, HUB_CHUNK_ROWS):
             where = f"{self.name} (split {self.split})"
             yield _Chunk(base, _DatasetRows(self.dataset, rows[base:base + HUB_CHUNK_ROWS], self.text_field, where))
@@ -224,13 +250,14 @@ class _HubStreamSource:
             base += len(rows)
 
 
-def _open_hub_source(config: DataConfig):
+def _open_hub_source(config: DataConfig, per_node: bool = True):
+    """per_node=False: on this process alone (a caller already inside _once_per_node, as the token cache's build)."""
     def load():
         return _load_hub_dataset(config.hub_dataset, config.hub_split, config.hub_revision, config.hub_streaming)
 
     try:
         # A stream is read by every rank anyway; a download is made once per node.
-        dataset, revision = load() if config.hub_streaming else _once_per_node(load)
+        dataset, revision = load() if config.hub_streaming or not per_node else _once_per_node(load)
     except Exception as error:  # noqa: BLE001 - any failure here means "no data", said plainly below
         local = f"data.paths={config.paths} match no files and " if config.source == "auto" else ""
         pinned = f", revision {config.hub_revision!r}" if config.hub_revision else ""
@@ -241,24 +268,29 @@ def _open_hub_source(config: DataConfig):
     return source_class(dataset, config.hub_dataset, config.hub_split, revision, config.text_field)
 
 
-def _open_source(config: DataConfig, purpose: str):
+def _local_files(config: DataConfig, purpose: str) -> list[Path] | None:
+    """The files of a local source, or None when the config means the Hub dataset."""
     files = expand_paths(config.paths)
     if config.source == "local" or (config.source == "auto" and files):
         if not files:
             raise FileNotFoundError(f"data.source=local but data.paths={config.paths} match no files (relative to "
                                     f"{os.getcwd()}); fix the globs, or use data.source=hub")
-        source = _LocalSource(files, config.text_field)
-    elif config.source in ("hub", "auto"):
-        if config.source == "auto" and config.paths:
-            # Relative paths in a config resolve against the working directory: run from elsewhere and they match
-            # nothing. Training then goes on, on other data, which must not pass unnoticed.
-            logger.warning("data.source=auto: data.paths %s match no files relative to the working directory %s, so "
-                           "the %s data is the Hub dataset %s instead. To train on those files, run from the "
-                           "directory they are relative to or make them absolute; set data.source=local to stop "
-                           "with an error instead of switching", config.paths, os.getcwd(), purpose,
-                           config.hub_dataset)
-        source = _open_hub_source(config)
-    else:
+        return files
+    if config.source not in ("hub", "auto"):
         raise ValueError(f"data.source={config.source!r} is not valid; choose one of local, hub, auto")
+    if config.source == "auto" and config.paths:
+        # Relative paths in a config resolve against the working directory: run from elsewhere and they match
+        # nothing. Training then goes on, on other data, which must not pass unnoticed.
+        logger.warning("data.source=auto: data.paths %s match no files relative to the working directory %s, so "
+                       "the %s data is the Hub dataset %s instead. To train on those files, run from the "
+                       "directory they are relative to or make them absolute; set data.source=local to stop "
+                       "with an error instead of switching", config.paths, os.getcwd(), purpose,
+                       config.hub_dataset)
+    return None
+
+
+def _open_source(config: DataConfig, purpose: str, per_node: bool = True):
+    files = _local_files(config, purpose)
+    source = _LocalSource(files, config.text_field) if files is not None else _open_hub_source(config, per_node)
     logger.info("%s data: %s", purpose, source.describe())
     return source
