@@ -72,11 +72,26 @@ def init_distributed(parallel: ParallelConfig, device_request: str, trace_dir: s
     timeout = timedelta(seconds=parallel.init_timeout_s)
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout,
+                                    store=attempt_store(rank, world_size, timeout), rank=rank, world_size=world_size)
         else:
             # An in-process store: no ports, no environment variables for the single-process user.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return DistEnv(rank, world_size, local_rank, device)
+
+
+def attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The launcher's store, with keys of this restart attempt only.
+
+    torchrun's agent keeps one TCPStore server for every restart of its workers (the shared rendezvous
+    store), and env:// adds no prefix per attempt: the restarted workers then read the dead attempt's
+    gloo addresses, and either fail ("Connection refused" in connectFullMesh) or wait forever for a peer
+    that connects elsewhere. A prefix of TORCHELASTIC_RESTART_COUNT gives each attempt its own keys.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts_store, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"dist_llama/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def set_step_timeout(seconds: float) -> None:
