@@ -216,7 +216,7 @@ def test_two_node_rendezvous_on_localhost(corpus, tmp_path):
 
 
 def test_slurm_script_is_valid_bash():
-    for script in ("slurm/train.sbatch", "launch/train.sh", "launch/long_context.sh"):
+    for script in ("slurm/train.sbatch", "slurm/local_cluster.sh", "launch/train.sh", "launch/long_context.sh"):
         subprocess.run(["bash", "-n", str(REPO / script)], check=True)
 
 
