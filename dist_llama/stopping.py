@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,7 +156,10 @@ class StopRequest:
                 end_time = time.time() + left - train.time_limit_margin_s
                 log.info("Slurm time limit in %.0f s: stopping with a checkpoint %.0f s before it", left,
                          train.time_limit_margin_s)
-        request = cls(tuple(train.stop_signals), end_time, env.device)
+        # Python takes signal handlers in the main thread only; a trainer run from another thread (a notebook's
+        # worker, say) stops on the time limit alone.
+        handled = train.stop_signals if threading.current_thread() is threading.main_thread() else []
+        request = cls(tuple(handled), end_time, env.device)
         for name in request.signals:
             signal.signal(signal.Signals[name], request._on_signal)
         return request
