@@ -50,12 +50,14 @@ class CollectiveTimeout(RuntimeError):
     """A collective waited longer than its timeout for another rank (hung, stopped, or far slower)."""
 
 
-def nccl_environment(trace_dir: str) -> dict[str, str]:
+def set_nccl_environment(trace_dir: str) -> None:
     """NCCL settings that turn a hang into an error and a trace: async error handling aborts a timed-out
     collective (so the process exits and torchrun or Slurm can act), and the flight recorder dumps each
     rank's last collectives to trace_dir/nccl_trace_rank_N. A variable already set is left as it is."""
-    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
-            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{trace_dir}/nccl_trace_rank_"}
+    for name, value in {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+                        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+                        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{trace_dir}/nccl_trace_rank_"}.items():
+        os.environ.setdefault(name, value)
 
 
 def init_distributed(parallel: ParallelConfig, device_request: str, trace_dir: str = ".") -> DistEnv:
@@ -67,8 +69,7 @@ def init_distributed(parallel: ParallelConfig, device_request: str, trace_dir: s
     device = resolve_device(device_request, local_rank)
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl":
-        for name, value in nccl_environment(trace_dir).items():
-            os.environ.setdefault(name, value)
+        set_nccl_environment(trace_dir)
     timeout = timedelta(seconds=parallel.init_timeout_s)
     if not dist.is_initialized():
         if "RANK" in os.environ:

@@ -22,6 +22,8 @@ import pytest
 import torch
 
 from dist_llama.checkpoint import complete_checkpoints, load_full_model_state
+from dist_llama.config import ConfigError, load_config
+from dist_llama.parallel import set_nccl_environment
 from dist_llama.report import read_metrics
 from dist_llama.stopping import STOPPED_FILE, parse_slurm_duration
 
@@ -190,6 +192,27 @@ def test_a_hung_rank_stops_the_others_within_the_timeout_naming_it(corpus, tmp_p
     lines = [line for line in text.splitlines() if line.startswith("train: error:")]
     assert len(lines) == 1 and re.search(rf"step \d+: a collective waited more than parallel.timeout_s={timeout_s} s", lines[0]), text[-3000:]
     assert "--parallel.timeout_s" in lines[0]
+
+
+def test_nccl_gets_async_error_handling_and_the_flight_recorder_unless_set(monkeypatch, tmp_path):
+    for name in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT",
+                 "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "50")  # the user's own setting stays
+    set_nccl_environment(str(tmp_path))
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50"
+    assert os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == f"{tmp_path}/nccl_trace_rank_"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--train.stop_signals=[SIGUSR9]", "train.stop_signals: 'SIGUSR9' is not a signal name"),
+    ("--parallel.timeout_s=0", "parallel.timeout_s=0.0 must be positive"),
+    ("--train.time_limit_margin_s=-5", "train.time_limit_margin_s=-5.0 must be positive"),
+])
+def test_stop_and_timeout_settings_are_checked(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(REPO / "configs/debug.yaml", [override])
 
 
 def test_slurm_durations_parse():
