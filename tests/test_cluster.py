@@ -110,15 +110,6 @@ def assert_bitwise_equal_runs(run_dir: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shared_data):
-    folder = tmp_path_factory.mktemp("corpus")
-    lines = (shared_data / "owt/tiny.jsonl").read_text().splitlines()
-    (folder / "train.jsonl").write_text("\n".join(lines[:300]) + "\n")
-    (folder / "val.jsonl").write_text("\n".join(lines[-20:]) + "\n")
-    return folder / "train.jsonl", folder / "val.jsonl"
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus) -> Path:
     """The uninterrupted 2-rank run that every interrupted one must equal."""
     root = tmp_path_factory.mktemp("reference")

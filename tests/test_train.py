@@ -60,15 +60,6 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shared_data):
-    folder = tmp_path_factory.mktemp("corpus")
-    lines = (shared_data / "owt/tiny.jsonl").read_text().splitlines()
-    (folder / "train.jsonl").write_text("\n".join(lines[:300]) + "\n")
-    (folder / "val.jsonl").write_text("\n".join(lines[-20:]) + "\n")
-    return folder / "train.jsonl", folder / "val.jsonl"
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus):
     """The reference runs: 1 rank, 2 ranks, and 2 ranks with activation checkpointing."""
     root = tmp_path_factory.mktemp("runs")
