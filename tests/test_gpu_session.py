@@ -219,3 +219,20 @@ def test_a_compile_that_fails_in_the_smoke_gives_an_eager_run(bundle, tmp_path):
     assert "InvalidCxxCompiler" in stages["preflight"]["detail"]
     assert stages["train"]["status"] == "ok" and stages["train"]["detail"].startswith("debug_eager:")
     assert summary["run"] == "debug_eager" and summary["preflight"]["config"]["parallel"]["compile"] is True
+
+
+def test_the_preflight_smoke_builds_the_token_cache_that_training_then_reads(bundle, tmp_path):
+    """The GPU mode's route (Mode.token_cache), taken here by naming the cache: the smoke tokenizes the
+    bundle's parquet shards once, and training reads token ids from the same folder."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = session("--rehearse", "--bundle", str(bundle), "--out", str(out), "--work", str(work),
+                     "--skip=bench,release,evaluate,report", f"--data.token_cache={work / 'token_cache'}",
+                     "--train.steps=2", "--train.tokens_per_step=256", "--train.micro_batch_size=4", "--data.seq_len=32",
+                     "--data.val_docs=4", "--train.eval_batches=1", "--checkpoint.every=2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stages = {s["stage"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
+    assert stages["preflight"]["status"] == "ok" and stages["train"]["status"] == "ok", stages
+    manifest = json.loads((work / "token_cache" / "manifest.json").read_text())
+    assert manifest["documents"] > 0 and manifest["tokens"] > 0
+    assert "token cache: tokenizing" in (work / "logs" / "smoke.log").read_text()
+    assert "token cache: tokenizing" not in (work / "logs" / "train_debug.log").read_text(), "training must reuse the cache"

@@ -33,6 +33,7 @@ class Mode:
     train_grace_s: float  # past its own budget, the trainer is stopped
     train_overrides: tuple[str, ...] = ()  # before the user's own
     mmlu_spread_limit: int | None = None  # items of the spread MMLU file to evaluate (None: all); eval.limit wins
+    token_cache: bool = True  # tokenize the training shards once, in the preflight's smoke, into WORK/token_cache
 
 
 # One H200, a >= 100M model at 1024 tokens. Planned: install ~15 s, preflight ~60 s (a cold compile in the
@@ -54,7 +55,10 @@ REHEARSAL = Mode(name="rehearse", config="configs/debug.yaml", deadline_s=290, r
                  after_train_s=150, train_grace_s=20,
                  # A shared 2-core CPU's step time varies twofold with the load: plan with a quarter kept free.
                  train_overrides=("--train.device=cpu", "--train.budget_safety=0.25"),
-                 mmlu_spread_limit=100)  # the debug model scores ~13 items/s here: 1,400 would take two minutes
+                 mmlu_spread_limit=100,  # the debug model scores ~13 items/s here: 1,400 would take two minutes
+                 # On 2 cores the cache of the bundle's ~39M tokens takes longer than the 75 s preflight (seen:
+                 # 2 shards of 5 in 26 s); the GPU machine's 16 cores build it in seconds. Tokenize on the fly here.
+                 token_cache=False)
 
 
 @dataclass

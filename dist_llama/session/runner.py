@@ -72,8 +72,10 @@ class Session:
         return [*launcher, "-m", "dist_llama.train", "--config", self.config, *self.base_overrides(), *overrides]
 
     def session_overrides(self) -> list[str]:
-        """The mode's overrides, then the user's (the preflight adds the bundle's data itself)."""
-        return [*self.mode.train_overrides, *self.user_overrides]
+        """The mode's overrides, then the user's (the preflight adds the bundle's data itself). With a token
+        cache, the preflight's smoke builds it with every core and training reads token ids from it."""
+        cache = [f"--data.token_cache={self.work / 'token_cache'}"] if self.mode.token_cache else []
+        return [*self.mode.train_overrides, *cache, *self.user_overrides]
 
     def base_overrides(self) -> list[str]:
         return [*data_overrides(self.bundle, self.manifest, self.inputs), *self.session_overrides()]
