@@ -103,7 +103,21 @@ def bench(session: Session, allowance: float) -> Outcome:
                        else "") for name, m in measured["models"].items())
     if not child.ok:
         return Outcome("bench", "failed", detail=f"{child.why()}; kept: {detail}")
-    return Outcome("bench", "ok", detail=detail)
+    loader = _bench_loader(session, allowance - child.seconds)
+    return Outcome("bench", "ok" if loader.get("tokens_per_s") else "failed", detail=f"{detail}; {loader['detail']}")
+
+
+def _bench_loader(session: Session, seconds: float) -> dict:
+    """The training loader's tokens/s (from the token cache when the session builds one), beside the
+    model's: a lent GPU then shows which of the two limits training."""
+    result = session.work / "bench_loader.json"
+    child = session.run("bench_loader", session.python("benchmarks/bench_loader.py", "--config", session.config,
+                                                       *session.base_overrides(), "--seconds", "3", "--json",
+                                                       str(result)), seconds)
+    measured = read_json(result)
+    if measured is None:
+        return {"detail": f"loader failed: {child.why()}"}
+    return {**measured, "detail": f"loader {measured['tokens_per_s']:,.0f} tok/s ({measured['source']})"}
 
 
 def train(session: Session, allowance: float) -> Outcome:
