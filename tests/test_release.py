@@ -57,6 +57,15 @@ def greedy(model: Transformer, ids: list[int], steps: int) -> list[int]:
     return ids[0].tolist()
 
 
+def packages_without_dist_llama(*first: Path) -> str:
+    """PYTHONPATH for a `python -S` process that must not see this checkout: `first`, then the PYTHONPATH
+    folders that do not hold dist_llama (packages installed with --target, as the GPU session installs its
+    wheels), then this interpreter's site-packages."""
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and not (Path(p) / "dist_llama").exists()]
+    site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return os.pathsep.join(dict.fromkeys([*map(str, first), *inherited, *site]))
+
+
 # Runs in a Python where dist_llama is not importable (-S: no site-packages .pth files, so the editable
 # install's finder is never set up; the packages come from PYTHONPATH instead).
 _LOAD_SCRIPT = r"""
@@ -109,8 +118,7 @@ open(out + ".json", "w").write(json.dumps(report))
 def loaded_elsewhere(releases, tmp_path_factory):
     """What a fresh Python without dist_llama computes from the release folders (one process for all)."""
     work = tmp_path_factory.mktemp("elsewhere")
-    site = os.pathsep.join(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]))
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": site, "HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1",
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": packages_without_dist_llama(), "HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     folders = [str(releases[name]) for name in sorted(releases)]
     result = subprocess.run([sys.executable, "-S", "-c", _LOAD_SCRIPT, str(work / "out"), json.dumps(PROMPTS),
@@ -216,8 +224,7 @@ def test_consolidate_from_an_installed_wheel(runs, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     # -S: no site-packages .pth files, so the editable install of this checkout is invisible.
-    site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(installed), *site])),
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": packages_without_dist_llama(installed),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
     where = subprocess.run([sys.executable, "-S", "-c", "import dist_llama; print(dist_llama.__file__)"], cwd=elsewhere,
                            env=env, capture_output=True, text=True, timeout=120, check=True).stdout.strip()
@@ -482,7 +489,7 @@ def test_activation_checkpointing_recomputes_each_block_with_equal_gradients(rel
     plain = gradients()
     assert len(mlp_calls) == 1
     model.gradient_checkpointing_enable()
-    assert model.is_activation_checkpointing
+    assert model.recomputes_activations
     checkpointed = gradients()
     assert len(mlp_calls) == 2, "the block ran once more in backward: its activations were recomputed"
     for name, grad in plain.items():
@@ -495,7 +502,7 @@ def test_activation_checkpointing_recomputes_each_block_with_equal_gradients(rel
         assert len(mlp_calls) == 1  # nothing to recompute outside training
     model.train()
     model.gradient_checkpointing_disable()
-    assert not model.is_activation_checkpointing
+    assert not model.recomputes_activations
     gradients()
     assert len(mlp_calls) == 1
 
@@ -511,7 +518,7 @@ def test_trainer_fine_tunes_with_gradient_checkpointing(releases, tmp_path):
                              logging_steps=1, dataloader_num_workers=0, disable_tqdm=True)
     result = Trainer(model=model, args=args, train_dataset=rows).train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
-    assert model.is_activation_checkpointing
+    assert model.recomputes_activations
     assert all(not torch.equal(param, before[name]) for name, param in model.named_parameters()
                if name.endswith("q_proj.weight")), "the optimizer updated the blocks"
 

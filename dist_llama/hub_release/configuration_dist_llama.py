@@ -10,7 +10,7 @@ from transformers import PreTrainedConfig
 
 class DistLlamaConfig(PreTrainedConfig):
     model_type = "dist_llama"
-    keys_to_ignore_at_inference = ["cache"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 32000
     hidden_size: int = 768

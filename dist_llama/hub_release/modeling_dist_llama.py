@@ -10,7 +10,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_dist_llama import DistLlamaConfig
@@ -20,6 +19,11 @@ from .model import Transformer
 # transformers' attn_implementation -> model.py's attention backend. Other implementations (flash
 # attention, flex attention, Hub kernels) would need their own attention code: they are refused.
 ATTENTION_BACKENDS = {"sdpa": "sdpa", "eager": "eager"}
+
+# transformers renamed the KV cache from `past_key_values` to `cache` within 5.x: 5.17 passes
+# `past_key_values=` to forward and reads `outputs.past_key_values` in generate; later releases use `cache`.
+# The forward takes either name and answers in the one this transformers' output class has.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def attention_backend(requested: str | None, recorded: str) -> str:
@@ -105,7 +109,12 @@ class DistLlamaForCausalLM(DistLlamaPreTrainedModel, GenerationMixin):
             if block.gradient_checkpointing:
                 block.forward = RecomputedForward(block, block.forward, gradient_checkpointing_func)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @property
+    def recomputes_activations(self) -> bool:
+        """Whether any block runs under activation checkpointing (transformers' own property for this
+        was renamed within 5.x, from is_gradient_checkpointing to is_activation_checkpointing)."""
+        return any(getattr(block, "gradient_checkpointing", False) for block in self.model.layers)
+
     @can_return_tuple
     def forward(
         self,
@@ -116,12 +125,15 @@ class DistLlamaForCausalLM(DistLlamaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: DynamicCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if input_ids is None or kwargs.get("inputs_embeds") is not None:
             raise ValueError("DistLlamaForCausalLM takes input_ids (inputs_embeds is not supported)")
+        if cache is None:
+            cache = past_key_values  # the name transformers <= 5.17 uses
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.training and self.is_activation_checkpointing:
+        if self.training and self.recomputes_activations:
             use_cache = False  # a recomputed block would append its keys and values to the cache twice
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -142,7 +154,7 @@ class DistLlamaForCausalLM(DistLlamaPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:  # transformers' convention: labels are the inputs, shifted inside
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
 
 def _positions_and_mask(input_ids, attention_mask, position_ids, past: int):
