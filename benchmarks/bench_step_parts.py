@@ -80,7 +80,7 @@ def bench_head(args) -> None:
     weight = (torch.randn(args_main.vocab_size, args_main.dim) * 0.02).requires_grad_()
     labels = torch.randint(0, args_main.vocab_size, (args.tokens,))
     variants = {"plain": lambda: causal_lm_loss((hidden @ weight.T)[None], labels[None], reduction="sum"),
-                f"chunked, {args.chunk} tokens": lambda: ChunkedCrossEntropy.apply(hidden, weight, labels, args.chunk)}
+                f"chunked, {args.chunk} tokens": lambda: ChunkedCrossEntropy.apply(hidden, weight, labels, args.chunk, True)}
     times = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, loss in (variants.items() if repeat % 2 == 0 else reversed(variants.items())):

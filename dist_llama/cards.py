@@ -12,6 +12,9 @@ from dist_llama.config import Config, flatten
 from dist_llama.data import expand_paths
 from dist_llama.model import count_parameters
 
+# The transformers releases the release code was run on (pyproject.toml's range; README: "Tested versions").
+TESTED_TRANSFORMERS = ("5.17.0", "5.25.0")
+
 
 def format_value(value, digits: int = 4) -> str:
     """n/a for missing, fixed decimals for floats, thousands separators for counts, text as is."""
@@ -88,5 +91,7 @@ def model_card(config: Config, meta: dict, eval_summary: dict | None, repo_name:
     weights = f"safetensors, {dtype}"
     sections.append(f"## Usage\n\n```python\n{load}\n```\n\nWeights: {weights}; parameter names are transformers' "
                     "Llama names" + ("." if stock_llama else ", and the same files also load into stock "
-                                     "`LlamaForCausalLM` with a Llama config.") + "\n")
+                                     "`LlamaForCausalLM` with a Llama config.") + "\n"
+                    + ("" if stock_llama else f"\nThe model code needs transformers {TESTED_TRANSFORMERS[0]} to "
+                       f"{TESTED_TRANSFORMERS[1]} (the versions it was tested with) and PyTorch >= 2.11.\n"))
     return "\n".join(sections)

@@ -251,7 +251,10 @@ class Transformer(nn.Module):
             return self.lm_head(hidden)
         if loss_chunk_tokens <= 0:
             return causal_lm_loss(self.lm_head(hidden), labels, reduction="sum")
-        return ChunkedCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(), loss_chunk_tokens)
+        # Grad mode is read here: inside the Function's forward it is always off, and its needs_input_grad
+        # follows requires_grad, which a trainable weight keeps under torch.no_grad() (evaluation).
+        return ChunkedCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(), loss_chunk_tokens,
+                                         torch.is_grad_enabled())
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       attn_mask: torch.Tensor | None = None, kv_caches=None) -> torch.Tensor:
@@ -302,8 +305,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int):
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+                grad_enabled: bool):
+        needs_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
@@ -325,7 +329,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.input_dtypes
-        return (grad_hidden * grad_total).to(hidden_dtype), (grad_weight * grad_total).to(weight_dtype), None, None
+        return (grad_hidden * grad_total).to(hidden_dtype), (grad_weight * grad_total).to(weight_dtype), None, None, None
 
 
 # --- Counts -----------------------------------------------------------------------------------------

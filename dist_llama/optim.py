@@ -32,22 +32,26 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
     - cosine: a half cosine from 1 down to min_lr_ratio;
     - wsd (warmup-stable-decay, Hägele et al. 2024, arXiv 2405.18392): 1 until the last decay_fraction of
       the steps, then down to min_lr_ratio, linearly or as 1 - sqrt.
-    The last step (total_steps - 1) gets exactly min_lr_ratio. The factor depends on total_steps only
-    through where the decay sits: raising train.steps on resume moves the WSD decay to the new end, so a
-    run resumed from a checkpoint taken in the stable phase continues as if it had been planned longer;
-    steps already decayed are not undone.
+    The warmup takes at most half the steps, so a run shorter than twice optim.warmup_steps (a time budget's
+    short plan) still decays; the last step (total_steps - 1) gets exactly min_lr_ratio. The factor depends
+    on total_steps only through where the warmup ends and the decay sits: raising train.steps on resume moves
+    the WSD decay to the new end, so a run resumed from a checkpoint taken in the stable phase continues as
+    if it had been planned longer; steps already decayed are not undone.
     """
-    if step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
     last = total_steps - 1
+    if step >= last:
+        return optim.min_lr_ratio
+    warmup = min(optim.warmup_steps, total_steps // 2)
+    if step < warmup:
+        return (step + 1) / warmup
     if optim.schedule == "wsd":
-        decay_start = max(optim.warmup_steps, total_steps - round(optim.decay_fraction * total_steps))
+        decay_start = max(warmup, total_steps - round(optim.decay_fraction * total_steps))
         if step < decay_start:
             return 1.0
-        progress = min(1.0, (step - decay_start) / max(1, last - decay_start))
+        progress = (step - decay_start) / max(1, last - decay_start)
         remaining = 1.0 - progress if optim.decay_shape == "linear" else 1.0 - math.sqrt(progress)
     else:
-        progress = min(1.0, (step - optim.warmup_steps) / max(1, last - optim.warmup_steps))
+        progress = (step - warmup) / max(1, last - warmup)
         remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
     return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * remaining
 

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dist_llama.interop import llama_config_dict, model_args_from_llama_dict
-from dist_llama.model import (PRESETS, ModelArgs, RopeScaling, Transformer, count_parameters, eager_attention,
+from dist_llama.model import (PRESETS, ChunkedCrossEntropy, ModelArgs, RopeScaling, Transformer, count_parameters, eager_attention,
                               causal_lm_loss, precompute_rope, rope_angles)
 
 DEBUG = dataclasses.replace(PRESETS["debug"], vocab_size=512)
@@ -155,3 +155,22 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(chunk):
         assert (p.grad - expected[name]).norm() <= 1e-6 * expected[name].norm(), name
     with torch.no_grad():  # evaluation: the same sum, no gradient buffers
         assert model(inputs, labels=labels, loss_chunk_tokens=chunk).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_chunked_loss_does_no_gradient_work_under_no_grad():
+    """Evaluation: the output head's matmuls are the logits alone (2 x tokens x vocab x dim FLOPs), not the
+    two gradient products the training forward also forms, although the weights still require grad."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    head = torch.nn.Linear(DEBUG.dim, DEBUG.vocab_size, bias=False)
+    hidden = torch.randn(60, DEBUG.dim, requires_grad=True)
+    labels = torch.randint(0, DEBUG.vocab_size, (60,), generator=torch.Generator().manual_seed(0))
+    logits_flops = 2 * 60 * DEBUG.vocab_size * DEBUG.dim
+
+    def flops(grad_enabled: bool) -> int:
+        with torch.set_grad_enabled(grad_enabled), FlopCounterMode(display=False) as counter:
+            ChunkedCrossEntropy.apply(hidden, head.weight, labels, 16, torch.is_grad_enabled())
+        return counter.get_total_flops()
+
+    assert flops(True) == 3 * logits_flops  # logits, d/dhidden and d/dweight in the forward pass
+    assert flops(False) == logits_flops

@@ -47,6 +47,18 @@ def test_wsd_is_flat_then_decays_over_its_fraction(shape):
     assert all(a > b for a, b in zip(factors, factors[1:]))
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_a_plan_shorter_than_the_warmup_still_decays_to_the_final_rate(schedule):
+    """A time budget may plan fewer steps than optim.warmup_steps (25 of 30 here): the warmup shrinks to
+    half the steps, the rate then decays, and the last step has the schedule's final rate."""
+    optim = OptimConfig(warmup_steps=30, schedule=schedule, min_lr_ratio=0.1)
+    factors = [lr_factor(s, optim, 25) for s in range(25)]
+    assert factors[-1] == 0.1
+    assert factors[:12] == pytest.approx([(s + 1) / 12 for s in range(12)])  # warmup: half of the 25 steps
+    assert max(factors) == 1.0 and all(a >= b for a, b in zip(factors[12:], factors[13:]))
+    assert lr_factor(0, optim, 1) == 0.1  # a one-step run's only step is its last
+
+
 def test_bad_optimizer_settings_name_the_key():
     with pytest.raises(ConfigError, match="optim.schedule='step'"):
         load_config(None, ["--optim.schedule=step"])

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from dist_llama import consolidate as release
 from dist_llama import generate, push
+from dist_llama.cards import TESTED_TRANSFORMERS
 from dist_llama.checkpoint import CheckpointError, load_full_model_state, resolve_checkpoint
 from dist_llama.config import from_dict
 from dist_llama.interop import llama_config_dict
@@ -441,6 +442,26 @@ def test_model_card_and_training_config(runs, tmp_path):
     assert "tinymmlu.acc | 0.2817" in card and "perplexity | 41.5000" in card
     assert 'AutoModelForCausalLM.from_pretrained("someone/tiny-llama", trust_remote_code=True)' in card
     assert from_dict(yaml.safe_load((folder / "training_config.yaml").read_text())) == from_dict(meta["config"])
+    low, high = TESTED_TRANSFORMERS
+    assert f"needs transformers {low} to {high}" in card
+
+
+def test_the_transformers_range_is_the_tested_one():
+    """pyproject.toml admits exactly the minor releases from the oldest to the newest tested version, and
+    these tests run on one of them (CI runs both ends: `make test` and `make test-gpu-stack`)."""
+    import tomllib
+
+    import transformers
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    dependencies = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [Requirement(d).specifier for d in dependencies if Requirement(d).name == "transformers"]
+    low, high = map(Version, TESTED_TRANSFORMERS)
+    assert low in spec and high in spec
+    assert Version(f"{low.major}.{low.minor - 1}.99") not in spec
+    assert Version(f"{high.major}.{high.minor + 1}.0") not in spec
+    assert low <= Version(transformers.__version__) <= high
 
 
 def test_model_card_rewrite_leaves_the_weights_alone(runs, tmp_path):
