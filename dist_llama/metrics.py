@@ -180,6 +180,8 @@ class MetricsLogger:
         parts = [f"step {step}/{self.total_steps}"]
         if record.get("kind") == "val":
             return " | ".join(parts + [f"val_loss {record['val_loss']:.4f}"])
+        if record.get("kind") == "started":
+            return " | ".join(parts + [f"first step done {record['time_s']:.0f} s after start (start-up, data, compile)"])
         if record.get("kind") == "plan":
             return " | ".join(parts + [f"time budget: {record['planned_steps']} steps planned"])
         parts += [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}",

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,20 @@ def check_budget_plan(plan: dict) -> None:
             f"{plan['measured_at_step']} warm-up steps (a step takes {plan['step_s']:.2f} s, an evaluation "
             f"{plan['eval_s']:.1f} s, a checkpoint {plan['checkpoint_s']:.1f} s); raise the budget, or lower "
             "train.budget_warmup_steps / train.eval_batches")
+
+
+def measure_pauses(evaluate: Callable[[bool], None], save_checkpoint: Callable[[], None],
+                   clock: Callable[[], float]) -> tuple[float, float]:
+    """Seconds of one evaluation and one checkpoint, as every later one will take them. The evaluation is
+    timed warm: `evaluate(True)` first runs an untimed pass (one batch) in which a compiled model compiles its
+    evaluation graphs. Timed cold, the first evaluation cost 28x a warm one (debug model, compiled), and that
+    cost charged to every planned evaluation left over a quarter of the budget unused."""
+    evaluate(True)
+    start = clock()
+    evaluate(False)
+    middle = clock()
+    save_checkpoint()
+    return middle - start, clock() - middle
 
 
 class TimeBudget:

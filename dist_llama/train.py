@@ -25,8 +25,8 @@ from dist_llama.model import Transformer, count_parameters, flops_per_token
 from dist_llama.optim import build_optimizer, lr_factor, set_learning_rates
 from dist_llama.parallel import (CollectiveTimeout, DistEnv, all_reduce_sum, collective_timeout_hint, init_distributed,
                                  parallelize, set_step_timeout, shutdown_distributed)
-from dist_llama.stopping import (BudgetError, StopRequest, TimeBudget, clear_stop_record, stop_message,
-                                 write_stop_record)
+from dist_llama.stopping import (BudgetError, StopRequest, TimeBudget, clear_stop_record, measure_pauses,
+                                 process_age_s, stop_message, write_stop_record)
 from dist_llama.tokenizer import check_tokenizer, load_tokenizer
 
 log = logging.getLogger("dist_llama.train")
@@ -245,12 +245,14 @@ def _train(config: Config, env: DistEnv) -> dict:
     def plan_budget(step: int) -> int:
         """Time one evaluation and one checkpoint after the measured steps, then plan the step count."""
         step_s = budget.step_s(synchronize())
-        eval_start = time.perf_counter()
-        evaluate(step)
-        checkpoint_start = synchronize()
-        save_checkpoint(step)
-        checkpoint_s = time.perf_counter() - checkpoint_start
-        budget_plan = budget.make_plan(config, env, step, step_s, checkpoint_start - eval_start, checkpoint_s)
+
+        def evaluation(warm_up: bool) -> None:
+            if warm_up:
+                evaluate_loss(model, val_batches[:1], plan.micro_batch_size, config.train.loss_chunk_tokens, env.device)
+            else:
+                evaluate(step)
+        eval_s, checkpoint_s = measure_pauses(evaluation, lambda: save_checkpoint(step), synchronize)
+        budget_plan = budget.make_plan(config, env, step, step_s, eval_s, checkpoint_s)
         logger.log({"kind": "plan", "step": step, **budget_plan})
         log.info("time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint "
                  "%.1f s, %.0f s used so far)", budget_plan["budget_s"], budget_plan["planned_steps"], step_s,
@@ -269,6 +271,8 @@ def _train(config: Config, env: DistEnv) -> dict:
             if step == start_step + 1:  # loading and compile are behind: a long wait now means a hung rank
                 set_step_timeout(config.parallel.timeout_s)
                 timeout_key, timeout_s = "parallel.timeout_s", config.parallel.timeout_s
+                # How long start-up, data and compile took; a launcher can tell from it that the run is training.
+                logger.log({"kind": "started", "step": step, "time_s": process_age_s()})
             progress.step = step
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 progress.bad_steps += 1

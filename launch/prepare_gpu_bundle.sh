@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# launch/prepare_gpu_bundle.sh [OUT_DIR] [--check]
+# launch/prepare_gpu_bundle.sh [OUT_DIR] [--train-data FILES... and other options of `python -m
+#   dist_llama.session bundle`]
 # Builds the offline bundle that launch/gpu_session.sh needs on a GPU machine without network (default
 # OUT_DIR: gpu_bundle/, git-ignored; name it in the machine's carry):
 #   wheels/   cp312 manylinux x86-64 wheels of what that machine lacks: lm-eval, datasets, evaluate and
@@ -7,41 +8,32 @@
 #   the data  python -m dist_llama.session bundle: tokenizer, training shards as parquet, held-out
 #             documents, tinyMMLU and spread MMLU items, manifest.json; it prints the total with the
 #             checkout's files and refuses above 60 MiB (training shards that do not fit are left out).
-# --check     then install the wheels as the session does (pip --no-index --no-deps --target) in a clean
-#             Python 3.12 venv that holds what the GPU machine has (PYPI access needed for that venv
-#             only; torch is left out: no CPU build for 3.12 here) and import lm_eval, datasets, ...
+# `make test-gpu-stack` then installs the wheels as the session does in an environment with the GPU machine's
+# versions (launch/gpu_machine.txt) and runs the release tests and the whole session rehearsal there.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${repo}/gpu_bundle
-check=0
-for arg in "$@"; do
-  case "${arg}" in
-    --check) check=1 ;;
-    -*) echo "error: unknown option ${arg}; usage: launch/prepare_gpu_bundle.sh [OUT_DIR] [--check]" >&2; exit 2 ;;
-    *) out=${arg} ;;
-  esac
-done
+bundle_args=()
+if [[ $# -ge 1 && $1 != --* ]]; then out=$1; shift; fi
+bundle_args=("$@")
 python=${PYTHON:-${repo}/.venv/bin/python}
-python312=${PYTHON312:-python3.12}
 
-# What lm-eval 0.4.13 (hf backend) and datasets 5.2.0 need beyond the GPU machine's packages: the install
-# set `pip install --dry-run --report` gave on top of that machine's list in a clean 3.12 venv, pinned to
-# the versions this checkout's tests run with. Wheels of packages the machine already has are skipped at
-# install time, so those listed only for safety (requests, jinja2, click, psutil, ...) cost room, not risk.
+# What lm-eval 0.4.13 (hf backend) and datasets need beyond the GPU machine's packages: the install set
+# `pip install --dry-run --report` gave on top of that machine's list in a clean 3.12 venv. Wheels of
+# packages the machine already has are skipped at install time, so those listed only for safety (requests,
+# jinja2, click, psutil, ...) cost room, not risk. datasets 4.6.1, not the newest: the machine's pyarrow
+# version is unrecorded, and datasets >= 4.7 fails to import below pyarrow 19 (its Json feature calls
+# pa.json_() at import), while 4.6.1 loads lm-eval's JSON tasks with every pyarrow that imports beside
+# numpy 2.5 (16.0 to 26.0, tried 2026-12-03); dill and multiprocess at the versions 4.6.1 declares.
+# `make test-gpu-stack` runs with pyarrow 16.0.0, the oldest of those.
 WHEELS=(
-  lm_eval==0.4.13 datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19
+  lm_eval==0.4.13 datasets==4.6.1 evaluate==0.4.6 dill==0.4.0 multiprocess==0.70.18
   requests==2.34.2 charset-normalizer==3.5.3 urllib3==2.8.0 six==1.17.0 Jinja2==3.1.6
   more-itertools==11.2.1 nltk==3.10.4 click==8.5.1 defusedxml==0.7.1 pytablewriter==1.2.1
   DataProperty==1.1.1 mbstrdecoder==1.1.5 chardet==6.0.0.post1 pathvalidate==3.3.1 tabledata==1.3.5
   tcolorpy==0.1.7 typepy==1.3.5 python-dateutil==2.9.0.post0 pytz==2026.6 psutil==7.2.2
 )
 SDIST_ONLY=(rouge_score==0.1.2 sqlitedict==2.1.0 word2number==1.1)
-# The GPU machine's own packages (besides torch), for the --check venv.
-GPU_MACHINE=(
-  "transformers==5.17.*" tokenizers sentencepiece safetensors tensorboard numpy pandas pyarrow matplotlib
-  scikit-learn sacrebleu tqdm huggingface-hub xxhash fsspec aiohttp
-)
-
 mkdir -p "${out}/wheels"
 "${python}" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
   --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
@@ -59,18 +51,5 @@ ls "${out}/wheels"/*.whl | while read -r wheel; do
   esac
 done
 
-PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" "${python}" -m dist_llama.session bundle --out "${out}"
-
-if [ "${check}" = 1 ]; then
-  if ! "${python312}" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
-    echo "error: ${python312} is not a working Python 3.12; set PYTHON312=/path/to/python3.12" >&2
-    exit 2
-  fi
-  venv=$(mktemp -d)/venv312
-  "${python312}" -m venv "${venv}"
-  "${venv}/bin/pip" install --quiet --disable-pip-version-check "${GPU_MACHINE[@]}"
-  "${venv}/bin/pip" install --quiet --disable-pip-version-check --no-deps accelerate peft
-  PYTHONPATH="${repo}" "${venv}/bin/python" -m dist_llama.session install --bundle "${out}" \
-    --target "$(dirname "${venv}")/site"
-  echo "checked: the bundle's wheels install and import in ${venv} ($("${venv}/bin/python" --version))"
-fi
+PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" "${python}" -m dist_llama.session bundle --out "${out}" \
+  ${bundle_args[@]+"${bundle_args[@]}"}

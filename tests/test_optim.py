@@ -15,7 +15,7 @@ from dist_llama.model import PRESETS, Transformer
 from dist_llama.optim import ShardedMuon, build_optimizer, is_hidden_matrix, lr_factor
 from dist_llama.parallel import DistEnv, parallelize
 from dist_llama import stopping
-from dist_llama.stopping import BudgetError, check_budget_plan, plan_steps
+from dist_llama.stopping import BudgetError, check_budget_plan, measure_pauses, plan_steps
 from dist_llama.train import BatchPlan, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,3 +224,21 @@ def test_budget_plan_fits_the_measured_costs_and_refuses_a_budget_too_small(monk
     too_small = plan_steps(config, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0)
     with pytest.raises(BudgetError, match="train.time_budget_s=100 is too small: 99 s are gone after 8 warm-up steps"):
         check_budget_plan(too_small)
+
+
+def test_the_budget_times_a_warm_evaluation():
+    """A compiled model compiles its evaluation graphs in the first evaluation (28x a warm one, debug
+    model): the plan must charge every evaluation what a warm one costs, so the first is not the one timed."""
+    now = [0.0]
+    calls = []
+
+    def evaluate(warm_up: bool) -> None:
+        calls.append(warm_up)
+        now[0] += 11.5 if len(calls) == 1 else 0.4  # the first pass compiles, whichever it is
+
+    def save_checkpoint() -> None:
+        now[0] += 2.0
+
+    eval_s, checkpoint_s = measure_pauses(evaluate, save_checkpoint, lambda: now[0])
+    assert calls == [True, False]
+    assert eval_s == pytest.approx(0.4) and checkpoint_s == pytest.approx(2.0)

@@ -76,10 +76,12 @@ def runs(tmp_path_factory, corpus):
 
 def test_muon_is_the_same_optimizer_at_one_and_two_ranks(runs):
     """Newton-Schulz must see whole matrices: torch.optim.Muon on FSDP2 shards would orthogonalize each
-    rank's half on its own and drift from the 1-rank run within a few steps (5e-3 after 3 steps)."""
+    rank's half on its own and drift from the 1-rank run within a few steps (5e-3 after 3 steps). What is
+    left is bf16 Newton-Schulz rounding the two runs' gradient sums differently: up to 1.3e-5 at the peak rate
+    (the schedule reaches it at step 6 of these 12)."""
     one, two = train_losses(runs["muon_one_rank"]), train_losses(runs["muon_two_ranks"])
     assert sorted(one) == list(range(1, STEPS + 1))
-    assert_close_losses(two, one, rel=1e-5)
+    assert_close_losses(two, one, rel=5e-5)
     adamw = train_losses(runs["one_rank"])
     assert one[STEPS] != adamw[STEPS], "the Muon runs must not be AdamW runs"
 
@@ -241,11 +243,12 @@ def test_non_finite_steps_stop_the_run_naming_the_step(corpus, tmp_path, max_bad
 
 
 def test_compiled_blocks_train_like_eager_ones(runs, corpus, tmp_path):
-    """parallel.compile=true (per-block torch.compile under FSDP2 and activation checkpointing) on CPU."""
-    args = tiny_overrides(*corpus, tmp_path, "compiled") + [
-        "--train.steps=3", "--parallel.compile=true", "--parallel.activation_checkpointing=full"]
-    run(1, args)
-    compiled, eager = train_losses(tmp_path / "compiled"), train_losses(runs["one_rank"])
+    """parallel.compile=true (per-block torch.compile under FSDP2 and activation checkpointing) on CPU, against
+    the same 3-step schedule run eager."""
+    for name, extra in (("compiled", ["--parallel.compile=true"]), ("eager", [])):
+        run(1, tiny_overrides(*corpus, tmp_path, name) + ["--train.steps=3", "--parallel.activation_checkpointing=full",
+                                                          *extra])
+    compiled, eager = train_losses(tmp_path / "compiled"), train_losses(tmp_path / "eager")
     for step in (1, 2, 3):
         assert abs(compiled[step] - eager[step]) <= 1e-4 * eager[step], (step, compiled[step], eager[step])
 

@@ -1,7 +1,8 @@
-"""One command on a GPU: install, preflight, bench, train, release, evaluate and report inside one deadline.
+"""One command on a GPU: install, preflight, train, release, evaluate, bench and report inside one deadline.
 
     python -m dist_llama.session --out OUT [--bundle gpu_bundle] [--deadline-s 540] [--rehearse]
-        [--config FILE] [--work DIR] [--nproc N] [--skip STAGE,...] [--section.key=value ...]
+        [--config FILE] [--work DIR] [--nproc N] [--skip STAGE,...] [--compile-limit-s S]
+        [--section.key=value ...]
 
 `launch/gpu_session.sh` is the same command (so is the older `python -m dist_llama.gpu_session`). It is made
 for a short, hard-limited GPU slot with no network and little room to bring results back: everything the run
@@ -11,40 +12,47 @@ tensorboard events, config, environment, evaluation summaries and samples, plots
 stage's log), loss.png and loss_by_position.png. Weights and checkpoints stay in the work folder (WORK,
 default a new temporary one).
 
-Stages, each in its own process(es) with its own time limit, against one deadline counted from the start:
+Stages, each in its own process(es) with its own time limit, against one deadline counted from the start.
+Every stage but training has a planned time and training gets the rest (`python -m dist_llama.session plan`):
   install    the bundle's wheels that are not installed already, into WORK/site, put on PYTHONPATH
-  preflight  GPU name, torch and CUDA versions, free memory, packages, the bundle's data and tokenizer and
-             the resolved training config; then a 3-step smoke of that exact config (a failing compiled
-             smoke is retried eager, and training then runs eager)
-  bench      benchmarks/bench_model_step.py: ours vs transformers' Llama (same weights), and ours compiled
-  train      the config with train.time_budget_s = what the deadline leaves after the later stages'
-             reserve; a compiled run that fails is retried eager, as a new run, with the time left
-  release    consolidate (our code, and a stock Llama config on the same weights); then, in a process
-             where dist_llama is not importable: load with trust_remote_code, compare logits with stock
-             LlamaForCausalLM, and generate from fixed prompts (greedy, and sampled with a seed)
+  preflight  GPU name, package versions (and what the bundle's packages declare they need but do not find),
+             free memory, the bundle's data and tokenizer, and the resolved training config (no smoke run:
+             the training run falls back to eager by itself)
+  train      the config with train.time_budget_s = what the deadline leaves after the later stages' plan.
+             The run builds the token cache first (every core), then trains. A compiled run that fails, or
+             has not planned its time budget after --compile-limit-s (a compile that hangs), is run
+             again eager, as a new run, with the time left
+  release    consolidate once; then, in a process where dist_llama is not importable: load with
+             trust_remote_code, compare logits with stock LlamaForCausalLM on the same files, and generate
+             from fixed prompts (greedy, and sampled with a seed)
   evaluate   lm-eval on the 100 tinyMMLU items (IRT when eval.irt_params names a parameter file), held-out
              loss by position at the training length, lm-eval on the MMLU items spread over all subjects
+  bench      only on time left after the evaluation: benchmarks/bench_model_step.py (ours vs transformers'
+             Llama on the same weights, and ours compiled) and the training loader's tokens/s
   report     python -m dist_llama.report; then the summary and the pack
 A stage runs when its inputs exist, whatever an unrelated stage did. Each outcome (ok, failed with the last
-error line, skipped and why) goes into summary.json and summary.md; the last thing printed is a short table.
-`--rehearse` runs the same stages on the CPU with configs/debug.yaml and a deadline under five minutes.
-Exit status: 0 when every stage that ran succeeded, 1 when one failed, 2 for bad input (missing bundle, no
-GPU, a deadline too short for the preflight, a config error), each told in one line.
+error line, skipped and why) goes into summary.json and summary.md, beside its planned time; the last thing
+printed is a short table. `--rehearse` runs the same stages on the CPU with configs/debug.yaml and a deadline
+under five minutes. Exit status: 0 when every stage that ran succeeded, 1 when one failed, 2 for bad input
+(missing bundle, no GPU, a deadline too short for the preflight, a config error), each told in one line.
 
 Other subcommands:
     python -m dist_llama.session bundle --out gpu_bundle [...]          the data half of the bundle
     python -m dist_llama.session install --bundle B --target DIR        install its wheels and import them
     python -m dist_llama.session preflight --bundle B --report F.json   the environment check alone
+    python -m dist_llama.session plan [--rehearse] [--deadline-s S]      the planned seconds per stage (JSON)
 
 Which module holds what, in the order a session uses them:
 
     bundle.py         the offline bundle: build it (tokenizer, training shards as parquet, held-out
                       documents, MMLU items, manifest.json), check it against its manifest, unpack it
-    wheels.py         install the bundle's wheels, and check which modules import
-    plan.py           the stages, the two modes (GPU, CPU rehearsal) with their time limits, and the
-                      deadline arithmetic: what each stage may take of the time left
+    wheels.py         install the bundle's wheels, check which modules import and what they declare
+                      they need
+    plan.py           the stages, the two modes (GPU, CPU rehearsal) with their planned times and
+                      limits, and the deadline arithmetic: what each stage may take of the time left
     preflight.py      the environment check (its own process: it imports torch)
-    processes.py      one stage's child process: its log, its time limit, stopping its process group
+    processes.py      one stage's child process: its log, its time limit (and a first-step limit),
+                      stopping its process group
     runner.py         Session: what the stages share, and the loop that runs them in order
     stages.py         one function per stage, in the order they run
     release_check.py  the script that loads the release where dist_llama cannot be imported

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 from dist_llama.session import REPO, BadInput, read_json
 from dist_llama.session.bundle import BUNDLE_LIMIT_MIB, DEFAULT_BUNDLE, MANIFEST, MIB, build_bundle, load_manifest, \
     unpack_bundle
-from dist_llama.session.plan import GPU, REHEARSAL, STAGES, resolve_config_path
+from dist_llama.session.plan import GPU, REHEARSAL, STAGES, resolve_config_path, session_plan
 from dist_llama.session.preflight import preflight_report
 from dist_llama.session.processes import raise_interrupted
 from dist_llama.session.runner import Session
@@ -44,6 +45,9 @@ def run_main(argv: list[str]) -> int:
     parser.add_argument("--config", default=None, help=f"training config (default {GPU.config}; rehearsal "
                                                        f"{REHEARSAL.config})")
     parser.add_argument("--nproc", type=int, default=1, help="training processes (GPUs); >1 launches torchrun")
+    parser.add_argument("--compile-limit-s", type=float, default=None,
+                        help=f"a compiled training run that has not planned its time budget by then runs eager "
+                             f"(default {GPU.compile_limit_s:g}; rehearsal {REHEARSAL.compile_limit_s:g})")
     parser.add_argument("--skip", type=_stages_list, default=[], help=f"comma-separated stages to leave out: "
                                                                         f"{', '.join(STAGES)}")
     args, overrides = parser.parse_known_args(argv)
@@ -53,6 +57,8 @@ def run_main(argv: list[str]) -> int:
     if args.nproc < 1:
         parser.exit(2, "error: --nproc must be at least 1\n")
     mode = REHEARSAL if args.rehearse else GPU
+    if args.compile_limit_s is not None:
+        mode = dataclasses.replace(mode, compile_limit_s=args.compile_limit_s)
     try:
         session = Session(mode, args, overrides)
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -129,14 +135,30 @@ def preflight_main(argv: list[str]) -> int:
     report, problems = preflight_report(bundle, inputs, resolve_config_path(args.config), overrides, args.require_gpu)
     report["problems"] = problems
     Path(args.report).write_text(json.dumps(report, indent=1, default=str))
+    print("found: Python " + report["python"] + ", " + ", ".join(f"{name} {version}" for name, version
+                                                                  in report.get("packages", {}).items()))
+    for package, wants in report.get("unmet", {}).items():
+        print(f"warning: {package} declares {', '.join(wants)}")
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     return 1 if problems else 0
 
 
+def plan_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"{PROG} plan",
+                                     description="Print the planned seconds of every stage as JSON: each stage "
+                                                 "at its planned time, training gets the rest.")
+    parser.add_argument("--rehearse", action="store_true", help="the CPU rehearsal's plan")
+    parser.add_argument("--deadline-s", type=float, default=None)
+    args = parser.parse_args(argv)
+    print(json.dumps(session_plan(REHEARSAL if args.rehearse else GPU, args.deadline_s), indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"bundle": bundle_main, "install": install_main, "preflight": preflight_main, "run": run_main}
+    commands = {"bundle": bundle_main, "install": install_main, "preflight": preflight_main, "plan": plan_main,
+                "run": run_main}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return run_main(argv)

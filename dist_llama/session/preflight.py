@@ -11,13 +11,14 @@ from pathlib import Path
 
 from dist_llama.session import BadInput
 from dist_llama.session.bundle import data_overrides, load_manifest
-from dist_llama.session.wheels import import_errors
+from dist_llama.session.wheels import import_errors, unmet_requirements
 
 TRAINING_MODULES = ("torch", "transformers", "tokenizers", "safetensors", "yaml", "numpy", "pyarrow", "tensorboard",
                     "psutil")
 EVALUATION_MODULES = ("lm_eval", "lm_eval.models.huggingface", "datasets", "evaluate", "accelerate", "scipy")
 REPORT_MODULES = ("matplotlib",)
-REPORTED_PACKAGES = ("torch", "transformers", "tokenizers", "lm_eval", "datasets", "pyarrow", "numpy", "accelerate")
+REPORTED_PACKAGES = ("torch", "transformers", "huggingface_hub", "tokenizers", "safetensors", "accelerate", "numpy",
+                     "pyarrow", "pandas", "fsspec", "lm_eval", "datasets")
 
 
 def preflight_report(bundle: Path, inputs: Path, config_path: str, overrides: list[str],
@@ -37,6 +38,7 @@ def preflight_report(bundle: Path, inputs: Path, config_path: str, overrides: li
         manifest = load_manifest(bundle)
     except BadInput as error:
         return report, problems + [str(error)]
+    report["unmet"] = unmet_requirements(manifest["wheels"])
     problems += _inputs(report, bundle, manifest, inputs, config_path, overrides)
     return report, problems
 

@@ -1,11 +1,12 @@
 """The release check: a script, not imported by the session. The release stage copies it into an empty folder
 and runs it with `python -S`, where dist_llama cannot be imported (stages._isolated_env):
 
-    release_check.py REPORT CUSTOM STOCK DEVICE PROMPTS_JSON GENERATION_JSON TOLERANCE
+    release_check.py REPORT RELEASE DEVICE PROMPTS_JSON GENERATION_JSON TOLERANCE
 
-It loads the release folder CUSTOM with trust_remote_code and the stock-Llama folder STOCK (same weights),
-compares their logits on the prompts, generates from each (greedy, and sampled with a seed) and writes the
-REPORT JSON; a problem is its "problem" field, and exit status 1.
+It loads the release folder RELEASE with trust_remote_code, and the same weights into stock LlamaForCausalLM
+with a LlamaConfig of the release's config.json (its field names are Llama's), compares their logits on the
+prompts, generates from each (greedy, and sampled with a seed) and writes the REPORT JSON; a problem is its
+"problem" field, and exit status 1.
 """
 
 import importlib.util
@@ -21,17 +22,23 @@ def finish(report: dict, report_path: str, problem=None):
         sys.exit(1)
 
 
-def main(report_path, custom, stock, device, prompts, generation, tolerance):
+# Keys of a release's config.json that are ours, not LlamaConfig's.
+CUSTOM_CONFIG_KEYS = ("architectures", "auto_map", "model_type", "attention", "transformers_version")
+
+
+def main(report_path, custom, device, prompts, generation, tolerance):
     prompts, generation, tolerance = json.loads(prompts), json.loads(generation), float(tolerance)
     report = {"dist_llama_importable": importlib.util.find_spec("dist_llama") is not None, "device": device}
     if report["dist_llama_importable"]:
         finish(report, report_path,
                "dist_llama is importable in the isolated process; the check would not prove the folder stands alone")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(custom, trust_remote_code=True, output_loading_info=True)
-    llama, llama_info = LlamaForCausalLM.from_pretrained(stock, output_loading_info=True)
+    fields = json.loads(open(f"{custom}/config.json").read())
+    llama_config = LlamaConfig(**{key: value for key, value in fields.items() if key not in CUSTOM_CONFIG_KEYS})
+    llama, llama_info = LlamaForCausalLM.from_pretrained(custom, config=llama_config, output_loading_info=True)
     model, llama = model.to(device).eval(), llama.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(custom, trust_remote_code=True)
     report.update({"class": type(model).__name__, "module": type(model).__module__, "dtype": str(model.dtype),
@@ -68,4 +75,4 @@ def main(report_path, custom, stock, device, prompts, generation, tolerance):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:8])
+    main(*sys.argv[1:7])

@@ -40,10 +40,8 @@ class Session:
         self.manifest: dict | None = None
         self.preflight: dict = {}
         self.site_installed = False
-        self.eager_only = False  # compile failed in the smoke
         self.runs: list[Path] = []  # training attempts, in order
         self.release: Path | None = None
-        self.stock_release: Path | None = None
         self.bad_input: str | None = None
 
     # Child processes -------------------------------------------------------------------------------
@@ -55,13 +53,14 @@ class Session:
         env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(self.work / "hf"),
                     "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
                     "TQDM_DISABLE": "1",  # progress bars would fill the logs with carriage returns
-                    # The smoke's compile fills this cache, so training's compile of the same graphs is warm.
+                    # Training's compile fills this cache, so the bench's compile of the same blocks is warm.
                     "TORCHINDUCTOR_CACHE_DIR": str(self.work / "inductor_cache")})
         return env
 
-    def run(self, label: str, command: list[str], timeout: float, env: dict | None = None,
-            cwd: Path | None = None) -> Child:
-        return run_child(self.logs / f"{label}.log", command, timeout, env or self.env(), cwd or REPO)
+    def run(self, label: str, command: list[str], timeout: float, env: dict | None = None, cwd: Path | None = None,
+            **watch) -> Child:
+        """A child process with its log in logs/LABEL.log; `watch`: run_child's started/start_within."""
+        return run_child(self.logs / f"{label}.log", command, timeout, env or self.env(), cwd or REPO, **watch)
 
     def python(self, *args: str) -> list[str]:
         return [sys.executable, *args]
@@ -73,7 +72,7 @@ class Session:
 
     def session_overrides(self) -> list[str]:
         """The mode's overrides, then the user's (the preflight adds the bundle's data itself). With a token
-        cache, the preflight's smoke builds it with every core and training reads token ids from it."""
+        cache, the training run builds it first with every core, then reads token ids from it."""
         cache = [f"--data.token_cache={self.work / 'token_cache'}"] if self.mode.token_cache else []
         return [*self.mode.train_overrides, *cache, *self.user_overrides]
 

@@ -1,4 +1,4 @@
-"""The stages, one function each, in the order they run: install, preflight, bench, train, release, evaluate,
+"""The stages, one function each, in the order they run: install, preflight, train, release, evaluate, bench,
 report. Each takes the Session and the seconds plan.py allows it, runs its child processes and returns its
 Outcome; train and evaluate share their time step by step (Deadline.training_budget, evaluation_step_allowance).
 """
@@ -27,18 +27,17 @@ GENERATION = {"max_new_tokens": 40, "temperature": 0.8, "top_p": 0.95, "seed": 0
 # Logits of our code and of stock Llama on the same fp32 weights differ only by kernel rounding.
 PARITY_RELATIVE_TOLERANCE = 1e-4
 RELEASE_CHECK_SCRIPT = Path(__file__).with_name("release_check.py")
-PREFLIGHT_REPORT_LIMIT_S = 120  # the environment report alone; the rest of the allowance is the smoke's
 
 
 def install(session: Session, allowance: float) -> Outcome:
-    if not session.mode.install_wheels:
-        return Outcome("install", "skipped", detail="rehearsal: this machine's environment has the packages "
-                       "(launch/prepare_gpu_bundle.sh --check installs the cp312 wheels in a clean 3.12 venv)")
     if not session.manifest["wheels"]:
+        if not session.mode.require_gpu:
+            return Outcome("install", "skipped", detail="the bundle holds no wheels: this machine's packages are used "
+                           "(launch/prepare_gpu_bundle.sh puts them in)")
         return Outcome("install", "failed", detail=f"the bundle {session.bundle} holds no wheels; lm-eval will be "
                        "missing (build the bundle with launch/prepare_gpu_bundle.sh)")
     try:
-        installed, present = install_wheels(session.bundle, session.manifest, session.site)
+        installed, present = install_wheels(session.bundle, session.manifest, session.site, timeout=allowance)
     except (RuntimeError, OSError, subprocess.SubprocessError) as error:
         return Outcome("install", "failed", detail=str(error).splitlines()[0])
     session.site_installed = True
@@ -47,14 +46,15 @@ def install(session: Session, allowance: float) -> Outcome:
 
 
 def preflight(session: Session, allowance: float) -> Outcome:
-    """The environment report in its own process, then a 3-step smoke of the training config."""
+    """The environment report in its own process: the machine, the packages, the bundle, the resolved config.
+    No smoke run: the training run itself falls back to eager when its compile fails or hangs (train)."""
     report = session.work / "preflight.json"
     check = session.run("preflight", session.python("-m", "dist_llama.session", "preflight", "--bundle",
                                                     str(session.bundle), "--inputs", str(session.inputs), "--config",
                                                     session.config, "--report", str(report),
                                                     *(["--require-gpu"] if session.mode.require_gpu else []),
                                                     *session.session_overrides()),
-                        min(allowance, PREFLIGHT_REPORT_LIMIT_S))
+                        allowance)
     session.preflight = read_json(report) or {}
     problems = session.preflight.get("problems", [])
     if not check.ok or problems:
@@ -62,34 +62,14 @@ def preflight(session: Session, allowance: float) -> Outcome:
         if any(p.startswith(("no GPU visible", "config error")) for p in problems):
             session.bad_input = reason
         return Outcome("preflight", "failed", detail=reason)
-    notes = [f"{name} does not import" for name in session.preflight.get("import_errors", {})]
-    problem = _smoke(session, allowance - check.seconds, notes)
-    if problem:
-        return Outcome("preflight", "failed", detail=problem)
     gpu = session.preflight.get("gpu") or {}
     facts = (f"{gpu['name']}, {gpu['free_gib']:.0f}/{gpu['total_gib']:.0f} GiB free" if gpu else "CPU")
     packages = session.preflight.get("packages", {})
-    facts += f", torch {packages.get('torch')} (CUDA {session.preflight.get('cuda')}); smoke ok"
+    facts += f", torch {packages.get('torch')} (CUDA {session.preflight.get('cuda')}), transformers " \
+             f"{packages.get('transformers')}, pyarrow {packages.get('pyarrow')}"
+    notes = [f"{name} does not import" for name in session.preflight.get("import_errors", {})]
+    notes += [f"{package} wants {', '.join(wants)}" for package, wants in session.preflight.get("unmet", {}).items()]
     return Outcome("preflight", "ok", detail="; ".join([facts, *notes]))
-
-
-def _smoke(session: Session, seconds: float, notes: list[str]) -> str | None:
-    """Three steps of the exact training config; a compiled smoke that fails is retried eager, and then
-    training runs eager (said in notes). Returns the problem, None when a smoke passed."""
-    smoke = ["--train.steps=3", "--train.time_budget_s=null", "--train.name=smoke",
-             f"--train.run_root={session.work / 'smoke'}", "--train.log_every=1", "--train.eval_every=3",
-             "--checkpoint.every=3", "--checkpoint.keep_last=1", "--logging.tensorboard=false"]
-    first = session.run("smoke", session.trainer(smoke), seconds)
-    if not first.ok and session.resolved("parallel", "compile") and not first.timed_out:
-        shutil.rmtree(session.work / "smoke", ignore_errors=True)
-        eager = session.run("smoke_eager", session.trainer([*smoke, "--parallel.compile=false"]), seconds - first.seconds)
-        if not eager.ok:
-            return f"3-step smoke failed, compiled: {first.why()}; eager: {eager.why()}"
-        session.eager_only = True
-        notes.append(f"compiled smoke failed ({first.why()}); training runs eager")
-    elif not first.ok:
-        return f"3-step smoke failed: {first.why()}"
-    return None
 
 
 def bench(session: Session, allowance: float) -> Outcome:
@@ -121,11 +101,14 @@ def _bench_loader(session: Session, seconds: float) -> dict:
 
 
 def train(session: Session, allowance: float) -> Outcome:
-    """The config with the time budget the deadline leaves; a compiled run that fails is retried eager."""
+    """The config with the time budget the deadline leaves. A compiled run that fails, or has not planned its
+    budget within the mode's compile_limit_s (its first steps and first evaluation compile graphs before the
+    plan), is run again eager, as a new run, with the time left."""
     from dist_llama.checkpoint import complete_checkpoints
 
     name = session.resolved("train", "name", "run")
-    attempts = [(name, [])] if not session.eager_only else [(f"{name}_eager", ["--parallel.compile=false"])]
+    compiled = bool(session.resolved("parallel", "compile"))
+    attempts = [(name, [])]
     notes = []
     for attempt, (run_name, extra) in enumerate(attempts):
         budget = session.deadline.training_budget()
@@ -137,37 +120,47 @@ def train(session: Session, allowance: float) -> Outcome:
         session.runs.append(run_dir)
         overrides = [*extra, f"--train.run_root={session.work / 'runs'}", f"--train.name={run_name}",
                      f"--train.time_budget_s={budget:.0f}"]
-        child = session.run(f"train_{run_name}", session.trainer(overrides), session.deadline.training_timeout(budget))
+        watch = compiled and not extra
+        child = session.run(f"train_{run_name}", session.trainer(overrides), session.deadline.training_timeout(budget),
+                            started=(lambda: has_planned(run_dir)) if watch else None,
+                            start_within=session.mode.compile_limit_s)
         checkpoints = complete_checkpoints(run_dir / "checkpoints")
         if child.ok:
             return Outcome("train", "ok", detail="; ".join([*notes, f"{run_name}: budget {budget:.0f} s, "
                                                             f"final checkpoint {checkpoints[-1].name}"]))
         notes.append(f"{run_name}: {child.why()}" + (f" (latest checkpoint {checkpoints[-1].name})"
                                                        if checkpoints else ""))
-        retry_eager = (attempt == 0 and not child.timed_out and session.resolved("parallel", "compile")
-                       and not session.eager_only)
-        if retry_eager:
+        if attempt == 0 and compiled and not child.timed_out:
             attempts.append((f"{name}_eager", ["--parallel.compile=false"]))
     return Outcome("train", "failed", detail="; ".join(notes))
 
 
+def has_planned(run_dir: Path) -> bool:
+    """Whether the trainer planned its time budget (its metrics.jsonl holds the "plan" record): its first
+    steps and its first evaluation are done, with whatever they compiled."""
+    try:
+        return '"kind": "plan"' in (run_dir / "metrics.jsonl").read_text()
+    except OSError:
+        return False
+
+
 def release(session: Session, allowance: float) -> Outcome:
-    """Consolidate (our code, and a stock Llama config), then load and compare where dist_llama is not importable."""
+    """Consolidate once, then load and compare where dist_llama is not importable (against stock Llama on the
+    same files, with a LlamaConfig of the release's config)."""
     run_dir = session.trained_run()
     if run_dir is None:
         return Outcome("release", "skipped", detail="no training checkpoint to release")
     deadline = time.monotonic() + allowance
-    custom, stock = run_dir / "release", session.work / "release_stock"
-    for label, out, extra in (("consolidate", custom, []), ("consolidate_stock", stock, ["--stock-llama"])):
-        child = session.run(label, session.python("-m", "dist_llama.consolidate", "--checkpoint", str(run_dir),
-                                                  "--out", str(out), *extra), deadline - time.monotonic())
-        if not child.ok:
-            return Outcome("release", "failed", detail=f"{label}: {child.why()}")
-    session.release, session.stock_release = custom, stock
+    folder = run_dir / "release"
+    child = session.run("consolidate", session.python("-m", "dist_llama.consolidate", "--checkpoint", str(run_dir),
+                                                      "--out", str(folder)), allowance)
+    if not child.ok:
+        return Outcome("release", "failed", detail=f"consolidate: {child.why()}")
+    session.release = folder
     check = session.work / "release_check.json"
-    folder = _isolated_folder(session)
-    child = session.run("release_check", _isolated_check_command(session, folder, check), deadline - time.monotonic(),
-                        env=_isolated_env(session), cwd=folder)
+    isolated = _isolated_folder(session)
+    child = session.run("release_check", _isolated_check_command(session, isolated, check), deadline - time.monotonic(),
+                        env=_isolated_env(session), cwd=isolated)
     result = read_json(check)
     if result is None or not child.ok:
         reason = (result or {}).get("problem") or child.why()
@@ -188,8 +181,7 @@ def _isolated_check_command(session: Session, folder: Path, report: Path) -> lis
     # isolated folder, which becomes sys.path[0].
     script = folder / RELEASE_CHECK_SCRIPT.name
     shutil.copyfile(RELEASE_CHECK_SCRIPT, script)
-    return [sys.executable, "-S", str(script), str(report), str(session.release), str(session.stock_release),
-            session.device, json.dumps(list(PROMPTS)), json.dumps(GENERATION), str(PARITY_RELATIVE_TOLERANCE)]
+    return [sys.executable, "-S", str(script), str(report), str(session.release), session.device, json.dumps(list(PROMPTS)), json.dumps(GENERATION), str(PARITY_RELATIVE_TOLERANCE)]
 
 
 def _isolated_env(session: Session) -> dict:

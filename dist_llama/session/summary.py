@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dist_llama.session import read_json
+from dist_llama.session.plan import session_plan
 
 if TYPE_CHECKING:
     from dist_llama.session.runner import Session
@@ -31,6 +32,7 @@ def session_summary(session: Session) -> dict:
         "config": session.config, "overrides": session.user_overrides, "bad_input": session.bad_input,
         "work": str(session.work),
         "stages": [o.as_dict() for o in session.outcomes.values()],
+        "stage_plan": session_plan(session.mode, session.deadline.seconds)["stages"],
         "preflight": session.preflight or None,
         "bundle": {key: (session.manifest or {}).get(key) for key in BUNDLE_FACTS},
         "bench": read_json(session.work / "bench.json"),
@@ -78,9 +80,10 @@ def summary_markdown(summary: dict) -> str:
              f"used {summary['elapsed_s']:g} s.", ""]
     if summary["bad_input"]:
         lines += [f"**Stopped: {summary['bad_input']}**", ""]
-    lines += ["| stage | status | seconds | detail |", "| --- | --- | --- | --- |"]
-    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']:.0f} | {s['detail'].replace('|', chr(92) + '|')} |"
-              for s in summary["stages"]]
+    planned = summary.get("stage_plan") or {}
+    lines += ["| stage | status | seconds | planned | detail |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']:.0f} | {_fmt(planned.get(s['stage']), 0)} | "
+              f"{s['detail'].replace('|', chr(92) + '|')} |" for s in summary["stages"]]
     for section in (_machine, _bench, _training, _evaluation, _release):
         lines += section(summary)
     failed = [s for s in summary["stages"] if s["status"] != "ok"]

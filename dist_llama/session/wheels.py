@@ -23,10 +23,10 @@ def _distribution_name(wheel: Path) -> str:
     return re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
 
 
-def install_wheels(bundle: Path, manifest: dict, target: Path) -> tuple[list[str], list[str]]:
+def install_wheels(bundle: Path, manifest: dict, target: Path, timeout: float = 300) -> tuple[list[str], list[str]]:
     """Install the bundle's wheels whose distributions are not installed yet into target (pip --no-index
-    --no-deps --target; the bundle holds the whole dependency set). Returns (installed, already present);
-    raises RuntimeError with pip's error line."""
+    --no-deps --target; the bundle holds the whole dependency set), within timeout seconds. Returns
+    (installed, already present); raises RuntimeError with pip's error line."""
     import importlib.metadata
 
     present, wanted = [], []
@@ -39,13 +39,48 @@ def install_wheels(bundle: Path, manifest: dict, target: Path) -> tuple[list[str
             wanted.append(wheel)
     target.mkdir(parents=True, exist_ok=True)
     if wanted:
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
-                                 "--disable-pip-version-check", "--target", str(target), *map(str, wanted)],
-                                capture_output=True, text=True, timeout=300)
+        try:
+            result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
+                                     "--disable-pip-version-check", "--target", str(target), *map(str, wanted)],
+                                    capture_output=True, text=True, timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"pip did not install the {len(wanted)} wheel(s) within {timeout:.0f} s") from None
         if result.returncode != 0:
             lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()] or ["no output"]
             raise RuntimeError(f"{len(wanted)} wheel(s) failed to install: {lines[-1].strip()}")
     return [w.name for w in wanted], present
+
+
+def unmet_requirements(wheels: list[str]) -> dict[str, list[str]]:
+    """What the installed copies of the bundle's distributions declare they need (extras aside) and the
+    installed packages do not meet: {"datasets 5.2.0": ["pyarrow>=24.0.0 (found 21.0.0)"]}. The wheels go in
+    with --no-deps, so pip never checks this; a package may still work against an older one, which the
+    stage that imports it shows."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    unmet = {}
+    for wheel in wheels:
+        try:
+            distribution = importlib.metadata.distribution(_distribution_name(Path(wheel)))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        wants = []
+        for line in distribution.requires or []:
+            requirement = Requirement(line)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            try:
+                found = importlib.metadata.version(requirement.name)
+            except importlib.metadata.PackageNotFoundError:
+                wants.append(f"{requirement} (not installed)")
+                continue
+            if requirement.specifier and not requirement.specifier.contains(found, prereleases=True):
+                wants.append(f"{requirement} (found {found})")
+        if wants:
+            unmet[f"{distribution.metadata['Name']} {distribution.version}"] = wants
+    return unmet
 
 
 def import_errors(modules, env: dict | None = None) -> dict[str, str]:
