@@ -34,6 +34,7 @@ WHEELS=(
   tcolorpy==0.1.7 typepy==1.3.5 python-dateutil==2.9.0.post0 pytz==2026.6 psutil==7.2.2
 )
 SDIST_ONLY=(rouge_score==0.1.2 sqlitedict==2.1.0 word2number==1.1)
+rm -rf "${out}/wheels"  # exactly the wheels listed here (pip's cache makes the download cheap)
 mkdir -p "${out}/wheels"
 "${python}" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
   --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

@@ -1,7 +1,7 @@
 """The environment check, in its own process (it imports torch): this machine, the bundle, the resolved config.
 
 The preflight stage runs `python -m dist_llama.session preflight`, which writes preflight_report's facts
-and problems as JSON; the stage then runs the 3-step smoke (stages.py).
+and problems as JSON, and prints the package versions it found.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from dist_llama.session import REPO
 from dist_llama.session.bundle import unpack_bundle
 
 # What `python -m dist_llama.session install` checks after installing (modules that need torch cannot be
-# checked in the torch-less venv of launch/prepare_gpu_bundle.sh --check).
+# checked without torch).
 INSTALL_CHECK_MODULES = ("lm_eval", "lm_eval.tasks", "lm_eval.api.task", "datasets", "evaluate", "sqlitedict",
                          "word2number", "rouge_score", "pytablewriter", "multiprocess", "dill")
 
