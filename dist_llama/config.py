@@ -15,6 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import yaml
@@ -27,108 +28,217 @@ class ConfigError(ValueError):
     """A user mistake in a config file or override; printed without a traceback by the entry points."""
 
 
+# --- Declaring a key: default, allowed values, and whether a resume may change it, in one place -----
+
+
+def setting(default=dataclasses.MISSING, *, factory=None, choices: tuple = (), positive: bool = False,
+            non_negative: bool = False, interval: str | None = None, resumable: bool = False):
+    """One config key. choices: the values it accepts. positive / non_negative / interval ("(0, 1]",
+    "[0, 1)"): its bounds, checked unless the value is null. resumable: a resumed run may change it (how fast,
+    how often or where: not the trajectory of the weights); any other change is refused on resume unless
+    named in checkpoint.allow_changes. Undeclared, a key is not resumable: the safe side."""
+    metadata = {"choices": tuple(choices), "positive": positive, "non_negative": non_negative,
+                "interval": interval, "resumable": resumable}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    return above and below
+
+
+class Section:
+    """A config section: `__post_init__` checks each key against its declaration (`setting`), then the
+    section's own rules (`check`). NAME is the section's name in files and overrides."""
+
+    NAME: ClassVar[str] = ""
+    ALL_RESUMABLE: ClassVar[bool] = False  # every key of the section may change on resume
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            _check_declared(f"{self.NAME}.{item.name}", getattr(self, item.name), item.metadata)
+        self.check()
+
+    def check(self) -> None:
+        """Rules that involve several keys of the section."""
+
+    @classmethod
+    def resumable_keys(cls) -> list[str]:
+        return [item.name for item in dataclasses.fields(cls) if cls.ALL_RESUMABLE or item.metadata.get("resumable")]
+
+
+def _check_declared(key: str, value, declared) -> None:
+    if declared.get("choices") and value not in declared["choices"]:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(declared['choices'])}")
+    if value is None:
+        return
+    if declared.get("positive") and value <= 0:
+        raise ConfigError(f"{key}={value} must be positive")
+    if declared.get("non_negative") and value < 0:
+        raise ConfigError(f"{key}={value} must not be negative")
+    if declared.get("interval") and not _in_interval(value, declared["interval"]):
+        raise ConfigError(f"{key}={value} must be in {declared['interval']}")
+
+
 # The defaults are the embedded debug run (`python -m dist_llama.train` with no config): the debug model
 # on the Hub dataset. configs/*.yaml set everything a real run needs.
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    source: str = "auto"  # local | hub | auto (local paths when they match files, else the Hub dataset)
-    paths: list[str] = field(default_factory=list)  # globs of .jsonl, .jsonl.zst, .parquet, .txt files
-    hub_dataset: str = "ashaba1in/small_openwebtext"
-    hub_split: str = "train"
-    hub_revision: str | None = None  # a commit or tag of the Hub dataset; recorded in every checkpoint
-    hub_streaming: bool = False  # stream instead of the cached, memory-mapped download (datasets too large for disk)
-    text_field: str = "text"
-    val_paths: list[str] = field(default_factory=list)  # held-out files; empty: a hash rule on the stream
-    val_per_mille: int = 5  # with no val_paths: documents whose hash falls below this are held out
-    val_docs: int = 64  # documents in the held-out set
-    tokenizer: str = "auto"  # hub | offline | auto | a saved tokenizer folder
-    seq_len: int = 128
-    shuffle: bool = True
-    prefetch_steps: int = 4  # batches tokenized ahead by the background thread
+class DataConfig(Section):
+    NAME: ClassVar[str] = "data"
+    # local | hub | auto (local paths when they match files, else the Hub dataset)
+    source: str = setting("auto", choices=("local", "hub", "auto"))
+    paths: list[str] = setting(factory=list)  # globs of .jsonl, .jsonl.zst, .parquet, .txt files
+    hub_dataset: str = setting("ashaba1in/small_openwebtext")
+    hub_split: str = setting("train")
+    hub_revision: str | None = setting(None)  # a commit or tag of the Hub dataset; recorded in every checkpoint
+    # Stream instead of the cached, memory-mapped download (datasets too large for the disk).
+    hub_streaming: bool = setting(False)
+    text_field: str = setting("text")
+    val_paths: list[str] = setting(factory=list)  # held-out files; empty: a hash rule on the stream
+    # With no val_paths: documents whose hash falls below this are held out.
+    val_per_mille: int = setting(5, non_negative=True)
+    val_docs: int = setting(64, positive=True, resumable=True)  # documents in the held-out set
+    tokenizer: str = setting("auto", resumable=True)  # hub | offline | auto | a saved tokenizer folder
+    seq_len: int = setting(128, positive=True)
+    shuffle: bool = setting(True)
+    prefetch_steps: int = setting(4, resumable=True)  # batches tokenized ahead by the background thread
     # A folder of pre-tokenized documents (python -m dist_llama.data.prepare), built on first use by each node's
     # local rank 0 when missing; null: tokenize on the fly. The batches are the same either way.
-    token_cache: str | None = None
+    token_cache: str | None = setting(None, resumable=True)
+
+    def check(self) -> None:
+        if self.token_cache is not None and self.hub_streaming:
+            raise ConfigError("data.token_cache needs random access to the documents, which data.hub_streaming=true "
+                              "does not give: set data.hub_streaming=false (the cached download) or "
+                              "data.token_cache=null")
+        if self.token_cache == "":
+            raise ConfigError("data.token_cache='' is not a folder; give a path, or null to tokenize on the fly")
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float | None = 1.0  # max global gradient norm; 0 or null: no clipping
-    name: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for embeddings, head and norm gains)
-    schedule: str = "cosine"  # cosine | wsd (warmup, stable at lr, then decay over the last decay_fraction)
-    decay_fraction: float = 0.3  # wsd: share of the steps spent decaying to lr * min_lr_ratio
-    decay_shape: str = "linear"  # wsd: linear | sqrt (1 - sqrt, Hägele et al. 2024)
-    muon_lr: float = 0.02  # muon: learning rate of the hidden matrices (lr is then the AdamW groups')
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0  # muon: decoupled, scaled by muon_lr (so 0.1 here is far stronger than AdamW's 0.1)
+class OptimConfig(Section):
+    NAME: ClassVar[str] = "optim"
+    lr: float = setting(3e-3, positive=True)
+    min_lr_ratio: float = setting(0.1, non_negative=True)  # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = setting(20, non_negative=True)
+    betas: list[float] = setting(factory=lambda: [0.9, 0.95])
+    eps: float = setting(1e-8)
+    weight_decay: float = setting(0.1, non_negative=True)
+    grad_clip: float | None = setting(1.0, non_negative=True)  # max global gradient norm; 0 or null: no clipping
+    # adamw | muon (Muon for the hidden matrices, AdamW for embeddings, head and norm gains)
+    name: str = setting("adamw", choices=("adamw", "muon"))
+    # cosine | wsd (warmup, stable at lr, then decay over the last decay_fraction)
+    schedule: str = setting("cosine", choices=("cosine", "wsd"))
+    decay_fraction: float = setting(0.3, interval="(0, 1]")  # wsd: share of the steps spent decaying
+    decay_shape: str = setting("linear", choices=("linear", "sqrt"))  # wsd: linear | 1 - sqrt (Hägele et al. 2024)
+    muon_lr: float = setting(0.02, positive=True)  # muon: rate of the hidden matrices (lr is the AdamW groups')
+    muon_momentum: float = setting(0.95)
+    # muon: decoupled, scaled by muon_lr (so 0.1 here is far stronger than AdamW's 0.1)
+    muon_weight_decay: float = setting(0.0, non_negative=True)
+
+    def check(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas={self.betas} must have two values, e.g. [0.9, 0.95]")
+        if self.name == "muon" and not hasattr(torch.optim, "Muon"):
+            raise ConfigError(f"optim.name=muon needs torch.optim.Muon (torch >= 2.9), and this torch is "
+                              f"{torch.__version__}; upgrade torch or use --optim.name=adamw")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    name: str = "debug"
-    run_root: str = "runs"  # the run directory is run_root/name
-    seed: int = 1337
-    steps: int = 150
-    tokens_per_step: int = 2048  # global batch in tokens; gradient accumulation follows from it
-    micro_batch_size: int = 16  # sequences per forward pass per rank
-    eval_every: int = 50
-    eval_batches: int = 2
-    log_every: int = 10
-    device: str = "auto"  # auto | cpu | cuda
-    init_from: str | None = None  # a checkpoint: load model weights only (Position Interpolation fine-tune)
-    init_data_stream: str = "restart"  # with init_from: restart the data stream, or continue it (same seq_len and batch)
-    max_bad_steps: int = 0  # non-finite loss/grad-norm steps skipped before the run stops
-    time_budget_s: float | None = None  # wall-clock budget from process start; steps is then an upper bound
-    budget_warmup_steps: int = 3  # with a budget: steps left out of the step-time measurement (compile, allocator)
-    budget_measure_steps: int = 5  # with a budget: steps timed to plan the rest
-    budget_safety: float = 0.03  # with a budget: share of the remaining time kept free for step-time jitter
-    loss_chunk_tokens: int = 4096  # cross-entropy this many tokens at a time (no full fp32 logits); 0: in one piece
+class TrainConfig(Section):
+    NAME: ClassVar[str] = "train"
+    name: str = setting("debug", resumable=True)
+    run_root: str = setting("runs", resumable=True)  # the run directory is run_root/name
+    seed: int = setting(1337)
+    steps: int = setting(150, positive=True, resumable=True)
+    # The global batch in tokens; gradient accumulation follows from it.
+    tokens_per_step: int = setting(2048, positive=True)
+    # Sequences per forward pass per rank: a memory limit (the largest divisor of the rank's rows up to it is used).
+    micro_batch_size: int = setting(16, positive=True, resumable=True)
+    eval_every: int = setting(50, positive=True, resumable=True)
+    eval_batches: int = setting(2, positive=True, resumable=True)
+    log_every: int = setting(10, positive=True, resumable=True)
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"), resumable=True)
+    # A checkpoint to load the model weights from (a Position Interpolation fine-tune).
+    init_from: str | None = setting(None, resumable=True)
+    # With init_from: restart the data stream, or continue it (same seq_len and batch).
+    init_data_stream: str = setting("restart", choices=("restart", "continue"), resumable=True)
+    # Non-finite loss or grad-norm steps skipped before the run stops.
+    max_bad_steps: int = setting(0, non_negative=True, resumable=True)
+    # Wall-clock budget from process start; steps is then an upper bound. null: no budget.
+    time_budget_s: float | None = setting(None, positive=True, resumable=True)
+    # With a budget: steps left out of the step-time measurement (compile, allocator), then steps timed.
+    budget_warmup_steps: int = setting(3, non_negative=True, resumable=True)
+    budget_measure_steps: int = setting(5, positive=True, resumable=True)
+    # With a budget: share of the remaining time kept free for step-time jitter.
+    budget_safety: float = setting(0.03, interval="[0, 1)", resumable=True)
+    # Cross-entropy this many tokens at a time (no full fp32 logits); 0: in one piece.
+    loss_chunk_tokens: int = setting(4096, non_negative=True, resumable=True)
     # Signals that stop training at the next step with a checkpoint (preemption, Slurm's --signal before the
     # time limit); the handler only sets a flag, every rank then stops at the same step.
-    stop_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
-    time_limit_margin_s: float | None = 90.0  # under Slurm: stop this long before the job's time limit; null: never
+    stop_signals: list[str] = setting(factory=lambda: ["SIGUSR1", "SIGTERM"], resumable=True)
+    # Under Slurm: stop this long before the job's time limit; null: never.
+    time_limit_margin_s: float | None = setting(90.0, positive=True, resumable=True)
+
+    def check(self) -> None:
+        unknown = [name for name in self.stop_signals if name not in signal.Signals.__members__]
+        if unknown:
+            raise ConfigError(f"train.stop_signals: {unknown[0]!r} is not a signal name; use names such as "
+                              "SIGUSR1, SIGTERM")
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
-    every: int = 50
-    keep_last: int = 2
-    resume: str = "auto"  # auto (latest complete checkpoint of the run) | none | PATH
-    allow_changes: list[str] = field(default_factory=list)  # keys that may differ from the checkpoint's recipe on resume
+class CheckpointConfig(Section):
+    NAME: ClassVar[str] = "checkpoint"
+    ALL_RESUMABLE: ClassVar[bool] = True
+    every: int = setting(50, positive=True)
+    keep_last: int = setting(2, positive=True)
+    resume: str = setting("auto")  # auto (the latest complete checkpoint of the run) | none | PATH
+    allow_changes: list[str] = setting(factory=list)  # keys that may differ from the checkpoint's recipe on resume
 
 
 @dataclass(frozen=True)
-class LoggingConfig:
-    tensorboard: bool = True
-    progress: bool = True  # live progress line on rank 0
-    peak_tflops: float | None = None  # None: detected from the GPU name
+class LoggingConfig(Section):
+    NAME: ClassVar[str] = "logging"
+    ALL_RESUMABLE: ClassVar[bool] = True
+    tensorboard: bool = setting(True)
+    progress: bool = setting(True)  # live progress line on rank 0
+    peak_tflops: float | None = setting(None)  # null: detected from the GPU name
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    activation_checkpointing: str = "none"  # none | full | selective (every other block)
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: bool = False
-    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    init_timeout_s: float = 600.0  # collectives until the first step ends (loading, compile, checkpoint reads)
-    timeout_s: float = 300.0  # collectives after it: a rank that waits longer for another stops the run
+class ParallelConfig(Section):
+    NAME: ClassVar[str] = "parallel"
+    # none | full | selective (every other block)
+    activation_checkpointing: str = setting("none", choices=("none", "full", "selective"), resumable=True)
+    mixed_precision: str = setting("auto", choices=("auto", "bf16", "fp32"))  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = setting(False, resumable=True)
+    backend: str = setting("auto", choices=("auto", "nccl", "gloo"), resumable=True)  # auto: nccl on CUDA, gloo on CPU
+    # Collectives until the first step ends (loading, compile, checkpoint reads), then after it: a rank that
+    # waits longer for another stops the run.
+    init_timeout_s: float = setting(600.0, positive=True, resumable=True)
+    timeout_s: float = setting(300.0, positive=True, resumable=True)
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    mmlu_data: str | None = None  # local tinyMMLU-format jsonl; None: lm-eval's tinyMMLU task (Hub)
-    limit: int | None = None
-    batch_size: int = 4
-    irt_params: str | None = None  # tinyBenchmarks parameter file; None: the official one, if reachable
-    ppl_data: str | None = None  # held-out jsonl for loss by position
-    ppl_docs: int = 32  # documents of at least seq_len + 1 tokens, one window from the start of each
+class EvalConfig(Section):
+    NAME: ClassVar[str] = "eval"
+    ALL_RESUMABLE: ClassVar[bool] = True
+    mmlu_data: str | None = setting(None)  # local tinyMMLU-format jsonl; null: lm-eval's tinyMMLU task (Hub)
+    limit: int | None = setting(None)
+    batch_size: int = setting(4)
+    irt_params: str | None = setting(None)  # tinyBenchmarks parameter file; null: the official one, if reachable
+    ppl_data: str | None = setting(None)  # held-out jsonl for loss by position
+    ppl_docs: int = setting(32)  # documents of at least seq_len + 1 tokens, one window from the start of each
+
+
+SECTIONS = (DataConfig, OptimConfig, TrainConfig, CheckpointConfig, LoggingConfig, ParallelConfig, EvalConfig)
 
 
 @dataclass(frozen=True)
@@ -142,76 +252,19 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        """The rules that span sections."""
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                              "lower data.seq_len or raise model.max_seq_len (with rope_scaling for Position "
+                              "Interpolation)")
+        if self.train.tokens_per_step % self.data.seq_len:
+            raise ConfigError(f"train.tokens_per_step={self.train.tokens_per_step} must be a multiple of "
+                              f"data.seq_len={self.data.seq_len} (batches are whole sequences, no padding)")
+
     @property
     def run_dir(self) -> Path:
         return Path(self.train.run_root) / self.train.name
-
-
-CHOICES = {
-    "data.source": ("local", "hub", "auto"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.init_data_stream": ("restart", "continue"),
-    "parallel.activation_checkpointing": ("none", "full", "selective"),
-    "parallel.mixed_precision": ("auto", "bf16", "fp32"),
-    "parallel.backend": ("auto", "nccl", "gloo"),
-    "optim.name": ("adamw", "muon"),
-    "optim.schedule": ("cosine", "wsd"),
-    "optim.decay_shape": ("linear", "sqrt"),
-}
-
-
-def _validate(config: Config) -> None:
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
-    positive = ["data.seq_len", "data.val_docs", "train.steps", "train.tokens_per_step", "train.micro_batch_size",
-                "train.eval_every", "train.eval_batches", "train.log_every", "checkpoint.every",
-                "checkpoint.keep_last", "optim.lr", "optim.muon_lr", "train.budget_measure_steps"]
-    for key in positive:
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
-    if config.data.seq_len > config.model.max_seq_len:
-        raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={config.model.max_seq_len}; "
-                          "lower data.seq_len or raise model.max_seq_len (with rope_scaling for Position Interpolation)")
-    if config.train.tokens_per_step % config.data.seq_len:
-        raise ConfigError(f"train.tokens_per_step={config.train.tokens_per_step} must be a multiple of "
-                          f"data.seq_len={config.data.seq_len} (batches are whole sequences, no padding)")
-    for key in ("optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "optim.min_lr_ratio", "optim.muon_weight_decay",
-                "train.max_bad_steps", "data.val_per_mille", "train.budget_warmup_steps", "train.loss_chunk_tokens"):
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value is not None and value < 0:
-            raise ConfigError(f"{key}={value} must not be negative")
-    if not 0 < config.optim.decay_fraction <= 1:
-        raise ConfigError(f"optim.decay_fraction={config.optim.decay_fraction} must be in (0, 1]: the share of the "
-                          "steps spent decaying, e.g. 0.3")
-    if not 0 <= config.train.budget_safety < 1:
-        raise ConfigError(f"train.budget_safety={config.train.budget_safety} must be in [0, 1), e.g. 0.03")
-    if config.train.time_budget_s is not None and config.train.time_budget_s <= 0:
-        raise ConfigError(f"train.time_budget_s={config.train.time_budget_s} must be positive, or null for no budget")
-    if config.optim.name == "muon" and not hasattr(torch.optim, "Muon"):
-        raise ConfigError(f"optim.name=muon needs torch.optim.Muon (torch >= 2.9), and this torch is {torch.__version__}; "
-                          "upgrade torch or use --optim.name=adamw")
-    for key in ("parallel.init_timeout_s", "parallel.timeout_s", "train.time_limit_margin_s"):
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
-    unknown_signals = [name for name in config.train.stop_signals if name not in signal.Signals.__members__]
-    if unknown_signals:
-        raise ConfigError(f"train.stop_signals: {unknown_signals[0]!r} is not a signal name; use names such as "
-                          "SIGUSR1, SIGTERM")
-    if config.data.token_cache is not None and config.data.hub_streaming:
-        raise ConfigError("data.token_cache needs random access to the documents, which data.hub_streaming=true does "
-                          "not give: set data.hub_streaming=false (the cached download) or data.token_cache=null")
-    if config.data.token_cache == "":
-        raise ConfigError("data.token_cache='' is not a folder; give a path, or null to tokenize on the fly")
-    if len(config.optim.betas) != 2:
-        raise ConfigError(f"optim.betas={config.optim.betas} must have two values, e.g. [0.9, 0.95]")
 
 
 # --- Building dataclasses from plain dicts, with messages that name the key -------------------------
@@ -288,17 +341,8 @@ def _model_section(values: dict) -> dict:
     return {**to_dict(PRESETS[preset]), **values}
 
 
-# What may differ between a checkpoint's config and the config that resumes it: keys (or whole sections)
-# that change how fast, how often or where, not the trajectory of the weights. Anything else is refused
-# unless named in checkpoint.allow_changes.
-RESUMABLE = ("train.steps", "train.time_budget_s", "train.budget_warmup_steps", "train.budget_measure_steps",
-             "train.budget_safety", "train.name", "train.run_root", "train.log_every", "train.eval_every", "train.eval_batches",
-             "train.device", "train.micro_batch_size", "train.loss_chunk_tokens", "train.max_bad_steps",
-             "train.init_from", "train.init_data_stream", "data.prefetch_steps", "data.tokenizer", "data.val_docs",
-             "train.stop_signals", "train.time_limit_margin_s", "data.token_cache",
-             "parallel.activation_checkpointing", "parallel.compile", "parallel.backend", "parallel.init_timeout_s",
-             "parallel.timeout_s",
-             "checkpoint", "logging", "eval")
+# What may differ between a checkpoint's config and the config that resumes it: the keys declared resumable.
+RESUMABLE = frozenset(f"{section.NAME}.{key}" for section in SECTIONS for key in section.resumable_keys())
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, object]:
@@ -314,7 +358,7 @@ def flatten(values: dict, prefix: str = "") -> dict[str, object]:
 
 
 def is_resumable(key: str) -> bool:
-    return any(key == name or key.startswith(f"{name}.") for name in RESUMABLE)
+    return key in RESUMABLE
 
 
 def recipe_changes(saved: Config, config: Config) -> list[dict]:
@@ -335,9 +379,7 @@ def from_dict(values: dict) -> Config:
     for name, section in values.items():
         if not isinstance(section, (dict, type(None))):
             raise ConfigError(f"section {name} must be a mapping of keys, got {section!r}")
-    config = _build(Config, {name: dict(section or {}) for name, section in values.items()}, "")
-    _validate(config)
-    return config
+    return _build(Config, {name: dict(section or {}) for name, section in values.items()}, "")
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

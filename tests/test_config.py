@@ -104,3 +104,23 @@ def test_resume_check_lists_recipe_changes_and_allows_cadence():
     changes = {c["key"]: (c["old"], c["new"]) for c in recipe_changes(old, new)}
     assert changes == {"optim.lr": (old.optim.lr, 0.1), "data.paths": ([], ["x.jsonl"]),
                        "model.n_layers": (old.model.n_layers, 3)}
+
+
+def test_each_key_declares_its_rules_beside_its_field():
+    """Choices, bounds and resumability live in the field's declaration (config.setting), nowhere else: a key
+    added without a declaration fails here, and is not resumable until declared so."""
+    import dataclasses
+
+    from dist_llama.config import RESUMABLE, SECTIONS, Config
+
+    sections = {item.name for item in dataclasses.fields(Config)} - {"model"}
+    assert {section.NAME for section in SECTIONS} == sections
+    for section in SECTIONS:
+        for item in dataclasses.fields(section):
+            assert "resumable" in item.metadata, f"{section.NAME}.{item.name} is not declared with setting()"
+    assert "optim.lr" not in RESUMABLE and "train.steps" in RESUMABLE and "eval.limit" in RESUMABLE
+    assert not any(key.startswith("model.") for key in RESUMABLE)
+    with pytest.raises(ConfigError, match=r"^parallel.backend='mpi' is not valid; choose one of auto, nccl, gloo$"):
+        load_config(None, ["--parallel.backend=mpi"])
+    with pytest.raises(ConfigError, match=r"^train.budget_safety=1.0 must be in \[0, 1\)$"):
+        load_config(None, ["--train.budget_safety=1"])
