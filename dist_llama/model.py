@@ -84,7 +84,7 @@ class ModelArgs:
         return self.rope_scaling.factor if self.rope_scaling else 1.0
 
 
-# Named sizes. "main" is our >= 100M non-embedding-parameter model (`python -m dist_llama.summary` counts it).
+# Named sizes. "main" is our >= 100M non-embedding-parameter model (`python -m dist_llama.counts` counts it).
 PRESETS: dict[str, ModelArgs] = {
     "debug": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=256),
     "main": ModelArgs(dim=768, n_layers=16, n_heads=12, multiple_of=256, max_seq_len=1024),

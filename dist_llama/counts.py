@@ -1,4 +1,4 @@
-"""`python -m dist_llama.summary [--config FILE] [--section.key=value ...]`: parameter and FLOP table.
+"""`python -m dist_llama.counts [--config FILE] [--section.key=value ...]`: parameter and FLOP table.
 
 With no config it lists every named preset; with a config (and overrides) it describes that model
 at the config's sequence length.
@@ -22,7 +22,7 @@ def describe(name: str, args: ModelArgs, seq_len: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv:
-        _, config = parse_cli("summary", "Parameter and FLOP counts of a configured model.", argv)
+        _, config = parse_cli("counts", "Parameter and FLOP counts of a configured model.", argv)
         print(describe(config.train.name, config.model, config.data.seq_len))
         return
     for name, args in PRESETS.items():
