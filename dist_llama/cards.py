@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from dist_llama.checkpoint import CheckpointMeta
 from dist_llama.config import Config, flatten
 from dist_llama.data import expand_paths
 from dist_llama.model import count_parameters
@@ -35,7 +36,7 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.2f}M ({n:,})"
 
 
-def model_card(config: Config, meta: dict, eval_summary: dict | None, repo_name: str, stock_llama: bool,
+def model_card(config: Config, meta: CheckpointMeta, eval_summary: dict | None, repo_name: str, stock_llama: bool,
                dtype: str) -> str:
     """A release's README.md: architecture, parameters, training, the evaluation's scalars, and usage."""
     args = config.model
@@ -53,9 +54,9 @@ def model_card(config: Config, meta: dict, eval_summary: dict | None, repo_name:
     ]
     training = [
         ("data", data_source), ("tokenizer", f"Mistral-7B-v0.1 ({data.tokenizer})"), ("sequence length", data.seq_len),
-        ("steps", meta.get("step")), ("tokens seen", meta.get("tokens_seen")),
+        ("steps", meta.step), ("tokens seen", meta.tokens_seen),
         ("tokens per step", config.train.tokens_per_step), ("peak learning rate", f"{config.optim.lr:g}"),
-        ("final train loss", meta.get("final_loss")), ("validation loss", meta.get("val_loss")),
+        ("final train loss", meta.final_loss), ("validation loss", meta.val_loss),
     ]
     if stock_llama:
         load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"

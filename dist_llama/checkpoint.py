@@ -1,21 +1,23 @@
 """Sharded training checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout of run_dir/checkpoints/step_00000100/: DCP's `.metadata` and `__R_0.distcp` shards (model and
-optimizer through the state-dict APIs, so wrapper prefixes never reach the files), and `meta.json`:
-step, tokens seen, data-loader state of every lane, RNG states, resolved config, and a sha256 of every
-file. A checkpoint is written under `step_X.tmp` and renamed when complete, so an interrupted write is
+optimizer through the state-dict APIs, so wrapper prefixes never reach the files), and `meta.json`: a
+CheckpointMeta (step, tokens seen, the resolved config, the time budget's plan, the data-loader state of every
+lane, RNG states, and a sha256 of every file), versioned by its `format`. A checkpoint is written under `step_X.tmp` and renamed when complete, so an interrupted write is
 never picked; the checksums catch files damaged afterwards. DCP reshards on load: a checkpoint from N
 ranks resumes on M ranks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import random
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +38,54 @@ log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
 PREFIX = "step_"
+# The shape of meta.json. 0: written before it was versioned (the same fields, no `format`), read as 1.
+# A change of its fields raises this, and CheckpointMeta.from_json learns to read the older shape.
+META_FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, incomplete, corrupted or incompatible."""
+
+
+@dataclass
+class CheckpointMeta:
+    """What meta.json holds beside the DCP shards. The trainer fills the run's part; Checkpointer.save adds the
+    data lanes, RNG states, world size and file checksums, which every rank contributes."""
+
+    step: int
+    tokens_seen: int
+    config: dict  # the resolved run config (config.to_dict)
+    bad_steps: int = 0
+    final_loss: float | None = None  # the last logged training loss
+    val_loss: float | None = None
+    budget_plan: dict | None = None  # the time budget's plan, kept by a resume
+    planned_steps: int | None = None  # the step count that plan set (null without a budget)
+    recipe_changes: list[dict] = field(default_factory=list)  # keys changed on purpose at a resume
+    data_lanes: list[dict] = field(default_factory=list)  # every rank's loader state (data.merge_states)
+    rng: list[dict] = field(default_factory=list)  # every rank's RNG states
+    world_size: int = 1
+    files: dict[str, str] = field(default_factory=dict)  # sha256 of every file of the checkpoint
+    format: int = META_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), default=_json_default)
+
+    @classmethod
+    def from_json(cls, values: dict, where: Path) -> CheckpointMeta:
+        version = values.get("format", 0)
+        if version > META_FORMAT:
+            raise CheckpointError(f"{where} was written by a newer dist_llama (meta.json format {version}; this "
+                                  f"one reads formats up to {META_FORMAT}): update dist_llama to use it")
+        known = {item.name for item in dataclasses.fields(cls)}
+        missing = [item.name for item in dataclasses.fields(cls)
+                   if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+                   and item.name not in values]
+        unknown = sorted(set(values) - known)
+        if missing or unknown:
+            problem = f"lacks {', '.join(missing)}" if missing else f"has unknown fields {', '.join(unknown)}"
+            raise CheckpointError(f"{where} {problem} (meta.json format {version}, this dist_llama reads "
+                                  f"{META_FORMAT}): it was not written by a dist_llama trainer this one can resume")
+        return cls(**{**values, "format": META_FORMAT})
 
 
 def checkpoint_name(step: int) -> str:
@@ -67,20 +113,21 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def read_meta(checkpoint: Path) -> dict:
+def read_meta(checkpoint: Path) -> CheckpointMeta:
     meta_path = checkpoint / META_FILE
     if not meta_path.is_file():
         raise CheckpointError(f"{checkpoint} is not a complete checkpoint: {META_FILE} is missing")
     try:
-        return json.loads(meta_path.read_text())
+        values = json.loads(meta_path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{meta_path} is corrupted ({error}); use an earlier checkpoint") from None
+    return CheckpointMeta.from_json(values, meta_path)
 
 
-def verify_checkpoint(checkpoint: Path) -> dict:
+def verify_checkpoint(checkpoint: Path) -> CheckpointMeta:
     """Compare every file with the checksums written at save time; returns the metadata."""
     meta = read_meta(checkpoint)
-    expected = meta.get("files", {})
+    expected = meta.files
     actual = _files_digest(checkpoint)
     missing = sorted(set(expected) - set(actual))
     if missing:
@@ -141,8 +188,9 @@ class Checkpointer:
         self.keep_last = keep_last
         self.is_main = is_main
 
-    def save(self, step: int, model, optimizer, data_state: dict, extra: dict) -> Path:
-        """Collective: every rank calls it. `extra` (tokens seen, config, ...) goes to meta.json."""
+    def save(self, model, optimizer, data_state: dict, meta: CheckpointMeta) -> Path:
+        """Collective: every rank calls it with this rank's loader state; rank 0 writes meta.json."""
+        step = meta.step
         if not params_are_finite(model):
             raise CheckpointError(f"step {step}: model weights are not finite; refusing to write a checkpoint")
         final = self.folder / checkpoint_name(step)
@@ -156,9 +204,9 @@ class Checkpointer:
         lane_states = all_gather_objects(data_state)
         rng_states = all_gather_objects(rng_state())
         if self.is_main:
-            meta = {"step": step, **extra, "data_lanes": lane_states, "rng": rng_states,
-                    "world_size": dist.get_world_size(), "files": _files_digest(staging)}
-            (staging / META_FILE).write_text(json.dumps(meta, default=_json_default))
+            meta = dataclasses.replace(meta, data_lanes=lane_states, rng=rng_states, world_size=dist.get_world_size(),
+                                       files=_files_digest(staging))
+            (staging / META_FILE).write_text(meta.to_json())
             if final.exists():
                 shutil.rmtree(final)
             staging.rename(final)
@@ -198,7 +246,7 @@ class Checkpointer:
         if verdict is not None:
             raise CheckpointError(verdict)
 
-    def load(self, checkpoint: Path, model, optimizer) -> dict:
+    def load(self, checkpoint: Path, model, optimizer) -> CheckpointMeta:
         """Restore model and optimizer shards (resharding as needed); returns meta.json's contents."""
         meta = read_meta(checkpoint)
         model_state, optim_state = get_state_dict(model, optimizer)
@@ -208,12 +256,12 @@ class Checkpointer:
         except Exception as error:  # DCP raises many types for unreadable or mismatched files
             raise CheckpointError(f"cannot load {checkpoint}: {error}") from error
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        if meta.get("world_size") == dist.get_world_size():
-            set_rng_state(meta["rng"][dist.get_rank()])
+        if meta.world_size == dist.get_world_size():
+            set_rng_state(meta.rng[dist.get_rank()])
         return meta
 
 
-def load_model_weights(checkpoint: str | Path, model) -> dict:
+def load_model_weights(checkpoint: str | Path, model) -> CheckpointMeta:
     """Weights only, for a fine-tune starting from a trained model (fresh optimizer and schedule)."""
     checkpoint = resolve_checkpoint(checkpoint)
     meta = verify_checkpoint(checkpoint)
@@ -226,7 +274,7 @@ def load_model_weights(checkpoint: str | Path, model) -> dict:
     return meta
 
 
-def load_full_model_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_full_model_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
     """The full (unsharded) model state dict of a checkpoint, on CPU, with no process group."""
     checkpoint = resolve_checkpoint(checkpoint)
     meta = verify_checkpoint(checkpoint)

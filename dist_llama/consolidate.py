@@ -223,9 +223,7 @@ def consolidate(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32"
         raise ReleaseError(f"dtype {dtype!r} is not supported; choose one of {', '.join(RELEASE_DTYPES)}")
     checkpoint_dir = resolve_checkpoint(checkpoint)
     state, meta = load_full_model_state(checkpoint_dir)
-    if not isinstance(meta.get("config"), dict):
-        raise ReleaseError(f"{checkpoint_dir} holds no run config in meta.json; cannot tell the model's shape")
-    config = from_dict(meta["config"])
+    config = from_dict(meta.config)
     args = config.model
     weights = release_state_dict(state, args, DTYPES[dtype])
     summary = _find_eval_summary(checkpoint_dir, eval_summary)
@@ -271,7 +269,7 @@ def write_model_card(release: str | Path, checkpoint: str | Path, eval_summary: 
     checkpoint_dir = resolve_checkpoint(checkpoint)
     meta = read_meta(checkpoint_dir)
     dtype = {dtype_name(DTYPES[name]): name for name in RELEASE_DTYPES}.get(released.get("dtype"), "fp32")
-    card = model_card(from_dict(meta["config"]), meta, _find_eval_summary(checkpoint_dir, eval_summary),
+    card = model_card(from_dict(meta.config), meta, _find_eval_summary(checkpoint_dir, eval_summary),
                       repo_name or release.resolve().name, released.get("model_type") == "llama", dtype)
     (release / "README.md").write_text(card)
     return release / "README.md"

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -101,6 +102,56 @@ def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class TrainingClock:
+    """Seconds of training, the pauses between steps (evaluation, checkpoints, the budget's plan) left out:
+    the throughput window and the time budget's step timing both read `now`, so a pause is excluded from both
+    in this one place. On a GPU it synchronizes first, so queued kernels count where they ran."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.paused_s = 0.0
+        self.paused_at: float | None = None
+
+    def wall(self) -> float:
+        """time.perf_counter() once the device has finished its queued work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def now(self) -> float:
+        """Training seconds so far; frozen while paused."""
+        return self.paused_at if self.paused_at is not None else self.wall() - self.paused_s
+
+    @contextmanager
+    def pause(self):
+        self.paused_at = self.now()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - started
+            self.paused_at = None
+
+
+class Throughput:
+    """Tokens per second of training time over the window since the last `take`."""
+
+    def __init__(self, clock: TrainingClock):
+        self.clock = clock
+        self.start, self.tokens = clock.now(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def take(self) -> tuple[float, float]:
+        """(tokens per second, the window's seconds), and a new window from now."""
+        now = self.clock.now()
+        elapsed = now - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        self.start, self.tokens = now, 0
+        return rate, elapsed
 
 
 # Above this share of step time spent waiting for batches, the run says once that the data is the bottleneck.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -62,7 +61,7 @@ def set_nccl_environment(trace_dir: str) -> None:
 
 def init_distributed(parallel: ParallelConfig, device_request: str, trace_dir: str = ".") -> DistEnv:
     """Join the torchrun group, or make a one-process group when launched with plain python. Collectives
-    wait parallel.init_timeout_s until set_step_timeout shortens it after the first step."""
+    wait parallel.init_timeout_s until CollectiveTimeouts.first_step_done shortens it."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -96,24 +95,31 @@ def attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
 
 
 def set_step_timeout(seconds: float) -> None:
-    """After the first step, compile and loading are done: a collective that waits longer than a step
-    ever should means a hung rank (torchtitan does the same with its train timeout)."""
     for group in list(dist.distributed_c10d._world.pg_names):
         dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
 
 
-@contextmanager
-def collective_timeout_hint(step: int, timeout_s: float, key: str):
-    """Name the timeout, the step and the way out when a collective gives up waiting for another rank."""
-    try:
-        yield
-    except RuntimeError as error:
+class CollectiveTimeouts:
+    """How long a collective waits for the other ranks: parallel.init_timeout_s until the first step is done
+    (loading, compile, checkpoint reads), then parallel.timeout_s. After the first step a collective that waits
+    longer than a step ever should means a hung rank (torchtitan does the same with its train timeout)."""
+
+    def __init__(self, parallel: ParallelConfig):
+        self.key, self.seconds = "parallel.init_timeout_s", parallel.init_timeout_s
+        self.after_first_step = parallel.timeout_s
+
+    def first_step_done(self) -> None:
+        set_step_timeout(self.after_first_step)
+        self.key, self.seconds = "parallel.timeout_s", self.after_first_step
+
+    def explain(self, step: int, error: RuntimeError) -> CollectiveTimeout | None:
+        """The one-line error for a collective that gave up waiting; None for any other error."""
         if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
-            raise
-        raise CollectiveTimeout(
-            f"step {step}: a collective waited more than {key}={timeout_s:g} s for another rank, which is hung, "
-            f"stopped or far slower; every rank stops so that torchrun or Slurm can restart the job. If steps "
-            f"(or checkpoints) really take this long, raise --{key}") from error
+            return None
+        return CollectiveTimeout(
+            f"step {step}: a collective waited more than {self.key}={self.seconds:g} s for another rank, which is "
+            f"hung, stopped or far slower; every rank stops so that torchrun or Slurm can restart the job. If steps "
+            f"(or checkpoints) really take this long, raise --{self.key}")
 
 
 def shutdown_distributed() -> None:

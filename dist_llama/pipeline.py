@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dist_llama.checkpoint import CheckpointError, complete_checkpoints
+from dist_llama.checkpoint import CheckpointError, complete_checkpoints, read_meta
 from dist_llama.cli import CommandParser, error_message, fail
 from dist_llama.config import Config, ConfigError, load_config, to_dict
 
@@ -55,9 +55,9 @@ def finished_checkpoint(config: Config) -> Path | None:
     found = complete_checkpoints(config.run_dir / "checkpoints")
     if not found:
         return None
-    meta = json.loads((found[-1] / "meta.json").read_text())
-    planned = meta.get("planned_steps")
-    return found[-1] if meta["step"] >= (planned if planned is not None else config.train.steps) else None
+    meta = read_meta(found[-1])
+    planned = meta.planned_steps
+    return found[-1] if meta.step >= (planned if planned is not None else config.train.steps) else None
 
 
 def run_logged(command: list[str], log_path: Path, stage: str) -> None:

@@ -1,8 +1,16 @@
 """The training entry point: `torchrun --nproc_per_node=N -m dist_llama.train --config configs/X.yaml [--section.key=value]`.
 
 `python -m dist_llama.train` runs the same code on one process (a GPU if visible, else the CPU).
-The loop reads top-down: setup -> forward_backward -> train_step -> train, with a try/finally that
-closes the data thread, the loggers and the process group.
+
+Read it top-down:
+    train            the process group and logging around the loop; a try/finally closes the data thread,
+                     the loggers and the process group
+    training_loop    one step, its log line, then what the step boundary decides (boundary.py): validate,
+                     save, plan the time budget, stop
+    Run              what a run is made of (model, optimizer, data, validation batches, checkpointer, metrics
+                     logger, progress), built or resumed by Run.start, with its own train_step, validate and save
+    train_step       one optimizer step over the rank's rows: forward_backward per micro-batch, clip, step
+    BatchLayout      how the global batch splits over ranks and micro-batches
 """
 
 from __future__ import annotations
@@ -12,21 +20,23 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from dist_llama.checkpoint import Checkpointer, CheckpointError, load_model_weights, read_meta
+from dist_llama.boundary import (BudgetError, StepBoundary, StopRequest, Todo, clear_stop_record, measure_pauses,
+                                 process_age_s, stop_message, write_stop_record)
+from dist_llama.checkpoint import Checkpointer, CheckpointError, CheckpointMeta, load_model_weights, read_meta
 from dist_llama.cli import user_errors
-from dist_llama.config import Config, ConfigError, from_dict, parse_cli, recipe_changes, save_config, to_dict
+from dist_llama.config import Config, ConfigError, TrainConfig, from_dict, parse_cli, recipe_changes, save_config, \
+    to_dict
 from dist_llama.data import PackedBatches, merge_states, validation_batches
-from dist_llama.metrics import DataWait, MetricsLogger, environment_record, memory_gib, peak_flops
+from dist_llama.metrics import (DataWait, MetricsLogger, Throughput, TrainingClock, environment_record, memory_gib,
+                                peak_flops)
 from dist_llama.model import Transformer, count_parameters, flops_per_token
 from dist_llama.optim import build_optimizer, lr_factor, set_learning_rates
-from dist_llama.parallel import (CollectiveTimeout, DistEnv, all_reduce_sum, collective_timeout_hint, init_distributed,
-                                 parallelize, set_step_timeout, shutdown_distributed)
-from dist_llama.stopping import (BudgetError, StopRequest, TimeBudget, clear_stop_record, measure_pauses,
-                                 process_age_s, stop_message, write_stop_record)
+from dist_llama.parallel import (CollectiveTimeout, CollectiveTimeouts, DistEnv, all_reduce_sum, broadcast_object,
+                                 init_distributed, parallelize, shutdown_distributed)
 from dist_llama.tokenizer import check_tokenizer, load_tokenizer
 
 log = logging.getLogger("dist_llama.train")
@@ -36,15 +46,8 @@ class NonFiniteError(RuntimeError):
     """Loss or gradient norm became NaN/inf more often than train.max_bad_steps allows."""
 
 
-@dataclass
-class Progress:
-    step: int = 0
-    tokens_seen: int = 0
-    bad_steps: int = 0
-
-
-@dataclass
-class BatchPlan:
+@dataclass(frozen=True)
+class BatchLayout:
     """How one optimizer step's global batch splits over ranks and micro-batches."""
 
     global_rows: int
@@ -61,30 +64,39 @@ class BatchPlan:
         return self.global_rows * self.seq_len
 
     @classmethod
-    def from_config(cls, config: Config, world_size: int) -> "BatchPlan":
-        """train.micro_batch_size is a memory limit, not part of the recipe: the plan uses the largest
+    def of(cls, train: TrainConfig, seq_len: int, world_size: int) -> BatchLayout:
+        """train.micro_batch_size is a memory limit, not part of the recipe: the layout uses the largest
         micro-batch up to it that divides the rank's rows. Only a global batch that does not split evenly
         over the ranks is an error, since it would change the recipe."""
-        seq_len = config.data.seq_len
-        global_rows = config.train.tokens_per_step // seq_len
+        global_rows = train.tokens_per_step // seq_len
         if global_rows % world_size:
             raise ConfigError(
-                f"train.tokens_per_step={config.train.tokens_per_step} is {global_rows} sequences of data.seq_len={seq_len}, "
+                f"train.tokens_per_step={train.tokens_per_step} is {global_rows} sequences of data.seq_len={seq_len}, "
                 f"which do not divide over world_size={world_size} ranks; make tokens_per_step a multiple of "
                 f"{world_size * seq_len} or use a world size that divides {global_rows}")
         rows_per_rank = global_rows // world_size
-        micro = max(d for d in range(1, min(config.train.micro_batch_size, rows_per_rank) + 1) if rows_per_rank % d == 0)
+        micro = max(d for d in range(1, min(train.micro_batch_size, rows_per_rank) + 1) if rows_per_rank % d == 0)
         return cls(global_rows, rows_per_rank, micro, seq_len)
+
+    def out_of_memory_hint(self) -> str:
+        return (f"out of GPU memory with micro-batches of {self.micro_batch_size} at seq_len {self.seq_len}: lower "
+                "--train.micro_batch_size (gradient accumulation keeps the global batch) or set "
+                "--parallel.activation_checkpointing=full")
 
 
 @contextmanager
-def out_of_memory_hint(plan: BatchPlan):
+def step_guard(step: int, layout: BatchLayout, timeouts: CollectiveTimeouts):
+    """Around a step and its boundary: running out of GPU memory names the settings that help, and a collective
+    that gave up waiting names the step and the timeout to raise. Both in one line, without a traceback."""
     try:
         yield
     except torch.OutOfMemoryError as error:
-        raise RuntimeError(f"out of GPU memory with micro-batches of {plan.micro_batch_size} at seq_len "
-                           f"{plan.seq_len}: lower --train.micro_batch_size (gradient accumulation keeps the global "
-                           "batch) or set --parallel.activation_checkpointing=full") from error
+        raise RuntimeError(layout.out_of_memory_hint()) from error
+    except RuntimeError as error:
+        timeout = timeouts.explain(step, error)
+        if timeout is None:
+            raise
+        raise timeout from error
 
 
 def forward_backward(model, inputs, labels, tokens_per_rank: int, loss_chunk_tokens: int) -> torch.Tensor:
@@ -95,19 +107,21 @@ def forward_backward(model, inputs, labels, tokens_per_rank: int, loss_chunk_tok
     return loss_sum.detach()
 
 
-def train_step(model, optimizer, batch, plan: BatchPlan, lr_scale: float, config: Config, device):
-    """One optimizer step over this rank's rows; returns (mean loss over the global batch, pre-clip grad norm)."""
+def train_step(model, optimizer, batch, layout: BatchLayout, lr_scale: float, grad_clip: float | None,
+               loss_chunk_tokens: int, device) -> tuple[float, float]:
+    """One optimizer step over this rank's rows; returns (mean loss over the global batch, pre-clip grad norm).
+    A step whose loss or gradient norm is not finite is not applied."""
     inputs, labels = (t.to(device, non_blocking=True) for t in batch)
-    tokens_per_rank = plan.rows_per_rank * plan.seq_len
+    tokens_per_rank = layout.rows_per_rank * layout.seq_len
     loss_sum = torch.zeros((), device=device)
-    for micro in range(plan.accumulation_steps):
-        rows = slice(micro * plan.micro_batch_size, (micro + 1) * plan.micro_batch_size)
-        loss_sum += forward_backward(model, inputs[rows], labels[rows], tokens_per_rank, config.train.loss_chunk_tokens)
+    for micro in range(layout.accumulation_steps):
+        rows = slice(micro * layout.micro_batch_size, (micro + 1) * layout.micro_batch_size)
+        loss_sum += forward_backward(model, inputs[rows], labels[rows], tokens_per_rank, loss_chunk_tokens)
     # grad_clip 0 or null: no clipping. An infinite limit still measures the norm and scales by exactly 1.
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip or math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
-    loss = all_reduce_sum(loss_sum).item() / plan.tokens_per_step
+    loss = all_reduce_sum(loss_sum).item() / layout.tokens_per_step
     grad_norm = grad_norm.item()
     if math.isfinite(loss) and math.isfinite(grad_norm):
         set_learning_rates(optimizer, lr_scale)
@@ -117,7 +131,8 @@ def train_step(model, optimizer, batch, plan: BatchPlan, lr_scale: float, config
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches, micro_batch_size: int, loss_chunk_tokens: int, device) -> float:
+def validation_loss(model, batches, micro_batch_size: int, loss_chunk_tokens: int, device) -> float:
+    """Mean loss per token over the validation batches, every rank's rows together."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device)
@@ -130,202 +145,253 @@ def evaluate_loss(model, batches, micro_batch_size: int, loss_chunk_tokens: int,
     return (all_reduce_sum(loss_sum) / all_reduce_sum(tokens)).item()
 
 
+@dataclass
+class Progress:
+    step: int = 0
+    tokens_seen: int = 0
+    bad_steps: int = 0
+    loss: float | None = None  # the last logged training loss
+    val_loss: float | None = None
+
+
+@dataclass
+class Run:
+    """What a training run is made of. Run.start builds it, or resumes it from its latest checkpoint."""
+
+    config: Config
+    env: DistEnv
+    layout: BatchLayout
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    data: PackedBatches
+    val_batches: list
+    checkpointer: Checkpointer
+    logger: MetricsLogger
+    progress: Progress = field(default_factory=Progress)
+    budget_plan: dict | None = None  # the time budget's plan, once made (or as the resumed checkpoint kept it)
+    planned_steps: int | None = None
+    recipe_changes: list[dict] = field(default_factory=list)  # keys changed on purpose at a resume, in order
+
+    @classmethod
+    def start(cls, config: Config, env: DistEnv) -> Run:
+        layout = BatchLayout.of(config.train, config.data.seq_len, env.world_size)
+        checkpointer = Checkpointer(config.run_dir / "checkpoints", config.checkpoint.keep_last, env.is_main)
+        resume_from = checkpointer.find_resume(config.checkpoint.resume)
+        changes = recipe_history(config, resume_from)  # before anything is written: a refusal changes nothing
+        if env.is_main:
+            config.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, config.run_dir / "config.yaml")
+            environment = environment_record(env.device, env.world_size)
+            (config.run_dir / "environment.json").write_text(json.dumps(environment, indent=1))
+        tokenizer = load_tokenizer(config.data.tokenizer)
+        check_tokenizer(tokenizer, config.model.vocab_size)
+        model, optimizer = build_model(config, env)
+        log_shapes(config, layout, env)
+        data = PackedBatches(config.data, tokenizer, global_rows=layout.global_rows, rank=env.rank,
+                             world_size=env.world_size, seed=config.train.seed)
+        val_batches = validation_batches(config.data, tokenizer, rows=layout.global_rows,
+                                         n_batches=config.train.eval_batches, rank=env.rank, world_size=env.world_size)
+        logger = MetricsLogger(config.run_dir, env.is_main, config.train.steps, config.logging.tensorboard,
+                               config.logging.progress)
+        run = cls(config, env, layout, model, optimizer, data, val_batches, checkpointer, logger,
+                  recipe_changes=changes)
+        if resume_from is not None:
+            run.resume(resume_from)
+        elif config.train.init_from:
+            run.initialise_from(config.train.init_from)
+        return run
+
+    def resume(self, checkpoint) -> None:
+        meta = self.checkpointer.load(checkpoint, self.model, self.optimizer)
+        self.progress = Progress(step=meta.step, tokens_seen=meta.tokens_seen, bad_steps=meta.bad_steps)
+        self.data.load_state_dict(merge_states(meta.data_lanes))
+        if self.config.train.time_budget_s is not None:  # the schedule planned before stays the schedule
+            self.budget_plan, self.planned_steps = meta.budget_plan, meta.planned_steps
+        log.info("resumed from %s at step %d (%d tokens seen)", checkpoint, meta.step, meta.tokens_seen)
+
+    def initialise_from(self, checkpoint: str) -> None:
+        meta = load_model_weights(checkpoint, self.model)
+        if self.config.train.init_data_stream == "continue":
+            self.data.load_state_dict(merge_states(meta.data_lanes))
+        log.info("initialised weights from %s (data stream: %s)", checkpoint, self.config.train.init_data_stream)
+
+    def train_step(self, batch, lr_scale: float) -> tuple[float, float]:
+        """One optimizer step; counts it, and a non-finite one (skipped) against train.max_bad_steps."""
+        loss, grad_norm = train_step(self.model, self.optimizer, batch, self.layout, lr_scale,
+                                     self.config.optim.grad_clip, self.config.train.loss_chunk_tokens, self.env.device)
+        self.progress.step += 1
+        self.progress.tokens_seen += self.layout.tokens_per_step
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.progress.bad_steps += 1
+            log.warning("step %d: non-finite loss %s or grad norm %s; update skipped", self.progress.step, loss,
+                        grad_norm)
+            if self.progress.bad_steps > self.config.train.max_bad_steps:
+                raise NonFiniteError(f"step {self.progress.step}: non-finite loss or gradient norm (loss={loss}, "
+                                     f"grad_norm={grad_norm}); {self.progress.bad_steps} bad steps > "
+                                     f"train.max_bad_steps={self.config.train.max_bad_steps}. Lower optim.lr, "
+                                     "raise optim.warmup_steps, or resume from an earlier checkpoint")
+        return loss, grad_norm
+
+    def validate(self, warm_up: bool = False) -> None:
+        """The validation loss, logged. warm_up: one batch, not logged (a compiled model compiles its evaluation
+        graphs there, before the time budget times an evaluation)."""
+        batches = self.val_batches[:1] if warm_up else self.val_batches
+        loss = validation_loss(self.model, batches, self.layout.micro_batch_size, self.config.train.loss_chunk_tokens,
+                               self.env.device)
+        if not warm_up:
+            self.progress.val_loss = loss
+            self.logger.log({"kind": "val", "step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
+                             "val_loss": loss})
+
+    def save(self) -> None:
+        progress = self.progress
+        meta = CheckpointMeta(step=progress.step, tokens_seen=progress.tokens_seen, config=to_dict(self.config),
+                              bad_steps=progress.bad_steps, final_loss=progress.loss, val_loss=progress.val_loss,
+                              budget_plan=self.budget_plan, planned_steps=self.planned_steps,
+                              recipe_changes=self.recipe_changes)
+        self.checkpointer.save(self.model, self.optimizer, self.data.state_dict(), meta)
+
+    def log_train(self, loss: float, grad_norm: float, lr_scale: float, throughput: Throughput,
+                  data_wait: DataWait, peak: float | None, flops: float, start_step: int) -> dict:
+        tokens_per_s, elapsed = throughput.take()
+        self.progress.loss = loss
+        record = {"kind": "train", "step": self.progress.step, "tokens_seen": self.progress.tokens_seen, "loss": loss,
+                  "grad_norm": grad_norm, "lr": self.config.optim.lr * lr_scale,
+                  "tokens_in_batch": self.layout.tokens_per_step, "tokens_per_s": tokens_per_s,
+                  "epoch": self.data.epoch, "mfu": flops * tokens_per_s / (peak * self.env.world_size) if peak else None,
+                  "memory_gib": memory_gib(self.env.device), "time_s": time.perf_counter() - self.logger.start,
+                  **data_wait.take(elapsed)}
+        if self.config.optim.name == "muon":
+            record["muon_lr"] = self.config.optim.muon_lr * lr_scale
+        self.logger.log(record, start_step)
+        return record
+
+    def close(self) -> None:
+        self.data.close()
+        self.logger.close()
+
+
+def recipe_history(config: Config, checkpoint) -> list[dict]:
+    """Resuming with a changed recipe would leave weights that config.yaml no longer describes: stop, unless
+    every changed key is in checkpoint.allow_changes. Returns every change on purpose so far, for the record."""
+    if checkpoint is None:
+        return []
+    saved = read_meta(checkpoint)
+    changes = recipe_changes(from_dict(saved.config), config)
+    refused = [change for change in changes if change["key"] not in config.checkpoint.allow_changes]
+    if refused:
+        listed = "; ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}" for c in refused)
+        keys = ",".join(c["key"] for c in refused)
+        raise ConfigError(f"{checkpoint} was trained with another recipe ({listed}); start a new run with "
+                          f"--train.name=NEW_NAME, or resume with the change on purpose: "
+                          f"--checkpoint.allow_changes=[{keys}]")
+    for change in changes:
+        log.warning("resuming with %s changed on purpose: %r -> %r", change["key"], change["old"], change["new"])
+    return saved.recipe_changes + [{**change, "step": saved.step} for change in changes]
+
+
+def build_model(config: Config, env: DistEnv):
+    """The model from its seed (full weights on every rank, then sharded), and its optimizer."""
+    torch.manual_seed(config.train.seed)
+    model = Transformer(config.model)
+    model.init_weights(seed=config.train.seed)
+    model = parallelize(model, config.parallel, env)
+    return model, build_optimizer(model, config.optim, env.device)
+
+
+def log_shapes(config: Config, layout: BatchLayout, env: DistEnv) -> None:
+    counts = count_parameters(config.model)
+    log.info("parameters: %s non-embedding, %s total; %.3g FLOPs/token; %d x %d tokens per step "
+             "(%d ranks x %d micro-batches of %d); optimizer %s, %s schedule", f"{counts['non_embedding']:,}",
+             f"{counts['total']:,}", flops_per_token(config.model, layout.seq_len), layout.global_rows, layout.seq_len,
+             env.world_size, layout.accumulation_steps, layout.micro_batch_size, config.optim.name,
+             config.optim.schedule)
+    if layout.micro_batch_size < min(config.train.micro_batch_size, layout.rows_per_rank):
+        log.info("micro-batch %d (the largest up to train.micro_batch_size=%d that divides the %d rows per rank)",
+                 layout.micro_batch_size, config.train.micro_batch_size, layout.rows_per_rank)
+
+
+def between_steps(run: Run, boundary: StepBoundary, clock: TrainingClock, todo: Todo) -> None:
+    """Carry out what the boundary decided for this step (validate, save, plan), its stop apart."""
+    if todo.plan:  # the budget's measurement ends: a warm evaluation and a checkpoint, timed, then the plan
+        eval_s, checkpoint_s = measure_pauses(lambda warm_up: run.validate(warm_up), run.save, clock.wall)
+        run.budget_plan = boundary.plan(run.progress.step, eval_s, checkpoint_s, run.env.is_main)
+        run.planned_steps = run.logger.total_steps = boundary.total_steps
+        run.logger.log({"kind": "plan", "step": run.progress.step, **run.budget_plan})
+        log.info("time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint %.1f s, "
+                 "%.0f s used so far)", run.budget_plan["budget_s"], run.planned_steps, run.budget_plan["step_s"],
+                 eval_s, checkpoint_s, run.budget_plan["age_s"])
+        return
+    if todo.validate:
+        run.validate()
+    if todo.save:
+        run.save()
+
+
+def stop_early(run: Run, reason: str, total_steps: int) -> None:
+    step = run.progress.step
+    run.logger.log({"kind": "stop", "step": step, "reason": reason})
+    log.info(stop_message(reason, step, total_steps))
+    if run.env.is_main:
+        write_stop_record(run.config.run_dir, step, reason)
+
+
+def training_loop(run: Run, stop: StopRequest) -> dict:
+    """Step, log, then the boundary's decision, until the last step or a stop. Returns the last train record."""
+    config, clock = run.config, TrainingClock(run.env.device)
+    boundary = StepBoundary(config.train, config.checkpoint.every, run.progress.step, run.budget_plan, stop.reason,
+                            clock.now, share=broadcast_object)
+    run.logger.total_steps = boundary.total_steps
+    run.planned_steps = boundary.total_steps if run.budget_plan else None
+    timeouts, throughput, data_wait = CollectiveTimeouts(config.parallel), Throughput(clock), DataWait()
+    peak, flops = peak_flops(run.env.device, config.logging.peak_tflops), flops_per_token(config.model, run.layout.seq_len)
+    start_step, last = run.progress.step, {}
+    while run.progress.step < boundary.total_steps:
+        step = run.progress.step + 1
+        lr_scale = lr_factor(step - 1, config.optim, boundary.total_steps)
+        with step_guard(step, run.layout, timeouts):
+            loss, grad_norm = run.train_step(data_wait.next(run.data), lr_scale)
+        throughput.add(run.layout.tokens_per_step)
+        if step == start_step + 1:  # loading and compile are behind: a long wait now means a hung rank
+            timeouts.first_step_done()
+            run.logger.log({"kind": "started", "step": step, "time_s": process_age_s()})
+
+        # once in a while: the metrics line
+        if step % config.train.log_every == 0 or step == boundary.total_steps:
+            last = run.log_train(loss, grad_norm, lr_scale, throughput, data_wait, peak, flops, start_step)
+
+        # between steps (not training time): validate, save, plan the time budget, stop
+        with clock.pause(), step_guard(step, run.layout, timeouts):
+            todo = boundary.after(step)
+            between_steps(run, boundary, clock, todo)
+        if todo.stop:
+            stop_early(run, todo.stop, boundary.total_steps)
+            break
+    return {**last, "val_loss": run.progress.val_loss}
+
+
 def setup_logging(env: DistEnv) -> None:
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def train(config: Config) -> dict:
-    """Run (or resume) training; returns the last step's metrics."""
+    """Run (or resume) training; returns the last train record with the last validation loss."""
     env = init_distributed(config.parallel, config.train.device, trace_dir=str(config.run_dir))
     setup_logging(env)
+    run = stop = None
     try:
-        return _train(config, env)
+        run = Run.start(config, env)
+        stop = StopRequest.install(config.train, env)
+        if env.is_main:
+            clear_stop_record(config.run_dir)
+        return training_loop(run, stop)
     finally:
+        if stop is not None:
+            stop.close()
+        if run is not None:
+            run.close()
         shutdown_distributed()
-
-
-def check_recipe(config: Config, meta: dict, checkpoint) -> list[dict]:
-    """Resuming with a changed recipe would leave weights that config.yaml no longer describes: stop,
-    unless every changed key is in checkpoint.allow_changes. Returns the allowed changes, for the record."""
-    changes = recipe_changes(from_dict(meta["config"]), config)
-    refused = [change for change in changes if change["key"] not in config.checkpoint.allow_changes]
-    if refused:
-        listed = "; ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}" for c in refused)
-        keys = ",".join(c["key"] for c in refused)
-        raise ConfigError(f"{checkpoint} was trained with another recipe ({listed}); start a new run with "
-                          f"--train.name=NEW_NAME, or resume with the change on purpose: --checkpoint.allow_changes=[{keys}]")
-    for change in changes:
-        log.warning("resuming with %s changed on purpose: %r -> %r", change["key"], change["old"], change["new"])
-    return [{**change, "step": meta["step"]} for change in changes]
-
-
-def _train(config: Config, env: DistEnv) -> dict:
-    run_dir = config.run_dir
-    plan = BatchPlan.from_config(config, env.world_size)
-    checkpointer = Checkpointer(run_dir / "checkpoints", config.checkpoint.keep_last, env.is_main)
-    resume_from = checkpointer.find_resume(config.checkpoint.resume)
-    recipe_history = []
-    if resume_from is not None:  # checked before anything is written, so a refused resume changes nothing
-        saved = read_meta(resume_from)
-        recipe_history = saved.get("recipe_changes", []) + check_recipe(config, saved, resume_from)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-        (run_dir / "environment.json").write_text(json.dumps(environment_record(env.device, env.world_size), indent=1))
-
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    check_tokenizer(tokenizer, config.model.vocab_size)
-
-    torch.manual_seed(config.train.seed)
-    model = Transformer(config.model)
-    model.init_weights(seed=config.train.seed)
-    model = parallelize(model, config.parallel, env)
-    optimizer = build_optimizer(model, config.optim, env.device)
-
-    counts = count_parameters(config.model)
-    flops = flops_per_token(config.model, plan.seq_len)
-    log.info("parameters: %s non-embedding, %s total; %.3g FLOPs/token; %d x %d tokens per step "
-             "(%d ranks x %d micro-batches of %d); optimizer %s, %s schedule", f"{counts['non_embedding']:,}",
-             f"{counts['total']:,}", flops, plan.global_rows, plan.seq_len, env.world_size, plan.accumulation_steps,
-             plan.micro_batch_size, config.optim.name, config.optim.schedule)
-    if plan.micro_batch_size < min(config.train.micro_batch_size, plan.rows_per_rank):
-        log.info("micro-batch %d (the largest up to train.micro_batch_size=%d that divides the %d rows per rank)",
-                 plan.micro_batch_size, config.train.micro_batch_size, plan.rows_per_rank)
-
-    data = PackedBatches(config.data, tokenizer, global_rows=plan.global_rows, rank=env.rank,
-                         world_size=env.world_size, seed=config.train.seed)
-    val_batches = validation_batches(config.data, tokenizer, rows=plan.global_rows, n_batches=config.train.eval_batches,
-                                     rank=env.rank, world_size=env.world_size)
-    progress = Progress()
-    budget_plan = None
-    if resume_from is not None:
-        meta = checkpointer.load(resume_from, model, optimizer)
-        progress = Progress(step=meta["step"], tokens_seen=meta["tokens_seen"], bad_steps=meta.get("bad_steps", 0))
-        data.load_state_dict(merge_states(meta["data_lanes"]))
-        if config.train.time_budget_s is not None:
-            budget_plan = meta.get("budget_plan")  # the schedule planned before stays the schedule
-        log.info("resumed from %s at step %d (%d tokens seen)", resume_from, progress.step, progress.tokens_seen)
-    elif config.train.init_from:
-        meta = load_model_weights(config.train.init_from, model)
-        if config.train.init_data_stream == "continue":
-            data.load_state_dict(merge_states(meta["data_lanes"]))
-        log.info("initialised weights from %s (data stream: %s)", config.train.init_from, config.train.init_data_stream)
-
-    # Without a budget, train.steps is the schedule's length. With one, train.steps is only the upper
-    # bound until the plan: the measured steps use it, which matters only for a cosine schedule that is
-    # already past its warmup then.
-    budget = TimeBudget(config.train, progress.step, budget_plan)
-    total_steps = min(budget.plan["planned_steps"], config.train.steps) if budget.plan else config.train.steps
-    logger = MetricsLogger(run_dir, env.is_main, total_steps, config.logging.tensorboard, config.logging.progress)
-    peak = peak_flops(env.device, config.logging.peak_tflops)
-    start_step, last = progress.step, {}
-    stop = StopRequest.install(config.train, env)
-    if env.is_main:
-        clear_stop_record(run_dir)
-
-    def synchronize() -> float:
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def evaluate(step: int) -> float:
-        val_loss = evaluate_loss(model, val_batches, plan.micro_batch_size, config.train.loss_chunk_tokens, env.device)
-        logger.log({"kind": "val", "step": step, "tokens_seen": progress.tokens_seen, "val_loss": val_loss})
-        last["val_loss"] = val_loss
-        return val_loss
-
-    def save_checkpoint(step: int) -> None:
-        checkpointer.save(step, model, optimizer, data.state_dict(),
-                          {"tokens_seen": progress.tokens_seen, "bad_steps": progress.bad_steps,
-                           "config": to_dict(config), "final_loss": last.get("loss"), "val_loss": last.get("val_loss"),
-                           "budget_plan": budget.plan, "planned_steps": total_steps if budget.plan else None,
-                           "recipe_changes": recipe_history})
-
-    def plan_budget(step: int) -> int:
-        """Time one evaluation and one checkpoint after the measured steps, then plan the step count."""
-        step_s = budget.step_s(synchronize())
-
-        def evaluation(warm_up: bool) -> None:
-            if warm_up:
-                evaluate_loss(model, val_batches[:1], plan.micro_batch_size, config.train.loss_chunk_tokens, env.device)
-            else:
-                evaluate(step)
-        eval_s, checkpoint_s = measure_pauses(evaluation, lambda: save_checkpoint(step), synchronize)
-        budget_plan = budget.make_plan(config, env, step, step_s, eval_s, checkpoint_s)
-        logger.log({"kind": "plan", "step": step, **budget_plan})
-        log.info("time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint "
-                 "%.1f s, %.0f s used so far)", budget_plan["budget_s"], budget_plan["planned_steps"], step_s,
-                 budget_plan["eval_s"], checkpoint_s, budget_plan["age_s"])
-        return budget_plan["planned_steps"]
-
-    try:
-        window_start, window_tokens = time.perf_counter(), 0
-        timeout_key, timeout_s = "parallel.init_timeout_s", config.parallel.init_timeout_s
-        data_wait = DataWait()
-        while progress.step < total_steps:
-            step = progress.step + 1
-            lr_scale = lr_factor(progress.step, config.optim, total_steps)
-            with out_of_memory_hint(plan), collective_timeout_hint(step, timeout_s, timeout_key):
-                loss, grad_norm = train_step(model, optimizer, data_wait.next(data), plan, lr_scale, config, env.device)
-            if step == start_step + 1:  # loading and compile are behind: a long wait now means a hung rank
-                set_step_timeout(config.parallel.timeout_s)
-                timeout_key, timeout_s = "parallel.timeout_s", config.parallel.timeout_s
-                # How long start-up, data and compile took; a launcher can tell from it that the run is training.
-                logger.log({"kind": "started", "step": step, "time_s": process_age_s()})
-            progress.step = step
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                progress.bad_steps += 1
-                log.warning("step %d: non-finite loss %s or grad norm %s; update skipped", step, loss, grad_norm)
-                if progress.bad_steps > config.train.max_bad_steps:
-                    raise NonFiniteError(f"step {step}: non-finite loss or gradient norm (loss={loss}, "
-                                         f"grad_norm={grad_norm}); {progress.bad_steps} bad steps > "
-                                         f"train.max_bad_steps={config.train.max_bad_steps}. Lower optim.lr, "
-                                         "raise optim.warmup_steps, or resume from an earlier checkpoint")
-            progress.tokens_seen += plan.tokens_per_step
-            window_tokens += plan.tokens_per_step
-
-            if step % config.train.log_every == 0 or step == total_steps:
-                elapsed = synchronize() - window_start
-                tokens_per_s = window_tokens / elapsed
-                last.update({"kind": "train", "step": step, "tokens_seen": progress.tokens_seen, "loss": loss,
-                             "grad_norm": grad_norm, "lr": config.optim.lr * lr_scale, "tokens_in_batch": plan.tokens_per_step,
-                             "tokens_per_s": tokens_per_s, "epoch": data.epoch,
-                             "mfu": flops * tokens_per_s / (peak * env.world_size) if peak else None,
-                             "memory_gib": memory_gib(env.device), "time_s": time.perf_counter() - logger.start,
-                             **data_wait.take(elapsed)})
-                if config.optim.name == "muon":
-                    last["muon_lr"] = config.optim.muon_lr * lr_scale
-                logger.log({k: v for k, v in last.items() if k != "val_loss"}, start_step)
-                window_start, window_tokens = time.perf_counter(), 0
-
-            pause_start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
-            with collective_timeout_hint(step, timeout_s, timeout_key):
-                if budget.starts_measuring(step):
-                    budget.measure_start = synchronize()
-                planned_now = budget.plans_now(step)  # the plan's own evaluation also serves this step's regular one
-                if planned_now:
-                    total_steps = logger.total_steps = plan_budget(step)
-                stop_reason = stop.reason() if step < total_steps else None
-                if stop_reason:  # one checkpoint of this step on every rank, then a clean exit
-                    save_checkpoint(step)
-                    logger.log({"kind": "stop", "step": step, "reason": stop_reason})
-                    log.info(stop_message(stop_reason, step, total_steps))
-                    if env.is_main:
-                        write_stop_record(run_dir, step, stop_reason)
-                    break
-                if not planned_now and (step % config.train.eval_every == 0 or step == total_steps):
-                    evaluate(step)
-                if step % config.checkpoint.every == 0 or step == total_steps:  # again here: this one records the plan
-                    save_checkpoint(step)
-            paused = time.perf_counter() - pause_start
-            window_start += paused
-            budget.measure_start += paused
-    finally:
-        stop.close()
-        data.close()
-        logger.close()
-    return last
 
 
 def main(argv: list[str] | None = None) -> None:

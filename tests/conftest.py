@@ -32,7 +32,7 @@ def _write_dcp_checkpoint(run_dir: Path, overrides: tuple[str, ...], seed: int, 
     import torch
     import torch.distributed as dist
 
-    from dist_llama.checkpoint import Checkpointer
+    from dist_llama.checkpoint import Checkpointer, CheckpointMeta
     from dist_llama.config import load_config, to_dict
     from dist_llama.model import Transformer, causal_lm_loss
 
@@ -48,10 +48,9 @@ def _write_dcp_checkpoint(run_dir: Path, overrides: tuple[str, ...], seed: int, 
         loss = causal_lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
         optimizer.step()
-        extra = {"tokens_seen": step * config.train.tokens_per_step, "config": to_dict(config),
-                 "final_loss": loss.item(), "val_loss": loss.item() + 0.25}
-        Checkpointer(run_dir / "checkpoints", keep_last=2, is_main=True).save(step, model, optimizer, data_state={},
-                                                                              extra=extra)
+        meta = CheckpointMeta(step=step, tokens_seen=step * config.train.tokens_per_step, config=to_dict(config),
+                              final_loss=loss.item(), val_loss=loss.item() + 0.25)
+        Checkpointer(run_dir / "checkpoints", keep_last=2, is_main=True).save(model, optimizer, {}, meta)
     finally:
         dist.destroy_process_group()
     return run_dir

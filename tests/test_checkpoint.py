@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_llama.checkpoint import (Checkpointer, CheckpointError, complete_checkpoints, resolve_checkpoint,
-                                   verify_checkpoint)
+from dist_llama.checkpoint import (META_FORMAT, Checkpointer, CheckpointError, CheckpointMeta, complete_checkpoints,
+                                   read_meta, resolve_checkpoint, verify_checkpoint)
 from dist_llama.model import PRESETS, Transformer
 
 
@@ -16,6 +16,10 @@ def process_group():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+def meta(step: int, tokens_seen: int = 0) -> CheckpointMeta:
+    return CheckpointMeta(step=step, tokens_seen=tokens_seen, config={})
 
 
 def small_model():
@@ -29,7 +33,7 @@ def test_non_finite_weights_are_never_written(process_group, tmp_path):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(CheckpointError, match="not finite"):
-        Checkpointer(tmp_path, keep_last=2, is_main=True).save(3, model, optimizer, {}, {"tokens_seen": 0})
+        Checkpointer(tmp_path, keep_last=2, is_main=True).save(model, optimizer, {}, meta(3))
     assert not any(tmp_path.iterdir())
 
 
@@ -37,20 +41,20 @@ def test_keep_last_prunes_and_interrupted_writes_are_never_picked(process_group,
     model, optimizer = small_model()
     checkpointer = Checkpointer(tmp_path, keep_last=2, is_main=True)
     for step in (1, 2, 3):
-        checkpointer.save(step, model, optimizer, {"lanes": {}}, {"tokens_seen": step})
+        checkpointer.save(model, optimizer, {"lanes": {}}, meta(step, tokens_seen=step))
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
     (tmp_path / "step_00000009.tmp").mkdir()  # a write that was killed before its rename
     assert checkpointer.find_resume("auto").name == "step_00000003"
     assert resolve_checkpoint(tmp_path).name == "step_00000003"
-    meta = verify_checkpoint(tmp_path / "step_00000003")
-    assert meta["step"] == 3 and meta["tokens_seen"] == 3 and meta["files"]
+    saved = verify_checkpoint(tmp_path / "step_00000003")
+    assert saved.step == 3 and saved.tokens_seen == 3 and saved.files
 
 
 def test_truncated_file_and_bad_meta_are_detected(process_group, tmp_path):
     model, optimizer = small_model()
     checkpointer = Checkpointer(tmp_path, keep_last=3, is_main=True)
-    first = checkpointer.save(1, model, optimizer, {}, {"tokens_seen": 1})
-    second = checkpointer.save(2, model, optimizer, {}, {"tokens_seen": 2})
+    first = checkpointer.save(model, optimizer, {}, meta(1, tokens_seen=1))
+    second = checkpointer.save(model, optimizer, {}, meta(2, tokens_seen=2))
     shard = next(second.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="checksum mismatch"):
@@ -68,11 +72,27 @@ def test_load_restores_weights_and_reports_meta(process_group, tmp_path):
     model, optimizer = small_model()
     model(torch.randint(0, 100, (1, 8))).sum().backward()
     optimizer.step()
-    saved = Checkpointer(tmp_path, keep_last=1, is_main=True).save(5, model, optimizer, {"lanes": {"0": {}}},
-                                                                    {"tokens_seen": 40})
+    saved = Checkpointer(tmp_path, keep_last=1, is_main=True).save(model, optimizer, {"lanes": {"0": {}}},
+                                                                    meta(5, tokens_seen=40))
     fresh, fresh_optimizer = small_model()
-    meta = Checkpointer(tmp_path, keep_last=1, is_main=True).load(saved, fresh, fresh_optimizer)
-    assert meta["step"] == 5 and meta["data_lanes"] == [{"lanes": {"0": {}}}]
+    loaded = Checkpointer(tmp_path, keep_last=1, is_main=True).load(saved, fresh, fresh_optimizer)
+    assert loaded.step == 5 and loaded.data_lanes == [{"lanes": {"0": {}}}]
     for a, b in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(a, b)
     assert json.loads((saved / "meta.json").read_text())["world_size"] == 1
+
+
+def test_meta_is_versioned_and_an_unreadable_format_is_named(process_group, tmp_path):
+    model, optimizer = small_model()
+    saved = Checkpointer(tmp_path, keep_last=3, is_main=True).save(model, optimizer, {}, meta(4, tokens_seen=8))
+    written = json.loads((saved / "meta.json").read_text())
+    assert written["format"] == META_FORMAT and written["step"] == 4
+    # Written before the format was versioned: the same fields without `format`, read as they are.
+    (saved / "meta.json").write_text(json.dumps({k: v for k, v in written.items() if k != "format"}))
+    assert read_meta(saved).tokens_seen == 8
+    (saved / "meta.json").write_text(json.dumps({**written, "format": META_FORMAT + 1}))
+    with pytest.raises(CheckpointError, match=rf"written by a newer dist_llama \(meta.json format {META_FORMAT + 1};"):
+        read_meta(saved)
+    (saved / "meta.json").write_text(json.dumps({k: v for k, v in written.items() if k != "tokens_seen"}))
+    with pytest.raises(CheckpointError, match="lacks tokens_seen"):
+        read_meta(saved)

@@ -25,7 +25,7 @@ from dist_llama.checkpoint import complete_checkpoints, load_full_model_state
 from dist_llama.config import ConfigError, load_config
 from dist_llama.parallel import set_nccl_environment
 from dist_llama.report import read_metrics
-from dist_llama.stopping import STOPPED_FILE, parse_slurm_duration
+from dist_llama.boundary import STOPPED_FILE, parse_slurm_duration
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 30, 5
@@ -95,7 +95,7 @@ def workers(agent: subprocess.Popen) -> dict[int, psutil.Process]:
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     state, meta = load_full_model_state(complete_checkpoints(run_dir / "checkpoints")[-1])
-    assert meta["step"] == STEPS
+    assert meta.step == STEPS
     return state
 
 

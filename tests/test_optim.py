@@ -14,9 +14,9 @@ from dist_llama.config import ConfigError, OptimConfig, load_config
 from dist_llama.model import PRESETS, Transformer
 from dist_llama.optim import ShardedMuon, build_optimizer, is_hidden_matrix, lr_factor
 from dist_llama.parallel import DistEnv, parallelize
-from dist_llama import stopping
-from dist_llama.stopping import BudgetError, check_budget_plan, measure_pauses, plan_steps
-from dist_llama.train import BatchPlan, train_step
+from dist_llama import boundary
+from dist_llama.boundary import BudgetError, check_budget_plan, measure_pauses, plan_steps
+from dist_llama.train import BatchLayout, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -151,10 +151,11 @@ def test_fsdp_muon_step_equals_unsharded_torch_muon(one_process_group):
     reference_adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
                                          {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
                                         lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps)
-    plan = BatchPlan(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
+    layout = BatchLayout(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
     for seed in range(3):
         inputs, labels = tiny_batch(seed)
-        train_step(sharded, optimizer, (inputs, labels), plan, 1.0, config, CPU)
+        train_step(sharded, optimizer, (inputs, labels), layout, 1.0, config.optim.grad_clip,
+                   config.train.loss_chunk_tokens, CPU)
         loss = reference(inputs, labels=labels) / labels.numel()
         loss.backward()
         reference_muon.step()
@@ -171,9 +172,10 @@ def test_grad_clip_zero_means_no_clipping(one_process_group):
         model.init_weights(0)
         model = parallelize(model, config.parallel, one_process_group)
         optimizer = build_optimizer(model, config.optim, CPU)
-        plan = BatchPlan(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
+        layout = BatchLayout(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
         for seed in range(2):
-            train_step(model, optimizer, tiny_batch(seed), plan, 1.0, config, CPU)
+            train_step(model, optimizer, tiny_batch(seed), layout, 1.0, config.optim.grad_clip,
+                       config.train.loss_chunk_tokens, CPU)
         return model.lm_head.weight.full_tensor().clone()
 
     unclipped = updated_weights("1e9")
@@ -189,27 +191,27 @@ SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_every_shipped_config_splits_over_1_2_4_and_8_ranks(path, world_size):
     config = load_config(path)
-    plan = BatchPlan.from_config(config, world_size)
-    assert plan.rows_per_rank * world_size == plan.global_rows
-    assert plan.micro_batch_size <= config.train.micro_batch_size
-    assert plan.accumulation_steps * plan.micro_batch_size == plan.rows_per_rank
+    layout = BatchLayout.of(config.train, config.data.seq_len, world_size)
+    assert layout.rows_per_rank * world_size == layout.global_rows
+    assert layout.micro_batch_size <= config.train.micro_batch_size
+    assert layout.accumulation_steps * layout.micro_batch_size == layout.rows_per_rank
 
 
 def test_micro_batch_is_a_maximum_and_only_an_uneven_global_batch_fails():
     debug = load_config(REPO / "configs/debug.yaml")  # 16 rows, micro-batch 16
-    assert BatchPlan.from_config(debug, 2).micro_batch_size == 8
+    assert BatchLayout.of(debug.train, debug.data.seq_len, 2).micro_batch_size == 8
     odd = dataclasses.replace(debug, train=dataclasses.replace(debug.train, micro_batch_size=6))
-    assert BatchPlan.from_config(odd, 1).micro_batch_size == 4  # the largest divisor of 16 up to 6
+    assert BatchLayout.of(odd.train, odd.data.seq_len, 1).micro_batch_size == 4  # the largest divisor of 16 up to 6
     three_rows = dataclasses.replace(debug, train=dataclasses.replace(debug.train, tokens_per_step=3 * 128))
     with pytest.raises(ConfigError, match="do not divide over world_size=2"):
-        BatchPlan.from_config(three_rows, 2)
+        BatchLayout.of(three_rows.train, three_rows.data.seq_len, 2)
 
 
 def test_budget_plan_fits_the_measured_costs_and_refuses_a_budget_too_small(monkeypatch):
     config = load_config(None, ["--train.time_budget_s=100", "--train.steps=100000", "--train.budget_safety=0",
                                 "--train.eval_every=10", "--checkpoint.every=50"])
-    monkeypatch.setattr(stopping, "process_age_s", lambda: 20.0)
-    plan = plan_steps(config, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0)
+    monkeypatch.setattr(boundary, "process_age_s", lambda: 20.0)
+    plan = plan_steps(config.train, config.checkpoint.every, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0)
     total = plan["planned_steps"]  # 80 s left: steps + an evaluation every 10 + checkpoints, finals included
 
     def cost(n: int) -> float:
@@ -217,11 +219,11 @@ def test_budget_plan_fits_the_measured_costs_and_refuses_a_budget_too_small(monk
 
     assert cost(total) <= 80 < cost(total + 1)
     check_budget_plan(plan)  # fits: no error
-    assert plan_steps(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=20)), 8, 1.0, 2.0,
-                      5.0)["planned_steps"] == 20, "train.steps caps the plan"
+    assert plan_steps(dataclasses.replace(config.train, steps=20), 50, 8, 1.0, 2.0, 5.0)["planned_steps"] == 20, \
+        "train.steps caps the plan"
 
-    monkeypatch.setattr(stopping, "process_age_s", lambda: 99.0)
-    too_small = plan_steps(config, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0)
+    monkeypatch.setattr(boundary, "process_age_s", lambda: 99.0)
+    too_small = plan_steps(config.train, config.checkpoint.every, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0)
     with pytest.raises(BudgetError, match="train.time_budget_s=100 is too small: 99 s are gone after 8 warm-up steps"):
         check_budget_plan(too_small)
 

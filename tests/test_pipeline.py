@@ -116,12 +116,12 @@ def test_finished_checkpoint_uses_the_trainers_planned_steps(tmp_path):
     config = load_config(None, [f"--train.run_root={tmp_path}", "--train.name=budget", "--train.steps=100"])
     checkpoint = config.run_dir / "checkpoints" / "step_00000040"
     checkpoint.mkdir(parents=True)
-    for meta, finished in [({"step": 40}, False),  # an old checkpoint: train.steps decides
+    for meta, finished in [({"step": 40}, False),  # an older format without planned_steps: train.steps decides
                            ({"step": 40, "planned_steps": None}, False),  # no time budget: train.steps decides
                            ({"step": 100, "planned_steps": None}, True),
                            ({"step": 40, "planned_steps": 40}, True),  # a time budget planned 40 steps
                            ({"step": 40, "planned_steps": 60}, False)]:
-        (checkpoint / "meta.json").write_text(json.dumps(meta))
+        (checkpoint / "meta.json").write_text(json.dumps({**meta, "tokens_seen": 0, "config": {}}))
         assert (finished_checkpoint(config) == checkpoint) is finished, meta
 
 
@@ -132,14 +132,14 @@ def test_pipeline_rejects_unknown_stage(tmp_path):
 
 
 def test_every_command_reports_a_user_mistake_as_one_error_line(tmp_path, capsys):
-    from dist_llama import config, consolidate, evaluate, generate, pipeline, push, report, summary, train
+    from dist_llama import config, consolidate, counts, evaluate, generate, pipeline, push, report, train
     from dist_llama.cli import error_message
 
     missing = str(tmp_path / "missing")
     mistakes = {
         "train": (train.main, ["--train.stepz=3"], "unknown key train.stepz"),
         "config": (config.main, ["--config", missing], "not found"),
-        "summary": (summary.main, ["--model.preset=huge"], "model.preset='huge' is unknown"),
+        "counts": (counts.main, ["--model.preset=huge"], "model.preset='huge' is unknown"),
         "consolidate": (consolidate.main, ["--checkpoint", missing, "--out", str(tmp_path / "out")],
                         "no complete checkpoint"),
         "generate": (generate.main, ["--model", missing, "--prompt", "Hello"], "no such folder"),

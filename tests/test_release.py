@@ -45,7 +45,7 @@ def releases(runs, tmp_path_factory):
 def trained_model(run: Path) -> Transformer:
     """The training-side model of a checkpoint: Transformer + the consolidated full state dict."""
     state, meta = load_full_model_state(run)
-    model = Transformer(from_dict(meta["config"]).model)
+    model = Transformer(from_dict(meta.config).model)
     model.load_state_dict(state)
     return model.eval()
 
@@ -387,7 +387,7 @@ def test_vocab_and_dtype_mismatch(make_checkpoint, runs, tmp_path):
     with pytest.raises(release.ReleaseError, match="dtype 'fp16' is not supported"):
         release.consolidate(runs["plain"], tmp_path / "fp16", dtype="fp16")
     state, meta = load_full_model_state(runs["plain"])
-    args = from_dict(meta["config"]).model
+    args = from_dict(meta.config).model
     state["model.norm.weight"] = state["model.norm.weight"].long()
     with pytest.raises(release.ReleaseError, match="dtype mismatch: model.norm.weight"):
         release.release_state_dict(state, args, torch.float32)
@@ -435,13 +435,13 @@ def test_model_card_and_training_config(runs, tmp_path):
     folder = release.consolidate(run, tmp_path / "card", repo_name="someone/tiny-llama")
     card = (folder / "README.md").read_text()
     state, meta = load_full_model_state(run)
-    counts = count_parameters(from_dict(meta["config"]).model)
+    counts = count_parameters(from_dict(meta.config).model)
     assert card.startswith("---\n") and "library_name: transformers" in card
     assert f"{counts['total']:,}" in card and f"{counts['non_embedding']:,}" in card
-    assert f"{meta['tokens_seen']:,}" in card and f"{meta['final_loss']:.4f}" in card and f"{meta['val_loss']:.4f}" in card
+    assert f"{meta.tokens_seen:,}" in card and f"{meta.final_loss:.4f}" in card and f"{meta.val_loss:.4f}" in card
     assert "tinymmlu.acc | 0.2817" in card and "perplexity | 41.5000" in card
     assert 'AutoModelForCausalLM.from_pretrained("someone/tiny-llama", trust_remote_code=True)' in card
-    assert from_dict(yaml.safe_load((folder / "training_config.yaml").read_text())) == from_dict(meta["config"])
+    assert from_dict(yaml.safe_load((folder / "training_config.yaml").read_text())) == from_dict(meta.config)
     low, high = TESTED_TRANSFORMERS
     assert f"needs transformers {low} to {high}" in card
 

@@ -1,14 +1,17 @@
-"""When training stops: the decisions taken at a step boundary, apart from the regular cadences.
+"""The step boundary: what a run does between one optimizer step and the next, decided in one place.
 
-- The time budget (`train.time_budget_s`): after warm-up steps, time a few steps, one evaluation and one
-  checkpoint, then plan the step count that fits (`TimeBudget`, `plan_steps`).
-- A stop signal (`train.stop_signals`, e.g. Slurm's `--signal=USR1@120` before the time limit, or the
-  SIGTERM of a preemption): the handler only sets a flag.
-- The job's time limit (`train.time_limit_margin_s`): read once from Slurm, so a missed signal still
-  leaves time to save.
-
-`StopRequest.reason(step)` is one collective at every step boundary: every rank learns whether any rank
-was signalled or is past the time limit, so all of them write the same last checkpoint and stop together.
+`StepBoundary.after(step)` returns a `Todo`:
+- validate: every train.eval_every steps and at the last step;
+- save: every checkpoint.every steps, at the last step, and before a stop;
+- plan: the time budget (`train.time_budget_s`) ends its measurement here. After warm-up steps it timed a few
+  steps; now one evaluation and one checkpoint are timed too (validate and save), and `StepBoundary.plan` sets
+  the step count that fits (`plan_steps`). The plan is kept in every later checkpoint, so a resume keeps it;
+- stop: a stop signal (`train.stop_signals`, e.g. Slurm's `--signal=USR1@120` before the time limit, or the
+  SIGTERM of a preemption; the handler only sets a flag) or the job's time limit (`train.time_limit_margin_s`,
+  read once from Slurm, so a missed signal still leaves time to save). `StopRequest.reason` is one collective:
+  every rank learns whether any rank asks to stop, so all of them write the same last checkpoint and stop.
+The run carries the Todo out (train.py). StepBoundary does no I/O and runs no model: its collectives come in as
+functions, so its rules are tested without processes.
 """
 
 from __future__ import annotations
@@ -29,10 +32,58 @@ from pathlib import Path
 import psutil
 import torch
 
-from dist_llama.config import Config, TrainConfig
+from dist_llama.config import TrainConfig
 from dist_llama.parallel import DistEnv, all_reduce_max, broadcast_object
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Todo:
+    """What to do after a step, in this order: validate, save, plan the budget, stop."""
+
+    validate: bool = False
+    save: bool = False
+    plan: bool = False
+    stop: str | None = None  # why the run stops here ("signal SIGUSR1", "time limit"), or None
+
+
+class StepBoundary:
+    """The cadences, the time budget and the stop request of a run, from `start_step` on."""
+
+    def __init__(self, train: TrainConfig, save_every: int, start_step: int, saved_plan: dict | None,
+                 stop_reason: Callable[[], str | None], clock: Callable[[], float],
+                 share: Callable[[dict | None], dict] = lambda plan: plan):
+        """stop_reason: the stop decision every rank shares (StopRequest.reason). clock: training time without
+        pauses (metrics.TrainingClock.now). share: rank 0's plan to every rank (broadcast_object)."""
+        self.train, self.save_every = train, save_every
+        self.budget = TimeBudget(train, start_step, saved_plan)
+        self.stop_reason, self.clock, self.share = stop_reason, clock, share
+
+    @property
+    def total_steps(self) -> int:
+        """train.steps, or the budget's planned steps once planned (never more than train.steps)."""
+        return min(self.budget.plan["planned_steps"], self.train.steps) if self.budget.plan else self.train.steps
+
+    def after(self, step: int) -> Todo:
+        last = step >= self.total_steps
+        stop = None if last else self.stop_reason()  # a collective: every rank asks at the same boundaries
+        if self.budget.starts_measuring(step):
+            self.budget.measure_start = self.clock()
+        if not last and self.budget.plans_at(step):
+            return Todo(validate=True, save=True, plan=True, stop=stop)
+        if stop:
+            return Todo(save=True, stop=stop)
+        return Todo(validate=last or step % self.train.eval_every == 0, save=last or step % self.save_every == 0)
+
+    def plan(self, step: int, eval_s: float, checkpoint_s: float, is_main: bool) -> dict:
+        """Rank 0 plans from the measured costs; every rank takes its plan and checks it (so a budget too small
+        stops all of them). Returns the plan."""
+        step_s = self.budget.step_s(self.clock())
+        made = plan_steps(self.train, self.save_every, step, step_s, eval_s, checkpoint_s) if is_main else None
+        self.budget.plan = self.share(made)
+        check_budget_plan(self.budget.plan)
+        return self.budget.plan
 
 
 class BudgetError(ValueError):
@@ -51,19 +102,20 @@ def events_between(first: int, last: int, every: int) -> int:
     return last // every - first // every + (1 if last % every else 0)
 
 
-def plan_steps(config: Config, step: int, step_s: float, eval_s: float, checkpoint_s: float) -> dict:
+def plan_steps(train: TrainConfig, save_every: int, step: int, step_s: float, eval_s: float,
+               checkpoint_s: float) -> dict:
     """The step count that ends training, its evaluations and checkpoints (the final ones included) inside
     train.time_budget_s, given the measured costs; capped by train.steps. At most `step` when even the next
     step does not fit (check_budget_plan then stops the run)."""
-    budget, age = config.train.time_budget_s, process_age_s()
-    left = (budget - age) * (1 - config.train.budget_safety)
+    budget, age = train.time_budget_s, process_age_s()
+    left = (budget - age) * (1 - train.budget_safety)
 
     def cost(total: int) -> float:
-        return ((total - step) * step_s + events_between(step, total, config.train.eval_every) * eval_s
-                + events_between(step, total, config.checkpoint.every) * checkpoint_s)
+        return ((total - step) * step_s + events_between(step, total, train.eval_every) * eval_s
+                + events_between(step, total, save_every) * checkpoint_s)
 
-    rate = step_s + eval_s / config.train.eval_every + checkpoint_s / config.checkpoint.every
-    total = min(config.train.steps, step + max(0, int((left - eval_s - checkpoint_s) / rate)) + 1)
+    rate = step_s + eval_s / train.eval_every + checkpoint_s / save_every
+    total = min(train.steps, step + max(0, int((left - eval_s - checkpoint_s) / rate)) + 1)
     while total > step and cost(total) > left:
         total -= 1
     return {"planned_steps": total, "step_s": step_s, "eval_s": eval_s, "checkpoint_s": checkpoint_s,
@@ -71,7 +123,7 @@ def plan_steps(config: Config, step: int, step_s: float, eval_s: float, checkpoi
 
 
 def check_budget_plan(plan: dict) -> None:
-    """Every rank calls it on the broadcast plan, so all stop together when the budget is too small."""
+    """Every rank calls it on the shared plan, so all stop together when the budget is too small."""
     if plan["planned_steps"] <= plan["measured_at_step"]:
         raise BudgetError(
             f"train.time_budget_s={plan['budget_s']:g} is too small: {plan['age_s']:.0f} s are gone after "
@@ -112,17 +164,11 @@ class TimeBudget:
     def starts_measuring(self, step: int) -> bool:
         return self.waiting and step == self.measure_from
 
-    def plans_now(self, step: int) -> bool:
+    def plans_at(self, step: int) -> bool:
         return self.waiting and step == self.measure_to
 
     def step_s(self, now: float) -> float:
         return (now - self.measure_start) / (self.measure_to - self.measure_from)
-
-    def make_plan(self, config: Config, env: DistEnv, step: int, step_s: float, eval_s: float, checkpoint_s: float) -> dict:
-        """Rank 0 plans, every rank takes its plan and checks it (so a budget too small stops all of them)."""
-        self.plan = broadcast_object(plan_steps(config, step, step_s, eval_s, checkpoint_s) if env.is_main else None)
-        check_budget_plan(self.plan)
-        return self.plan
 
 
 # --- Stopping early: a signal, or the job's time limit --------------------------------------------

@@ -1,0 +1,86 @@
+"""The step boundary's rules without processes: cadences, the stop request, the time budget's measurement and
+plan, and the training clock that leaves pauses out."""
+
+import pytest
+import torch
+
+from dist_llama import boundary, metrics
+from dist_llama.boundary import BudgetError, StepBoundary, Todo
+from dist_llama.config import load_config
+
+
+def make(*overrides: str, start_step: int = 0, saved_plan=None, stop_at: dict | None = None, clock=None):
+    config = load_config(None, list(overrides))
+    asked = []
+
+    def stop_reason():
+        asked.append(len(asked))
+        return (stop_at or {}).get(len(asked))
+
+    made = StepBoundary(config.train, config.checkpoint.every, start_step, saved_plan, stop_reason,
+                        clock or (lambda: 0.0))
+    return made, asked
+
+
+def test_validate_and_save_follow_their_cadences_and_the_last_step_does_both():
+    steps, _ = make("--train.steps=12", "--train.eval_every=4", "--checkpoint.every=6")
+    todos = {step: steps.after(step) for step in range(1, 13)}
+    assert [s for s, t in todos.items() if t.validate] == [4, 8, 12]
+    assert [s for s, t in todos.items() if t.save] == [6, 12]
+    assert not any(t.plan or t.stop for t in todos.values())
+
+
+def test_a_stop_request_saves_that_step_and_the_last_step_asks_no_collective():
+    steps, asked = make("--train.steps=6", "--train.eval_every=4", "--checkpoint.every=100", stop_at={5: "time limit"})
+    todos = [steps.after(step) for step in range(1, 7)]
+    assert todos[4] == Todo(save=True, stop="time limit")  # step 5: save, no validation, stop
+    assert todos[3] == Todo(validate=True)
+    assert len(asked) == 5, "every boundary but the last asks every rank whether to stop"
+
+
+def test_the_budget_measures_after_its_warm_up_then_plans_with_a_timed_evaluation_and_checkpoint(monkeypatch):
+    monkeypatch.setattr(boundary, "process_age_s", lambda: 10.0)
+    now = [0.0]
+    steps, _ = make("--train.time_budget_s=100", "--train.steps=100000", "--train.budget_safety=0",
+                    "--train.budget_warmup_steps=3", "--train.budget_measure_steps=5", "--train.eval_every=50",
+                    "--checkpoint.every=50", clock=lambda: now[0])
+    for step in range(1, 8):
+        now[0] = {3: 101.5}.get(step, 0.0)  # the clock is read once, when the 3 warm-up steps are done
+        assert not steps.after(step).plan and steps.total_steps == 100000
+    now[0] = 104.0  # steps 4..8 took 2.5 s
+    assert steps.after(8) == Todo(validate=True, save=True, plan=True)
+    plan = steps.plan(8, eval_s=1.0, checkpoint_s=2.0, is_main=True)
+    assert plan["step_s"] == pytest.approx(0.5) and plan["measured_at_step"] == 8
+    assert steps.total_steps == plan["planned_steps"] > 8
+    assert not steps.after(9).plan, "one plan per run"
+
+
+def test_a_resumed_plan_stands_and_a_plan_too_small_stops(monkeypatch):
+    saved = {"planned_steps": 30, "measured_at_step": 8}
+    steps, _ = make("--train.time_budget_s=100", "--train.steps=100000", start_step=20, saved_plan=saved)
+    assert steps.total_steps == 30 and not any(steps.after(s).plan for s in range(21, 31))
+    capped, _ = make("--train.time_budget_s=100", "--train.steps=25", start_step=20, saved_plan=saved)
+    assert capped.total_steps == 25
+
+    monkeypatch.setattr(boundary, "process_age_s", lambda: 99.0)
+    late, _ = make("--train.time_budget_s=100", "--train.steps=100000", "--train.budget_warmup_steps=0",
+                   "--train.budget_measure_steps=1")
+    assert late.after(1).plan
+    with pytest.raises(BudgetError, match="is too small: 99 s are gone"):
+        late.plan(1, eval_s=1.0, checkpoint_s=1.0, is_main=True)
+
+
+def test_the_training_clock_leaves_pauses_out_of_throughput(monkeypatch):
+    wall = [100.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: wall[0])
+    clock = metrics.TrainingClock(torch.device("cpu"))
+    throughput = metrics.Throughput(clock)
+    wall[0] += 2.0  # two seconds of steps
+    throughput.add(1000)
+    with clock.pause():
+        frozen = clock.now()
+        wall[0] += 30.0  # an evaluation and a checkpoint
+        assert clock.now() == frozen
+    wall[0] += 2.0
+    throughput.add(1000)
+    assert throughput.take() == (pytest.approx(500.0), pytest.approx(4.0))
