@@ -48,17 +48,26 @@ Which module holds what, in the order a session uses them:
                       documents, MMLU items, manifest.json), check it against its manifest, unpack it
     wheels.py         install the bundle's wheels, check which modules import and what they declare
                       they need
-    plan.py           the stages, the two modes (GPU, CPU rehearsal) with their planned times and
-                      limits, and the deadline arithmetic: what each stage may take of the time left
+    deadline.py       the stages, the two modes (GPU, CPU rehearsal) with their planned times and
+                      limits, stage_times() (what `plan` prints), and Deadline: what each stage may
+                      take of the time left
     preflight.py      the environment check (its own process: it imports torch)
     processes.py      one stage's child process: its log, its time limit (and a first-step limit),
                       stopping its process group
-    runner.py         Session: what the stages share, and the loop that runs them in order
-    stages.py         one function per stage, in the order they run
+    context.py        what the stages are given and give back: Context (what is fixed for the whole
+                      session, and its child processes' commands and environment), Outcome, the
+                      preflight's facts, which of the runs made is trained and which is reported
+    stages.py         one function per stage, in the order they run: each returns its Outcome, and
+                      its product where a later stage uses one
+    runner.py         the loop that runs the stages in order, passing each what it needs of the
+                      earlier stages' products, then writes the summary and the pack
     release_check.py  the script that loads the release where dist_llama cannot be imported
     summary.py        summary.json, summary.md and the closing table
     pack.py           session.tar.gz: every small file of the session
-    cli.py            the command lines (run, bundle, install, preflight)
+    cli.py            the command lines (run, bundle, install, preflight, plan)
+
+Imports go one way, cli -> runner -> stages, summary -> context -> deadline, bundle, processes (a test
+checks that no module imports another in a circle).
 
 Every module the session process imports before the install stage imports only the standard library at
 the top: they run before the packages that stage installs. torch, pyarrow and dist_llama's own training

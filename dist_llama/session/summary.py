@@ -1,57 +1,61 @@
-"""What the session tells: summary.json (every stage's outcome and the run's numbers), summary.md (the same for
-a reader, one section per stage that produced something) and the short table printed last."""
+"""What the session tells: summary.json (every stage's outcome and the run's numbers), summary.md (the same
+for a reader, one section per stage that produced something) and the short table printed last."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from dist_llama.session import read_json
-from dist_llama.session.plan import session_plan
-
-if TYPE_CHECKING:
-    from dist_llama.session.runner import Session
+from dist_llama.session.context import Context, Outcome, PreflightFacts, reported_run
+from dist_llama.session.deadline import stage_times
 
 BUNDLE_FACTS = ("created", "train", "dropped_training_shards", "mmlu_spread_items", "mmlu_spread_subjects",
                 "bundle_bytes")
 
 
-def session_summary(session: Session) -> dict:
-    run_dir = session.reported_run()
+def session_summary(context: Context, outcomes: list[Outcome], preflight: PreflightFacts,
+                    runs: tuple[Path, ...], bad_input: str | None) -> dict:
+    """summary.json: the session's settings, every stage's outcome beside its planned time, and what the
+    stages left in the work folder (the preflight's facts, the bench, the reported run's numbers)."""
+    run_dir = reported_run(runs)
     report = read_json(run_dir / "report" / "summary.json") if run_dir else None
-    evaluation = {}
-    if run_dir is not None:
-        evaluation = {"tinymmlu": read_json(run_dir / "eval" / "summary.json"),
-                      "mmlu_spread": read_json(run_dir / "eval" / "mmlu_spread" / "summary.json"),
-                      "ppl": [read_json(p) for p in sorted((run_dir / "eval").glob("ppl_*.json"))]}
     return {
-        "mode": session.mode.name, "deadline_s": session.deadline.seconds,
-        "elapsed_s": round(session.deadline.elapsed(), 1), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": session.config, "overrides": session.user_overrides, "bad_input": session.bad_input,
-        "work": str(session.work),
-        "stages": [o.as_dict() for o in session.outcomes.values()],
-        "stage_plan": session_plan(session.mode, session.deadline.seconds)["stages"],
-        "preflight": session.preflight or None,
-        "bundle": {key: (session.manifest or {}).get(key) for key in BUNDLE_FACTS},
-        "bench": read_json(session.work / "bench.json"),
+        "mode": context.mode.name, "deadline_s": context.deadline.seconds,
+        "elapsed_s": round(context.deadline.elapsed(), 1), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": context.config, "overrides": list(context.user_overrides), "bad_input": bad_input,
+        "work": str(context.work),
+        "stages": [o.as_dict() for o in outcomes],
+        "stage_plan": stage_times(context.mode, context.deadline.seconds)["stages"],
+        "preflight": preflight.report or None,
+        "bundle": {key: (context.manifest or {}).get(key) for key in BUNDLE_FACTS},
+        "bench": read_json(context.work / "bench.json"),
         "run": run_dir.name if run_dir else None,
         "train": (report or {}).get("run"),
-        "plan": training_plan(run_dir) if run_dir else None,
-        "release": read_json(session.work / "release_check.json"),
-        "eval": evaluation,
+        "plan": trainer_budget_record(run_dir) if run_dir else None,
+        "release": read_json(context.work / "release_check.json"),
+        "eval": _evaluation_results(run_dir),
     }
 
 
-def training_plan(run_dir: Path) -> dict | None:
-    """The trainer's plan record (planned steps, measured step time) from metrics.jsonl, if it wrote one."""
+def _evaluation_results(run_dir: Path | None) -> dict:
+    if run_dir is None:
+        return {}
+    return {"tinymmlu": read_json(run_dir / "eval" / "summary.json"),
+            "mmlu_spread": read_json(run_dir / "eval" / "mmlu_spread" / "summary.json"),
+            "ppl": [read_json(p) for p in sorted((run_dir / "eval").glob("ppl_*.json"))]}
+
+
+def trainer_budget_record(run_dir: Path) -> dict | None:
+    """The trainer's time-budget record from metrics.jsonl (kind "plan": planned steps, measured step time),
+    if it wrote one; summary.json's "plan"."""
     try:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     except OSError:
         return None
-    plans = [record for record in map(json.loads, filter(str.strip, lines)) if record.get("kind") == "plan"]
-    return plans[-1] if plans else None
+    records = [record for record in map(json.loads, filter(str.strip, lines)) if record.get("kind") == "plan"]
+    return records[-1] if records else None
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -76,8 +80,8 @@ def _accuracy(summary: dict | None) -> str:
 
 def summary_markdown(summary: dict) -> str:
     lines = [f"# GPU session ({summary['mode']}), {summary['date']}", "",
-             f"Config `{summary['config']}` {' '.join(summary['overrides'])}; deadline {summary['deadline_s']:g} s, "
-             f"used {summary['elapsed_s']:g} s.", ""]
+             f"Config `{summary['config']}` {' '.join(summary['overrides'])}; deadline "
+             f"{summary['deadline_s']:g} s, used {summary['elapsed_s']:g} s.", ""]
     if summary["bad_input"]:
         lines += [f"**Stopped: {summary['bad_input']}**", ""]
     planned = summary.get("stage_plan") or {}
@@ -97,8 +101,8 @@ def _machine(summary: dict) -> list[str]:
     if not preflight.get("packages"):
         return []
     gpu = preflight.get("gpu")
-    device = (f"{gpu['name']} (x{gpu['count']}, compute capability {gpu['capability']}), {gpu['free_gib']:.1f} of "
-              f"{gpu['total_gib']:.1f} GiB free" if gpu else "no GPU (CPU)")
+    device = (f"{gpu['name']} (x{gpu['count']}, compute capability {gpu['capability']}), "
+              f"{gpu['free_gib']:.1f} of {gpu['total_gib']:.1f} GiB free" if gpu else "no GPU (CPU)")
     return ["", "## Machine", "", f"{device}; Python {preflight['python']}; CUDA {preflight.get('cuda')}; "
             + ", ".join(f"{k} {v}" for k, v in preflight["packages"].items())]
 
@@ -125,7 +129,8 @@ def _training(summary: dict) -> list[str]:
     lines = ["", f"## Training (`{summary['run']}`)", "", "| metric | value |", "| --- | --- |"]
     lines += [f"| {key} | {_fmt(value)} |" for key, value in train.items() if key not in ("run",)]
     if summary.get("plan"):
-        lines += ["", "Plan: " + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["plan"].items() if k != "kind")]
+        budget = ", ".join(f"{k} {_fmt(v)}" for k, v in summary["plan"].items() if k != "kind")
+        lines += ["", "Plan: " + budget]
     return lines
 
 
@@ -149,8 +154,8 @@ def _release(summary: dict) -> list[str]:
     if not (release and release.get("generations")):
         return []
     lines = ["", "## Release check and generations", "",
-             f"Loaded as `{release['class']}` with trust_remote_code where dist_llama is not importable; logits "
-             f"vs stock LlamaForCausalLM: max |diff| {release['max_abs_logit_diff']:.3g} (max |logit| "
+             f"Loaded as `{release['class']}` with trust_remote_code where dist_llama is not importable; "
+             f"logits vs stock LlamaForCausalLM: max |diff| {release['max_abs_logit_diff']:.3g} (max |logit| "
              f"{release['max_abs_logit']:.3g}). Sampling: {json.dumps(release['sampling'])}.", ""]
     for item in release["generations"]:
         lines += [f"- greedy: {json.dumps(item['greedy'], ensure_ascii=False)} (stock Llama greedy equal: "
@@ -165,9 +170,11 @@ def final_table(summary: dict) -> str:
     train = summary.get("train") or {}
     if train:
         mfu = train.get("median_mfu")
-        rows.append(("result", "train", "", f"{_fmt(train.get('steps'))} steps, {_fmt(train.get('tokens_seen'))} "
-                     f"tokens, val loss {_fmt(train.get('final_val_loss'))}, {_fmt(train.get('median_tokens_per_s'), 0)} "
-                     f"tok/s" + (f", MFU {100 * mfu:.1f}%" if mfu else "")))
+        rows.append(("result", "train", "", f"{_fmt(train.get('steps'))} steps, "
+                     f"{_fmt(train.get('tokens_seen'))} tokens, "
+                     f"val loss {_fmt(train.get('final_val_loss'))}, "
+                     f"{_fmt(train.get('median_tokens_per_s'), 0)} tok/s"
+                     + (f", MFU {100 * mfu:.1f}%" if mfu else "")))
     evaluation = summary.get("eval") or {}
     for key, label in (("tinymmlu", "tinyMMLU"), ("mmlu_spread", "MMLU")):
         if evaluation.get(key):
@@ -177,6 +184,6 @@ def final_table(summary: dict) -> str:
     for stage, status, seconds, detail in rows:
         detail = detail if len(detail) <= width else detail[:width - 3] + "..."
         lines.append(f"{stage:<10} {status:<8} {seconds:>6}  {detail}")
-    lines.append(f"total {summary['elapsed_s']:.0f} s of {summary['deadline_s']:g} s; summary in "
-                 f"{'summary.md' if not summary['bad_input'] else 'summary.md (stopped: ' + summary['bad_input'] + ')'}")
+    where = "summary.md" if not summary["bad_input"] else f"summary.md (stopped: {summary['bad_input']})"
+    lines.append(f"total {summary['elapsed_s']:.0f} s of {summary['deadline_s']:g} s; summary in {where}")
     return "\n".join(lines)

@@ -1,21 +1,18 @@
-"""The stages, the two modes the session runs in, and the deadline arithmetic: what each stage may take.
+"""The session's time: its stages, the two modes it runs in (GPU, CPU rehearsal) with their planned times
+and limits, and Deadline, the arithmetic of what each stage may take.
 
-Every stage but training has a planned time, and training gets the rest of the deadline: `python -m
-dist_llama.session plan [--rehearse]` prints that plan. Every stage also has a time range (least worth
-starting, most). A stage may take what is left of the deadline less what the later stages need to start;
-before training, the later stages' planned time is kept too, so that training gets what the plan says it
-will. The bench is the exception: it runs after the evaluation, only when time is left, and nothing is
-kept for it. All of that is computed here, by Deadline.
+Every stage but training has a planned time, and training gets the rest of the deadline: stage_times() says
+how much (`python -m dist_llama.session plan [--rehearse]` prints it). Every stage also has a time range
+(least worth starting, most). A stage may take what is left of the deadline less what the later stages need
+to start; before training, the later stages' planned time is kept too, so that training gets what
+stage_times() says it will. The bench is the exception: it runs after the evaluation, only when time is
+left, and nothing is kept for it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
-from dist_llama.session import REPO
 
 STAGES = ("install", "preflight", "train", "release", "evaluate", "bench", "report")
 AFTER_TRAINING = ("release", "evaluate", "report")  # kept free when training's budget is set
@@ -41,12 +38,15 @@ class Mode:
     # left: a compile that hangs costs this much, not the session.
     compile_limit_s: float
     train_overrides: tuple[str, ...] = ()  # before the user's own
-    mmlu_spread_limit: int | None = None  # items of the spread MMLU file to evaluate (None: all); eval.limit wins
-    token_cache: bool = True  # the training run tokenizes the shards once, with every core, into WORK/token_cache
+    # Items of the spread MMLU file to evaluate (None: all); the config's eval.limit wins.
+    mmlu_spread_limit: int | None = None
+    # The training run tokenizes the shards once, with every core, into WORK/token_cache.
+    token_cache: bool = True
 
     @property
     def after_train_s(self) -> float:
-        """Planned time of release + evaluate + report, and the summary: kept free when training is planned."""
+        """Planned time of release + evaluate + report, and the summary: kept free when training's
+        budget is set."""
         return sum(self.planned[stage] for stage in AFTER_TRAINING) + FINISH_S
 
 
@@ -56,9 +56,10 @@ class Mode:
 # ~75 s (three processes: tinyMMLU, loss by position, the spread MMLU items), report ~10 s. Training gets the
 # rest: 370 s of 540 (69%), its own start-up, token cache and compile included.
 GPU = Mode(name="gpu", config="configs/speedrun.yaml", deadline_s=540, require_gpu=True,
-           bench_args=("--preset", "main", "--seq-len", "1024", "--batch", "16", "--dtype", "bf16", "--compile",
-                       "--repeats", "10", "--warmup", "3", "--device", "cuda"),
-           planned={"install": 15, "preflight": 25, "release": 40, "evaluate": 75, "bench": 0, "report": 10},
+           bench_args=("--preset", "main", "--seq-len", "1024", "--batch", "16", "--dtype", "bf16",
+                       "--compile", "--repeats", "10", "--warmup", "3", "--device", "cuda"),
+           planned={"install": 15, "preflight": 25, "release": 40, "evaluate": 75, "bench": 0,
+                    "report": 10},
            limits={"install": (5, 120), "preflight": (15, 120), "train": (60, 0), "release": (20, 100),
                    "evaluate": (20, 200), "bench": (30, 75), "report": (5, 45)},
            train_grace_s=30, compile_limit_s=200)
@@ -66,24 +67,28 @@ GPU = Mode(name="gpu", config="configs/speedrun.yaml", deadline_s=540, require_g
 # this machine's, from `launch/gpu_session.sh --rehearse` (README: One command on a GPU). The bench leaves out
 # compile: on this CPU it costs ~30 s per graph and gains nothing for a tiny model (STACK_NOTES.md).
 REHEARSAL = Mode(name="rehearse", config="configs/debug.yaml", deadline_s=290, require_gpu=False,
-                 bench_args=("--preset", "debug", "--seq-len", "128", "--batch", "8", "--repeats", "3", "--warmup", "1",
-                             "--device", "cpu"),
+                 bench_args=("--preset", "debug", "--seq-len", "128", "--batch", "8", "--repeats", "3",
+                             "--warmup", "1", "--device", "cpu"),
                  # Seen 2026-12-03 (all stages ok in 218 s): install 0, preflight 8, release 10, evaluate 25,
                  # report 3; planned with room for a loaded CI machine.
-                 planned={"install": 5, "preflight": 15, "release": 20, "evaluate": 45, "bench": 0, "report": 10},
+                 planned={"install": 5, "preflight": 15, "release": 20, "evaluate": 45, "bench": 0,
+                          "report": 10},
                  limits={"install": (0, 60), "preflight": (10, 90), "train": (50, 0), "release": (15, 60),
                          "evaluate": (15, 100), "bench": (10, 40), "report": (5, 30)},
                  train_grace_s=20, compile_limit_s=120,
-                 # A shared 2-core CPU's step time varies twofold with the load: plan with a quarter kept free.
+                 # A shared 2-core CPU's step time varies twofold with the load: plan with a quarter free.
                  train_overrides=("--train.device=cpu", "--train.budget_safety=0.25"),
-                 mmlu_spread_limit=100,  # the debug model scores ~13 items/s here: 1,400 would take two minutes
-                 # On 2 cores the cache of the bundle's ~39M tokens takes longer than the whole training stage
-                 # (seen: 2 shards of 5 in 26 s); the GPU machine's 16 cores build it in seconds. On the fly here.
+                 # The debug model scores ~13 items/s here: 1,400 would take two minutes.
+                 mmlu_spread_limit=100,
+                 # On 2 cores the cache of the bundle's ~39M tokens takes longer than the whole training
+                 # stage (seen: 2 shards of 5 in 26 s); the GPU machine's 16 cores build it in seconds.
+                 # On the fly here.
                  token_cache=False)
 
 
-def session_plan(mode: Mode, deadline_s: float | None = None) -> dict:
-    """The planned seconds of every stage when each takes its planned time: training gets the rest."""
+def stage_times(mode: Mode, deadline_s: float | None = None) -> dict:
+    """The seconds of every stage when each takes its planned time: training gets the rest. This is the JSON
+    of `python -m dist_llama.session plan`, and summary.json's "stage_plan" is its "stages"."""
     deadline = mode.deadline_s if deadline_s is None else deadline_s
     stages = {stage: float(mode.planned.get(stage, 0)) for stage in STAGES}
     stages["train"] = deadline - sum(stages.values()) - FINISH_S
@@ -91,30 +96,14 @@ def session_plan(mode: Mode, deadline_s: float | None = None) -> dict:
             "train_share": round(stages["train"] / deadline, 3)}
 
 
-@dataclass
-class Outcome:
-    stage: str
-    status: str = "skipped"  # ok | failed | skipped
-    seconds: float = 0.0
-    detail: str = ""
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def resolve_config_path(config: str) -> str:
-    """A config path as given when it exists from here, else relative to the checkout (configs/...)."""
-    return str(Path(config).resolve()) if Path(config).is_file() else str(REPO / config)
-
-
 class Deadline:
     """The session's one clock, started when it is made, and every share of the time left."""
 
-    def __init__(self, mode: Mode, seconds: float, skip: set[str]):
+    def __init__(self, mode: Mode, seconds: float, skip: frozenset[str]):
         self.start = time.monotonic()
         self.mode = mode
         self.seconds = seconds
-        self.skip = skip
+        self.skip = skip  # stages left out: no time is kept for them
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -149,7 +138,8 @@ class Deadline:
         return stage == "train" or allowance + 1 >= self.least(stage)
 
     def training_budget(self) -> float:
-        """train.time_budget_s of a training attempt started now: the time left less the later stages' plan."""
+        """train.time_budget_s of a training attempt started now: the time left less the later stages'
+        planned time."""
         return self.remaining() - self.mode.after_train_s
 
     def training_timeout(self, budget: float) -> float:
