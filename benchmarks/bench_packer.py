@@ -39,7 +39,7 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_llama import data  # noqa: E402
-from dist_llama.data import packing  # noqa: E402
+from dist_llama.data import token_sources  # noqa: E402
 from dist_llama.config import DataConfig  # noqa: E402
 
 DEFAULT_PATHS = [str(Path(__file__).resolve().parents[2] / "shared/data/owt/train/shard-00000.jsonl.zst")]
@@ -120,10 +120,10 @@ def main() -> None:
                         help="time the bare tokenizer only (for documents too long for a short packer run: it "
                              "tokenizes whole documents ahead, TOKENIZE_BATCH_DOCS per batch)")
     parser.add_argument("--repeats", type=int, default=5, help="alternating bare/packer runs; the median ratio counts")
-    parser.add_argument("--batch-docs", type=int, default=packing.TOKENIZE_BATCH_DOCS)
+    parser.add_argument("--batch-docs", type=int, default=token_sources.TOKENIZE_BATCH_DOCS)
     parser.add_argument("--prefetch-steps", type=int, default=4)
     args = parser.parse_args()
-    packing.TOKENIZE_BATCH_DOCS = args.batch_docs
+    token_sources.TOKENIZE_BATCH_DOCS = args.batch_docs
 
     tokenizers = {name: load_tokenizer(name) for name in args.tokenizer}
     if args.longest:

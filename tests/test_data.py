@@ -17,6 +17,7 @@ import threading
 import time
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -26,7 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from dist_llama import data
-from dist_llama.data import packing, sources
+from dist_llama.data import packing, sources, token_sources
 from dist_llama.config import DataConfig
 
 import download_worker  # tests/download_worker.py
@@ -196,6 +197,42 @@ def test_lane_windows_reproduce_documents_with_no_padding(tmp_path, tokenizer):
     for lane, stream in enumerate(streams):
         assert len(stream) == 40 * SEQ_LEN + 1
         assert stream == expected_lane_stream(tokenizer, docs, lane, 4, len(stream))
+
+
+class ListTokenSource(token_sources.TokenSource):
+    """The token source interface at its smallest: lane l gets docs[l::global_rows], one per fill."""
+
+    def __init__(self, docs, lanes, global_rows):
+        super().__init__(lanes, global_rows=global_rows, seed=None)
+        self.docs, self.next_doc = docs, {lane.index: lane.resume for lane in lanes}
+
+    def fill(self, lane):
+        epoch, doc = self.next_doc[lane.index]
+        if doc >= len(self.docs):
+            epoch, doc = epoch + 1, lane.index
+        lane.push(epoch, doc, self.docs[doc])
+        self.next_doc[lane.index] = (epoch, doc + self.global_rows)
+
+
+def test_the_packer_cuts_whatever_its_token_source_pushes_into_lane_windows_and_resumes():
+    docs = [np.arange(10 * d, 10 * d + 2 + d % 5, dtype=np.int32) for d in range(9)]  # 2 to 6 tokens each
+    global_rows, seq_len = 3, 4
+
+    def run(states, steps):
+        lanes = [packing.Lane(lane, **states[str(lane)]) for lane in range(global_rows)]
+        packer = packing.LanePacker(lanes, ListTokenSource(docs, lanes, global_rows), seq_len=seq_len)
+        batches = [packer.next_batch() for _ in range(steps)]
+        return [torch.cat([inputs, labels[:, -1:]], dim=1) for inputs, labels, _ in batches], batches[-1][2]
+
+    fresh = {str(lane): {"epoch": 0, "doc": lane, "offset": 0} for lane in range(global_rows)}
+    reference, _ = run(fresh, 12)
+    for lane, stream in enumerate(lane_streams(reference)):
+        epochs = [token for _ in range(12) for doc in docs[lane::global_rows] for token in doc.tolist()]
+        assert stream == epochs[:len(stream)]
+    head, state = run(fresh, 5)
+    assert any(lane["offset"] for lane in state.values()) and any(lane["epoch"] for lane in state.values())
+    tail, _ = run(state, 7)
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, reference))
 
 
 def test_realistic_documents_pack_exactly(shared_data, tokenizer):
@@ -378,7 +415,7 @@ def test_a_tokenizer_batch_is_bounded_by_bytes_so_megabyte_documents_start_at_on
     with data.PackedBatches(config([tmp_path / "long.jsonl"], seq_len=64), tokenizer, global_rows=4) as batches:
         windows(batches, 1)
     assert handed[0] == [2_000_000], "the first batch is the needy lane's one document"
-    assert all(len(sizes) == 1 or sum(sizes) <= packing.TOKENIZE_BATCH_BYTES for sizes in handed)
+    assert all(len(sizes) == 1 or sum(sizes) <= token_sources.TOKENIZE_BATCH_BYTES for sizes in handed)
     assert time.perf_counter() - start < 120
 
 

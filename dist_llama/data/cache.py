@@ -8,11 +8,12 @@ A cache folder (data.token_cache) holds
     offsets-NNNNN.npy   int64, one more than the shard's documents: document i is tokens[offsets[i]:offsets[i + 1]],
                         empty for a document the hash rule holds out (held-out text is never tokenized into it)
 
-Documents are numbered in the source's own order: the sorted files and each file's records in order (one shard
-per file), or a Hub dataset's rows (CACHE_SHARD_ROWS rows a shard). An epoch's order is computed by the same
-functions that order the text (sources.local_epoch_order / _row_order), and the lanes' data state records the
-same source identity, so a run from the cache and a run that tokenizes on the fly give the same batches, bit for
-bit, and either resumes the other's checkpoints.
+Documents are numbered in the source's own order: the sorted files and each file's records in order (one
+shard per file), or a Hub dataset's rows (CACHE_SHARD_ROWS rows a shard). TokenCache reads a record's tokens,
+and orders an epoch by the same functions that order the text (sources.local_epoch_order / row_order);
+token_sources.CachedTokenSource hands the tokens to the lanes of the same packer that tokenizing on the fly
+feeds, and the data state records the same source identity. So a run from the cache and a run that tokenizes
+on the fly give the same batches, bit for bit, and either resumes the other's checkpoints.
 
 The manifest records the format version, the source (its identity as the data state records it; for local files
 also each file's name, bytes, blake2b and documents; for a Hub dataset the requested revision besides the resolved
@@ -40,9 +41,9 @@ import numpy as np
 from dist_llama.config import ConfigError, DataConfig
 from dist_llama.data.encoding import DocumentEncoder, limit_tokenizer_threads, rank_cores
 from dist_llama.data.heldout import held_out_files, is_held_out
-from dist_llama.data.readers import _open_file
-from dist_llama.data.sources import (_DatasetRows, _LocalSource, _local_files, _once_per_node, _open_hub_source,
-                                     _row_order, local_epoch_order)
+from dist_llama.data.readers import open_file
+from dist_llama.data.sources import (DatasetRows, LocalSource, local_epoch_order, local_files, once_per_node,
+                                     open_hub_source, row_order)
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +74,10 @@ class _Expected:
 
     def __init__(self, config: DataConfig, encoder: DocumentEncoder):
         self.config = config
-        self.files = _local_files(config, "token cache")
+        self.files = local_files(config, "token cache")
         self.tokenizer = encoder.identity()
         self.held_out_per_mille = _held_out_rule(config)
-        self.identity = _LocalSource(self.files, config.text_field).identity if self.files is not None else None
+        self.identity = None if self.files is None else LocalSource(self.files, config.text_field).identity
 
     def differences(self, manifest: dict) -> list[str]:
         """Each way in which `manifest` does not describe this config's tokens (empty: it does)."""
@@ -115,8 +116,9 @@ class _Expected:
         return found
 
 
-class _CachedSource:
-    """A built cache: the documents' tokens by record number, and each epoch's order of records."""
+class TokenCache:
+    """A built cache (load_token_cache): the documents' tokens by record number, and each epoch's order of
+    records."""
 
     def __init__(self, folder: Path, manifest: dict):
         self.folder, self.manifest = folder, manifest
@@ -139,7 +141,7 @@ class _CachedSource:
         """Position in epoch `epoch` -> record number, as the text source orders that epoch."""
         if self.identity["kind"] == "local":
             return local_epoch_order(self._records_per_file, epoch, seed)
-        return _row_order(self.documents, epoch, seed)
+        return row_order(self.documents, epoch, seed)
 
     def tokens(self, record: int) -> np.ndarray:
         """[bos] ids [eos] of a record (a view of the mapped file); empty when the record is held out."""
@@ -183,13 +185,13 @@ def _encode_piece(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 def _shards(config: DataConfig, expected: _Expected):
     """(records, manifest entry of the source file or None) per shard, and the source identity."""
     if expected.files is not None:
-        shards = ((_open_file(path, config.text_field), path) for path in expected.files)
+        shards = ((open_file(path, config.text_field), path) for path in expected.files)
         return shards, expected.identity
-    source = _open_hub_source(config, per_node=False)  # the caller is the node's builder already
+    source = open_hub_source(config, per_node=False)  # the caller is the node's builder already
     where = f"{config.hub_dataset} (split {config.hub_split})"
     rows = len(source.dataset)
-    shards = ((_DatasetRows(source.dataset, np.arange(first, min(first + CACHE_SHARD_ROWS, rows)), config.text_field,
-                            where), None) for first in range(0, rows, CACHE_SHARD_ROWS))
+    shards = ((DatasetRows(source.dataset, np.arange(first, min(first + CACHE_SHARD_ROWS, rows)),
+                           config.text_field, where), None) for first in range(0, rows, CACHE_SHARD_ROWS))
     return shards, source.identity
 
 
@@ -348,7 +350,7 @@ def _move_into_place(tmp: Path, folder: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_token_cache(config: DataConfig, tokenizer) -> _CachedSource:
+def load_token_cache(config: DataConfig, tokenizer) -> TokenCache:
     """The cache of config.token_cache, checked against the config (ConfigError naming what differs)."""
     folder = Path(config.token_cache)
     manifest = _read_manifest(folder)
@@ -357,12 +359,12 @@ def load_token_cache(config: DataConfig, tokenizer) -> _CachedSource:
     differences = _Expected(config, DocumentEncoder(tokenizer)).differences(manifest)
     if differences:
         raise _refuse(folder, differences)
-    source = _CachedSource(folder, manifest)
+    source = TokenCache(folder, manifest)
     logger.info("training data: %s", source.describe())
     return source
 
 
-def open_token_cache(config: DataConfig, tokenizer) -> _CachedSource:
+def open_token_cache(config: DataConfig, tokenizer) -> TokenCache:
     """load_token_cache, building the cache first where it is missing: once per node (local rank 0 builds while
     the node's other ranks wait, as for a Hub download). A collective in a process group of several ranks."""
     def load():
@@ -370,4 +372,4 @@ def open_token_cache(config: DataConfig, tokenizer) -> _CachedSource:
             build_token_cache(config, tokenizer)
         return load_token_cache(config, tokenizer)
 
-    return _once_per_node(load)
+    return once_per_node(load)

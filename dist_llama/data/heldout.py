@@ -15,7 +15,7 @@ import torch
 from dist_llama.config import DataConfig
 from dist_llama.data.encoding import DocumentEncoder
 from dist_llama.data.readers import expand_paths, iter_documents
-from dist_llama.data.sources import _open_source
+from dist_llama.data.sources import open_source
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def held_out_documents(config: DataConfig) -> list[str]:
     else:
         if config.val_per_mille <= 0:
             raise ValueError("no held-out set: set data.val_paths, or data.val_per_mille > 0 to hold out by hash")
-        source = _open_source(config, "held-out")
+        source = open_source(config, "held-out")
         docs = []
         for chunk in source.chunks(epoch=0):
             for _, text in chunk.read(list(range(chunk.size))):

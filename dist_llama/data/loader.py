@@ -1,5 +1,6 @@
-"""The loader: PackedBatches (this rank's batches, made ahead on a prefetch thread), its world-size-free state,
-merge_states, and the checks that a saved state continues the same stream."""
+"""The loader: PackedBatches (this rank's batches, made ahead on a prefetch thread by the packer of packing.py
+over the token source that data.token_cache chooses), its world-size-free state, merge_states, and the checks
+that a saved state continues the same stream."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from dist_llama.config import DataConfig
 from dist_llama.data.cache import open_token_cache
 from dist_llama.data.encoding import DocumentEncoder, limit_tokenizer_threads, rank_cores
 from dist_llama.data.heldout import held_out_files
-from dist_llama.data.packing import _CachePacker, _Lane, _Packer
-from dist_llama.data.sources import _open_source
+from dist_llama.data.packing import Lane, LanePacker
+from dist_llama.data.sources import open_source
+from dist_llama.data.token_sources import CachedTokenSource, TokenizingSource
 
 STATE_VERSION = 1
 
@@ -119,7 +121,7 @@ class PackedBatches:
         else:
             # The rank's share of the node's cores for the tokenizer's threads.
             limit_tokenizer_threads(rank_cores())
-            self._source, self._encoder = _open_source(config, "training"), DocumentEncoder(tokenizer)
+            self._source, self._encoder = open_source(config, "training"), DocumentEncoder(tokenizer)
         self._held_out_per_mille = 0 if held_out_files(config) else config.val_per_mille
         self._lane_states = {str(lane): {"epoch": 0, "doc": lane, "offset": 0} for lane in self.lanes}
         self._producer = self._packer = None
@@ -127,12 +129,14 @@ class PackedBatches:
 
     # The producer is built lazily, from the lane states, so that load_state_dict can come first.
     def _start(self) -> None:
-        lanes = [_Lane(lane, **self._lane_states[str(lane)]) for lane in self.lanes]
-        shape = dict(global_rows=self.global_rows, seq_len=self.seq_len, seed=self.seed, shuffle=self.config.shuffle)
+        lanes = [Lane(lane, **self._lane_states[str(lane)]) for lane in self.lanes]
+        order = dict(global_rows=self.global_rows, seed=self.seed if self.config.shuffle else None)
         if self._encoder is None:
-            packer = _CachePacker(self._source, lanes, **shape)
+            tokens = CachedTokenSource(self._source, lanes, **order)
         else:
-            packer = _Packer(self._source, self._encoder, lanes, held_out_per_mille=self._held_out_per_mille, **shape)
+            tokens = TokenizingSource(self._source, self._encoder, lanes, seq_len=self.seq_len,
+                                      held_out_per_mille=self._held_out_per_mille, **order)
+        packer = LanePacker(lanes, tokens, seq_len=self.seq_len)
         if self.config.prefetch_steps > 0:
             self._producer = _Prefetcher(packer.next_batch, self.config.prefetch_steps,
                                          f"PackedBatches-rank{self.rank}")

@@ -33,7 +33,7 @@ def _format_of(path: Path) -> str:
     raise ValueError(f"{path}: unsupported file type; data files must end in one of {', '.join(FORMATS)}")
 
 
-def _as_text(value, where: str) -> str:
+def as_text(value, where: str) -> str:
     if value is None:
         return ""  # a null text is an empty document: it still contributes its bos/eos
     if not isinstance(value, str):
@@ -41,14 +41,14 @@ def _as_text(value, where: str) -> str:
     return value
 
 
-class _Records:
+class Records:
     """Documents by record number: `text(i)` reads one, `texts(records)` several in one call."""
 
     def texts(self, records: list[int]) -> list[str]:
         return [self.text(i) for i in records]
 
 
-class _JsonLines(_Records):
+class _JsonLines(Records):
     """One .jsonl/.jsonl.zst file held as raw lines; a line is parsed only when its text is asked for."""
 
     def __init__(self, path: Path, text_field: str):
@@ -76,10 +76,10 @@ class _JsonLines(_Records):
         if not isinstance(record, dict) or self.text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"{where} has no field {self.text_field!r} (data.text_field); it has {keys}")
-        return _as_text(record[self.text_field], where)
+        return as_text(record[self.text_field], where)
 
 
-class _Parquet(_Records):
+class _Parquet(Records):
     def __init__(self, path: Path, text_field: str):
         import pyarrow.parquet as pq
 
@@ -93,10 +93,10 @@ class _Parquet(_Records):
         return len(self.column)
 
     def text(self, i: int) -> str:
-        return _as_text(self.column[i].as_py(), f"{self.path}, row {i}")
+        return as_text(self.column[i].as_py(), f"{self.path}, row {i}")
 
 
-class _TextFile(_Records):
+class _TextFile(Records):
     def __init__(self, path: Path, text_field: str):
         self.document = path.read_text(encoding="utf-8")
 
@@ -110,14 +110,14 @@ class _TextFile(_Records):
 _READERS = {".jsonl.zst": _JsonLines, ".jsonl": _JsonLines, ".parquet": _Parquet, ".txt": _TextFile}
 
 
-def _open_file(path: Path, text_field: str):
+def open_file(path: Path, text_field: str):
     return _READERS[_format_of(path)](path, text_field)
 
 
 def iter_documents(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[str]:
     """The documents of files or globs (any supported format), in sorted file order then record order."""
     for path in expand_paths([str(p) for p in paths]):
-        docs = _open_file(path, text_field)
+        docs = open_file(path, text_field)
         for i in range(len(docs)):
             yield docs.text(i)
 

@@ -1,7 +1,10 @@
-"""Sources: the documents of an epoch, numbered in its seeded order and read in chunks.
+"""Sources: the documents of an epoch as text, numbered in its seeded order and read in chunks.
 
-A local source reads files (readers.py); a Hub dataset is either cached once per node (random access, so a rank
-reads only its own lanes' rows) or streamed (no random access: every rank reads the whole stream).
+A local source reads files (readers.py); a Hub dataset is either cached once per node (random access, so a
+rank reads only its own lanes' rows) or streamed (no random access: every rank reads the whole stream). The
+epoch orders (local_epoch_order, row_order) also number the token cache's records (cache.py); which of an
+epoch's documents a lane takes is decided in token_sources.py. once_per_node makes a download, or the token
+cache's build, happen on one rank per node while the others wait.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from dist_llama.config import DataConfig
-from dist_llama.data.readers import _Records, _as_text, _open_file, expand_paths
+from dist_llama.data.readers import Records, as_text, expand_paths, open_file
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +75,13 @@ def _record_order(records: int, epoch: int, seed: int | None, file: int) -> np.n
     return None if seed is None else _rng(seed, epoch, 2, file).permutation(records)
 
 
-def _row_order(rows: int, epoch: int, seed: int | None) -> np.ndarray:
+def row_order(rows: int, epoch: int, seed: int | None) -> np.ndarray:
     return np.arange(rows) if seed is None else _rng(seed, epoch, 3).permutation(rows)
 
 
 def local_epoch_order(records_per_file: list[int], epoch: int, seed: int | None) -> np.ndarray:
-    """Position in epoch -> record number counted over the files in sorted order, as _LocalSource.chunks reads them."""
+    """Position in epoch -> record number counted over the files in sorted order, as LocalSource.chunks reads
+    them."""
     firsts = np.concatenate([[0], np.cumsum(records_per_file)[:-1]]).astype(np.int64)
     parts = []
     for k in _file_order(len(records_per_file), epoch, seed):
@@ -87,7 +91,7 @@ def local_epoch_order(records_per_file: list[int], epoch: int, seed: int | None)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-class _LocalSource:
+class LocalSource:
     def __init__(self, files: list[Path], text_field: str):
         self.files = files
         self.text_field = text_field
@@ -114,7 +118,7 @@ class _LocalSource:
             if k in self._sizes and base + self._sizes[k] <= start:
                 base += self._sizes[k]
                 continue
-            docs = _open_file(self.files[k], self.text_field)
+            docs = open_file(self.files[k], self.text_field)
             self._sizes[k] = len(docs)
             if base + len(docs) > start:
                 yield _Chunk(base, docs, _record_order(len(docs), epoch, seed, k))
@@ -134,7 +138,7 @@ def _load_hub_dataset(name: str, split: str, revision: str | None, streaming: bo
     return builder.as_dataset(split=split), builder.hash
 
 
-def _once_per_node(load):
+def once_per_node(load):
     """load() on local rank 0 of each node first, while the node's other ranks wait; then on those ranks,
     which find what rank 0 put in the node's cache. A collective: with a process group of several ranks,
     every rank must call it. A failure on any rank 0 stops every rank, without the others trying again."""
@@ -166,7 +170,10 @@ def _once_per_node(load):
     return load()
 
 
-class _DatasetRows(_Records):
+_once_per_node = once_per_node  # the old name, which tests/download_worker.py still calls
+
+
+class DatasetRows(Records):
     """Rows `rows` of a memory-mapped datasets.Dataset, in that order; `texts` is one random-access read."""
 
     def __init__(self, dataset, rows: np.ndarray, text_field: str, where: str):
@@ -183,7 +190,7 @@ class _DatasetRows(_Records):
             return []
         rows = self.rows[records].tolist()
         values = self.dataset[rows][self.text_field]
-        return [_as_text(value, f"{self.where}, row {row}") for value, row in zip(values, rows)]
+        return [as_text(value, f"{self.where}, row {row}") for value, row in zip(values, rows)]
 
 
 def _hub_identity(name: str, split: str, revision: str, text_field: str, streaming: bool, **extra) -> dict:
@@ -211,13 +218,14 @@ class _HubSource:
 
     def chunks(self, epoch: int, start: int = 0, seed: int | None = None) -> Iterator[_Chunk]:
         size = len(self.dataset)
-        rows = _row_order(size, epoch, seed)
+        rows = row_order(size, epoch, seed)
         for base in range(start - start % HUB_CHUNK_ROWS, size, HUB_CHUNK_ROWS):
             where = f"{self.name} (split {self.split})"
-            yield _Chunk(base, _DatasetRows(self.dataset, rows[base:base + HUB_CHUNK_ROWS], self.text_field, where))
+            docs = DatasetRows(self.dataset, rows[base:base + HUB_CHUNK_ROWS], self.text_field, where)
+            yield _Chunk(base, docs)
 
 
-class _Rows(_Records):
+class _Rows(Records):
     def __init__(self, rows: list[dict], text_field: str, where: str):
         self.rows, self.text_field, self.where = rows, text_field, where
 
@@ -225,7 +233,7 @@ class _Rows(_Records):
         return len(self.rows)
 
     def text(self, j: int) -> str:
-        return _as_text(self.rows[j][self.text_field], self.where)
+        return as_text(self.rows[j][self.text_field], self.where)
 
 
 class _HubStreamSource:
@@ -250,14 +258,15 @@ class _HubStreamSource:
             base += len(rows)
 
 
-def _open_hub_source(config: DataConfig, per_node: bool = True):
-    """per_node=False: on this process alone (a caller already inside _once_per_node, as the token cache's build)."""
+def open_hub_source(config: DataConfig, per_node: bool = True):
+    """per_node=False: on this process alone (a caller already inside once_per_node, as the token cache's
+    build)."""
     def load():
         return _load_hub_dataset(config.hub_dataset, config.hub_split, config.hub_revision, config.hub_streaming)
 
     try:
         # A stream is read by every rank anyway; a download is made once per node.
-        dataset, revision = load() if config.hub_streaming or not per_node else _once_per_node(load)
+        dataset, revision = load() if config.hub_streaming or not per_node else once_per_node(load)
     except Exception as error:  # noqa: BLE001 - any failure here means "no data", said plainly below
         local = f"data.paths={config.paths} match no files and " if config.source == "auto" else ""
         pinned = f", revision {config.hub_revision!r}" if config.hub_revision else ""
@@ -268,7 +277,7 @@ def _open_hub_source(config: DataConfig, per_node: bool = True):
     return source_class(dataset, config.hub_dataset, config.hub_split, revision, config.text_field)
 
 
-def _local_files(config: DataConfig, purpose: str) -> list[Path] | None:
+def local_files(config: DataConfig, purpose: str) -> list[Path] | None:
     """The files of a local source, or None when the config means the Hub dataset."""
     files = expand_paths(config.paths)
     if config.source == "local" or (config.source == "auto" and files):
@@ -289,8 +298,8 @@ def _local_files(config: DataConfig, purpose: str) -> list[Path] | None:
     return None
 
 
-def _open_source(config: DataConfig, purpose: str, per_node: bool = True):
-    files = _local_files(config, purpose)
-    source = _LocalSource(files, config.text_field) if files is not None else _open_hub_source(config, per_node)
+def open_source(config: DataConfig, purpose: str, per_node: bool = True):
+    files = local_files(config, purpose)
+    source = LocalSource(files, config.text_field) if files is not None else open_hub_source(config, per_node)
     logger.info("%s data: %s", purpose, source.describe())
     return source
