@@ -1,4 +1,4 @@
-"""One rank of a two-rank, one-node gloo group that loads through sources._once_per_node, for test_data.py.
+"""One rank of a two-rank, one-node gloo group that loads through sources.once_per_node, for test_data.py.
 
 A module of its own so that a spawned rank imports torch and dist_llama.data only, not the test file's imports.
 """
@@ -28,7 +28,7 @@ def run(rank: int, store: str, log: str, results: str) -> None:
             return rank
 
         try:
-            outcomes.append(f"result {sources._once_per_node(load)}")
+            outcomes.append(f"result {sources.once_per_node(load)}")
         except Exception as error:  # noqa: BLE001 - reported to the test
             outcomes.append(f"{type(error).__name__}: {error}")
     dist.destroy_process_group()

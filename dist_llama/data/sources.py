@@ -170,9 +170,6 @@ def once_per_node(load):
     return load()
 
 
-_once_per_node = once_per_node  # the old name, which tests/download_worker.py still calls
-
-
 class DatasetRows(Records):
     """Rows `rows` of a memory-mapped datasets.Dataset, in that order; `texts` is one random-access read."""
 
