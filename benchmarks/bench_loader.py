@@ -27,12 +27,16 @@ from dist_llama.tokenizer import load_tokenizer  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=None)
-    parser.add_argument("--seconds", type=float, default=5.0, help="time spent taking batches after the first")
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="time spent taking batches after the first"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the result here too")
     args, overrides = parser.parse_known_args()
     config = load_config(args.config, overrides)
     rows = config.train.tokens_per_step // config.data.seq_len
-    data = PackedBatches(config.data, load_tokenizer(config.data.tokenizer), global_rows=rows, seed=config.train.seed)
+    data = PackedBatches(
+        config.data, load_tokenizer(config.data.tokenizer), global_rows=rows, seed=config.train.seed
+    )
     try:
         next(data)
         batches, start = 0, time.perf_counter()
@@ -42,9 +46,13 @@ def main() -> None:
         elapsed = time.perf_counter() - start
     finally:
         data.close()
-    result = {"source": "token cache" if config.data.token_cache else "on the fly", "batches": batches,
-              "tokens_per_batch": rows * config.data.seq_len, "seconds": elapsed,
-              "tokens_per_s": batches * rows * config.data.seq_len / elapsed}
+    result = {
+        "source": "token cache" if config.data.token_cache else "on the fly",
+        "batches": batches,
+        "tokens_per_batch": rows * config.data.seq_len,
+        "seconds": elapsed,
+        "tokens_per_s": batches * rows * config.data.seq_len / elapsed,
+    }
     print(json.dumps(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

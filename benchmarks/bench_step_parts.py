@@ -53,7 +53,12 @@ def one_loss_step(args) -> dict:
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"chunk": args.chunk, "seconds": seconds, "peak_above_start_mib": peak - before, "loss": loss.item()}
+    return {
+        "chunk": args.chunk,
+        "seconds": seconds,
+        "peak_above_start_mib": peak - before,
+        "loss": loss.item(),
+    }
 
 
 def bench_loss(args) -> None:
@@ -61,16 +66,28 @@ def bench_loss(args) -> None:
     for repeat in range(args.repeats):
         order = [0, args.chunk] if repeat % 2 == 0 else [args.chunk, 0]  # alternate who goes first
         for chunk in order:
-            command = [sys.executable, __file__, "loss-once", f"--batch={args.batch}", f"--seq-len={args.seq_len}",
-                       f"--chunk={chunk}"]
-            results[chunk].append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))
-    print(f"main preset, batch {args.batch} x {args.seq_len} tokens, fp32 on CPU, {args.repeats} repeats (median)")
+            command = [
+                sys.executable,
+                __file__,
+                "loss-once",
+                f"--batch={args.batch}",
+                f"--seq-len={args.seq_len}",
+                f"--chunk={chunk}",
+            ]
+            results[chunk].append(
+                json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+            )
+    print(
+        f"main preset, batch {args.batch} x {args.seq_len} tokens, fp32 on CPU, {args.repeats} repeats (median)"
+    )
     print("| loss | step time (s) | peak memory above start (MiB) | loss value |")
     print("|---|---:|---:|---:|")
     for chunk, runs in results.items():
         label = "plain (full fp32 logits)" if chunk == 0 else f"chunked, {chunk} tokens"
-        print(f"| {label} | {statistics.median(r['seconds'] for r in runs):.2f} | "
-              f"{statistics.median(r['peak_above_start_mib'] for r in runs):,.0f} | {runs[0]['loss']:.4f} |")
+        print(
+            f"| {label} | {statistics.median(r['seconds'] for r in runs):.2f} | "
+            f"{statistics.median(r['peak_above_start_mib'] for r in runs):,.0f} | {runs[0]['loss']:.4f} |"
+        )
 
 
 def bench_head(args) -> None:
@@ -79,16 +96,22 @@ def bench_head(args) -> None:
     hidden = torch.randn(args.tokens, args_main.dim, requires_grad=True)
     weight = (torch.randn(args_main.vocab_size, args_main.dim) * 0.02).requires_grad_()
     labels = torch.randint(0, args_main.vocab_size, (args.tokens,))
-    variants = {"plain": lambda: causal_lm_loss((hidden @ weight.T)[None], labels[None], reduction="sum"),
-                f"chunked, {args.chunk} tokens": lambda: ChunkedCrossEntropy.apply(hidden, weight, labels, args.chunk, True)}
+    variants = {
+        "plain": lambda: causal_lm_loss((hidden @ weight.T)[None], labels[None], reduction="sum"),
+        f"chunked, {args.chunk} tokens": lambda: ChunkedCrossEntropy.apply(
+            hidden, weight, labels, args.chunk, True
+        ),
+    }
     times = {name: [] for name in variants}
     for repeat in range(args.repeats):
-        for name, loss in (variants.items() if repeat % 2 == 0 else reversed(variants.items())):
+        for name, loss in variants.items() if repeat % 2 == 0 else reversed(variants.items()):
             start = time.perf_counter()
             loss().backward()
             times[name].append(time.perf_counter() - start)
             hidden.grad = weight.grad = None
-    print(f"loss alone: {args.tokens} tokens x {args_main.dim} -> {args_main.vocab_size}, fp32 on CPU, {args.repeats} repeats")
+    print(
+        f"loss alone: {args.tokens} tokens x {args_main.dim} -> {args_main.vocab_size}, fp32 on CPU, {args.repeats} repeats"
+    )
     print("| loss | forward + backward (s), each repeat | median |")
     print("|---|---|---:|")
     for name, values in times.items():
@@ -105,14 +128,16 @@ def bench_optimizer(args) -> None:
     optimizers = {"adamw": torch.optim.AdamW(hidden, lr=1e-3), "muon": ShardedMuon(hidden, lr=0.02)}
     times = {name: [] for name in optimizers}
     for repeat in range(args.repeats + 1):
-        for name, optimizer in (optimizers.items() if repeat % 2 == 0 else reversed(optimizers.items())):
+        for name, optimizer in optimizers.items() if repeat % 2 == 0 else reversed(optimizers.items()):
             start = time.perf_counter()
             optimizer.step()
             if repeat:  # the first step allocates the state
                 times[name].append(time.perf_counter() - start)
     count = sum(p.numel() for p in hidden)
-    print(f"main preset: the hidden matrices of {len(layers)} of {model.args.n_layers} blocks ({len(hidden)} matrices, "
-          f"{count / 1e6:.1f}M parameters), CPU, {args.repeats} steps (median)")
+    print(
+        f"main preset: the hidden matrices of {len(layers)} of {model.args.n_layers} blocks ({len(hidden)} matrices, "
+        f"{count / 1e6:.1f}M parameters), CPU, {args.repeats} steps (median)"
+    )
     print("| optimizer | step time (s) |")
     print("|---|---:|")
     for name, values in times.items():
@@ -124,7 +149,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["loss", "loss-once", "head", "optimizer"])
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=0, help="optimizer: the first N blocks' matrices (0: all)")
+    parser.add_argument(
+        "--layers", type=int, default=0, help="optimizer: the first N blocks' matrices (0: all)"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=512)

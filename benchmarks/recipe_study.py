@@ -22,8 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 # One small model for every run: 4 blocks of width 128 at 256 tokens (the 32k-token vocabulary makes
 # even this 9.0M-parameter model mostly embedding and head: 0.8M non-embedding parameters).
-MODEL = ["--model.dim=128", "--model.n_layers=4", "--model.n_heads=4", "--model.n_kv_heads=null",
-         "--model.max_seq_len=256", "--data.seq_len=256"]
+MODEL = [
+    "--model.dim=128",
+    "--model.n_layers=4",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=null",
+    "--model.max_seq_len=256",
+    "--data.seq_len=256",
+]
 WSD = ["--optim.schedule=wsd", "--optim.decay_fraction=0.3", "--optim.min_lr_ratio=0.0"]
 RUNS = {
     # today's recipe (configs/debug.yaml: AdamW, cosine to 0.1 x lr) and a sweep around its rate
@@ -42,13 +48,31 @@ DEFAULT_RUNS = ["adamw_cosine", "adamw_cosine_lr6e-3", "adamw_wsd", "muon_wsd", 
 
 
 def train(name: str, extra: list[str], args) -> None:
-    command = [sys.executable, "-m", "dist_llama.train", "--config", str(REPO / "configs/debug.yaml"), *MODEL,
-               "--data.source=local", f"--data.paths=[{args.data}]", f"--data.val_paths=[{args.val}]",
-               f"--data.val_docs={args.val_docs}", f"--train.run_root={args.out / 'runs'}", f"--train.name={name}",
-               f"--train.steps={args.steps}", f"--train.tokens_per_step={args.tokens_per_step}",
-               f"--optim.warmup_steps={args.steps // 6}", f"--train.eval_every={args.eval_every}", "--train.eval_batches=1",
-               "--train.log_every=10", f"--checkpoint.every={args.steps}", "--checkpoint.keep_last=1",
-               "--logging.progress=false", "--logging.tensorboard=false", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "dist_llama.train",
+        "--config",
+        str(REPO / "configs/debug.yaml"),
+        *MODEL,
+        "--data.source=local",
+        f"--data.paths=[{args.data}]",
+        f"--data.val_paths=[{args.val}]",
+        f"--data.val_docs={args.val_docs}",
+        f"--train.run_root={args.out / 'runs'}",
+        f"--train.name={name}",
+        f"--train.steps={args.steps}",
+        f"--train.tokens_per_step={args.tokens_per_step}",
+        f"--optim.warmup_steps={args.steps // 6}",
+        f"--train.eval_every={args.eval_every}",
+        "--train.eval_batches=1",
+        "--train.log_every=10",
+        f"--checkpoint.every={args.steps}",
+        "--checkpoint.keep_last=1",
+        "--logging.progress=false",
+        "--logging.tensorboard=false",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1"}
     subprocess.run(command, cwd=REPO, env=env, check=True)
 
@@ -59,15 +83,23 @@ def write_results(names: list[str], args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = ["| run | changes from debug.yaml + the study model | final held-out loss | best held-out loss | final train loss |",
-            "|---|---|---:|---:|---:|"]
+    rows = [
+        "| run | changes from debug.yaml + the study model | final held-out loss | best held-out loss | final train loss |",
+        "|---|---|---:|---:|---:|",
+    ]
     figure, axis = plt.subplots(figsize=(7, 4.2))
     for name in names:
         train_records, val_records = read_metrics(args.out / "runs" / name)
-        rows.append(f"| {name} | `{' '.join(RUNS[name])}` | {val_records[-1]['val_loss']:.4f} | "
-                    f"{min(r['val_loss'] for r in val_records):.4f} | {train_records[-1]['loss']:.4f} |")
-        axis.plot([r["tokens_seen"] / 1e6 for r in val_records], [r["val_loss"] for r in val_records], label=name,
-                  marker=".")
+        rows.append(
+            f"| {name} | `{' '.join(RUNS[name])}` | {val_records[-1]['val_loss']:.4f} | "
+            f"{min(r['val_loss'] for r in val_records):.4f} | {train_records[-1]['loss']:.4f} |"
+        )
+        axis.plot(
+            [r["tokens_seen"] / 1e6 for r in val_records],
+            [r["val_loss"] for r in val_records],
+            label=name,
+            marker=".",
+        )
     axis.set_xlabel("tokens seen (millions)")
     axis.set_ylabel("held-out loss")
     axis.set_title(f"Recipe study: {args.steps} steps x {args.tokens_per_step:,} tokens, same seed and data")

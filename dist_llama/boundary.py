@@ -51,9 +51,16 @@ class Todo:
 class StepBoundary:
     """The cadences, the time budget and the stop request of a run, from `start_step` on."""
 
-    def __init__(self, train: TrainConfig, save_every: int, start_step: int, saved_plan: dict | None,
-                 stop_reason: Callable[[], str | None], clock: Callable[[], float],
-                 share: Callable[[dict | None], dict] = lambda plan: plan):
+    def __init__(
+        self,
+        train: TrainConfig,
+        save_every: int,
+        start_step: int,
+        saved_plan: dict | None,
+        stop_reason: Callable[[], str | None],
+        clock: Callable[[], float],
+        share: Callable[[dict | None], dict] = lambda plan: plan,
+    ):
         """stop_reason: the stop decision every rank shares (StopRequest.reason). clock: training time without
         pauses (metrics.TrainingClock.now). share: rank 0's plan to every rank (broadcast_object)."""
         self.train, self.save_every = train, save_every
@@ -63,7 +70,9 @@ class StepBoundary:
     @property
     def total_steps(self) -> int:
         """train.steps, or the budget's planned steps once planned (never more than train.steps)."""
-        return min(self.budget.plan["planned_steps"], self.train.steps) if self.budget.plan else self.train.steps
+        return (
+            min(self.budget.plan["planned_steps"], self.train.steps) if self.budget.plan else self.train.steps
+        )
 
     def after(self, step: int) -> Todo:
         last = step >= self.total_steps
@@ -74,13 +83,17 @@ class StepBoundary:
             return Todo(validate=True, save=True, plan=True, stop=stop)
         if stop:
             return Todo(save=True, stop=stop)
-        return Todo(validate=last or step % self.train.eval_every == 0, save=last or step % self.save_every == 0)
+        return Todo(
+            validate=last or step % self.train.eval_every == 0, save=last or step % self.save_every == 0
+        )
 
     def plan(self, step: int, eval_s: float, checkpoint_s: float, is_main: bool) -> dict:
         """Rank 0 plans from the measured costs; every rank takes its plan and checks it (so a budget too small
         stops all of them). Returns the plan."""
         step_s = self.budget.step_s(self.clock())
-        made = plan_steps(self.train, self.save_every, step, step_s, eval_s, checkpoint_s) if is_main else None
+        made = (
+            plan_steps(self.train, self.save_every, step, step_s, eval_s, checkpoint_s) if is_main else None
+        )
         self.budget.plan = self.share(made)
         check_budget_plan(self.budget.plan)
         return self.budget.plan
@@ -102,8 +115,9 @@ def events_between(first: int, last: int, every: int) -> int:
     return last // every - first // every + (1 if last % every else 0)
 
 
-def plan_steps(train: TrainConfig, save_every: int, step: int, step_s: float, eval_s: float,
-               checkpoint_s: float) -> dict:
+def plan_steps(
+    train: TrainConfig, save_every: int, step: int, step_s: float, eval_s: float, checkpoint_s: float
+) -> dict:
     """The step count that ends training, its evaluations and checkpoints (the final ones included) inside
     train.time_budget_s, given the measured costs; capped by train.steps. At most `step` when even the next
     step does not fit (check_budget_plan then stops the run)."""
@@ -111,15 +125,25 @@ def plan_steps(train: TrainConfig, save_every: int, step: int, step_s: float, ev
     left = (budget - age) * (1 - train.budget_safety)
 
     def cost(total: int) -> float:
-        return ((total - step) * step_s + events_between(step, total, train.eval_every) * eval_s
-                + events_between(step, total, save_every) * checkpoint_s)
+        return (
+            (total - step) * step_s
+            + events_between(step, total, train.eval_every) * eval_s
+            + events_between(step, total, save_every) * checkpoint_s
+        )
 
     rate = step_s + eval_s / train.eval_every + checkpoint_s / save_every
     total = min(train.steps, step + max(0, int((left - eval_s - checkpoint_s) / rate)) + 1)
     while total > step and cost(total) > left:
         total -= 1
-    return {"planned_steps": total, "step_s": step_s, "eval_s": eval_s, "checkpoint_s": checkpoint_s,
-            "measured_at_step": step, "budget_s": budget, "age_s": age}
+    return {
+        "planned_steps": total,
+        "step_s": step_s,
+        "eval_s": eval_s,
+        "checkpoint_s": checkpoint_s,
+        "measured_at_step": step,
+        "budget_s": budget,
+        "age_s": age,
+    }
 
 
 def check_budget_plan(plan: dict) -> None:
@@ -129,11 +153,13 @@ def check_budget_plan(plan: dict) -> None:
             f"train.time_budget_s={plan['budget_s']:g} is too small: {plan['age_s']:.0f} s are gone after "
             f"{plan['measured_at_step']} warm-up steps (a step takes {plan['step_s']:.2f} s, an evaluation "
             f"{plan['eval_s']:.1f} s, a checkpoint {plan['checkpoint_s']:.1f} s); raise the budget, or lower "
-            "train.budget_warmup_steps / train.eval_batches")
+            "train.budget_warmup_steps / train.eval_batches"
+        )
 
 
-def measure_pauses(evaluate: Callable[[bool], None], save_checkpoint: Callable[[], None],
-                   clock: Callable[[], float]) -> tuple[float, float]:
+def measure_pauses(
+    evaluate: Callable[[bool], None], save_checkpoint: Callable[[], None], clock: Callable[[], float]
+) -> tuple[float, float]:
     """Seconds of one evaluation and one checkpoint, as every later one will take them. The evaluation is
     timed warm: `evaluate(True)` first runs an untimed pass (one batch) in which a compiled model compiles its
     evaluation graphs. Timed cold, the first evaluation cost 28x a warm one (debug model, compiled), and that
@@ -182,8 +208,9 @@ def slurm_time_left_s() -> float | None:
     if not job or shutil.which("squeue") is None:
         return None
     try:
-        left = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
+        left = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
     except (subprocess.SubprocessError, OSError) as error:
         log.warning("cannot read the Slurm job's time limit (%s); stopping only on a signal", error)
         return None
@@ -209,14 +236,17 @@ class StopRequest:
     received: str | None = None
 
     @classmethod
-    def install(cls, train: TrainConfig, env: DistEnv) -> "StopRequest":
+    def install(cls, train: TrainConfig, env: DistEnv) -> StopRequest:
         end_time = None
         if train.time_limit_margin_s is not None:
             left = broadcast_object(slurm_time_left_s() if env.is_main else None)
             if left is not None:
                 end_time = time.time() + left - train.time_limit_margin_s
-                log.info("Slurm time limit in %.0f s: stopping with a checkpoint %.0f s before it", left,
-                         train.time_limit_margin_s)
+                log.info(
+                    "Slurm time limit in %.0f s: stopping with a checkpoint %.0f s before it",
+                    left,
+                    train.time_limit_margin_s,
+                )
         # Python takes signal handlers in the main thread only; a trainer run from another thread (a notebook's
         # worker, say) stops on the time limit alone.
         handled = train.stop_signals if threading.current_thread() is threading.main_thread() else []
@@ -249,8 +279,10 @@ class StopRequest:
 
 
 def stop_message(reason: str, step: int, total_steps: int) -> str:
-    return (f"stopping at step {step} of {total_steps} ({reason}): checkpoint written; the same command "
-            "resumes from it (checkpoint.resume=auto)")
+    return (
+        f"stopping at step {step} of {total_steps} ({reason}): checkpoint written; the same command "
+        "resumes from it (checkpoint.resume=auto)"
+    )
 
 
 def write_stop_record(run_dir: Path, step: int, reason: str) -> None:

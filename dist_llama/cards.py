@@ -36,8 +36,14 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.2f}M ({n:,})"
 
 
-def model_card(config: Config, meta: CheckpointMeta, eval_summary: dict | None, repo_name: str, stock_llama: bool,
-               dtype: str) -> str:
+def model_card(
+    config: Config,
+    meta: CheckpointMeta,
+    eval_summary: dict | None,
+    repo_name: str,
+    stock_llama: bool,
+    dtype: str,
+) -> str:
     """A release's README.md: architecture, parameters, training, the evaluation's scalars, and usage."""
     args = config.model
     counts = count_parameters(args)
@@ -45,29 +51,49 @@ def model_card(config: Config, meta: CheckpointMeta, eval_summary: dict | None, 
     # As the packer decides: `auto` trained on the local files when the globs matched any.
     local = data.source == "local" or (data.source == "auto" and expand_paths(data.paths))
     data_source = ", ".join(data.paths) if local else data.hub_dataset
-    rope = f"linear Position Interpolation, factor {args.rope_scaling.factor}" if args.rope_scaling else "none"
+    rope = (
+        f"linear Position Interpolation, factor {args.rope_scaling.factor}" if args.rope_scaling else "none"
+    )
     architecture = [
-        ("layers", args.n_layers), ("hidden size", args.dim), ("attention heads", args.n_heads),
-        ("key/value heads", args.kv_heads), ("SwiGLU hidden size", args.hidden_dim), ("vocabulary", args.vocab_size),
-        ("context length", args.max_seq_len), ("RoPE theta", f"{args.rope_theta:g}"), ("RoPE scaling", rope),
-        ("tied embeddings", args.tie_embeddings), ("RMSNorm eps", f"{args.norm_eps:g}"),
+        ("layers", args.n_layers),
+        ("hidden size", args.dim),
+        ("attention heads", args.n_heads),
+        ("key/value heads", args.kv_heads),
+        ("SwiGLU hidden size", args.hidden_dim),
+        ("vocabulary", args.vocab_size),
+        ("context length", args.max_seq_len),
+        ("RoPE theta", f"{args.rope_theta:g}"),
+        ("RoPE scaling", rope),
+        ("tied embeddings", args.tie_embeddings),
+        ("RMSNorm eps", f"{args.norm_eps:g}"),
     ]
     training = [
-        ("data", data_source), ("tokenizer", f"Mistral-7B-v0.1 ({data.tokenizer})"), ("sequence length", data.seq_len),
-        ("steps", meta.step), ("tokens seen", meta.tokens_seen),
-        ("tokens per step", config.train.tokens_per_step), ("peak learning rate", f"{config.optim.lr:g}"),
-        ("final train loss", meta.final_loss), ("validation loss", meta.val_loss),
+        ("data", data_source),
+        ("tokenizer", f"Mistral-7B-v0.1 ({data.tokenizer})"),
+        ("sequence length", data.seq_len),
+        ("steps", meta.step),
+        ("tokens seen", meta.tokens_seen),
+        ("tokens per step", config.train.tokens_per_step),
+        ("peak learning rate", f"{config.optim.lr:g}"),
+        ("final train loss", meta.final_loss),
+        ("validation loss", meta.val_loss),
     ]
     if stock_llama:
-        load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f'tokenizer = AutoTokenizer.from_pretrained("{repo_name}")\n'
-                f'model = AutoModelForCausalLM.from_pretrained("{repo_name}")  # stock LlamaForCausalLM')
+        load = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_name}")\n'
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_name}")  # stock LlamaForCausalLM'
+        )
     else:
-        load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f'tokenizer = AutoTokenizer.from_pretrained("{repo_name}", trust_remote_code=True)\n'
-                f'model = AutoModelForCausalLM.from_pretrained("{repo_name}", trust_remote_code=True)')
-    load += ('\n\ninputs = tokenizer("The capital of France is", return_tensors="pt")\n'
-             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20, do_sample=False)[0]))")
+        load = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_name}", trust_remote_code=True)\n'
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_name}", trust_remote_code=True)'
+        )
+    load += (
+        '\n\ninputs = tokenizer("The capital of France is", return_tensors="pt")\n'
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20, do_sample=False)[0]))"
+    )
     sections = [
         "---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: text-generation\n"
         "tags:\n- llama\n- dist_llama\n- pretrained-from-scratch\n---\n",
@@ -76,23 +102,43 @@ def model_card(config: Config, meta: CheckpointMeta, eval_summary: dict | None, 
         "it does not follow instructions.\n",
         f"## Architecture\n\nPre-norm decoder (RMSNorm), rotary position embeddings (half rotation, as in "
         f"transformers' Llama), grouped-query attention, SwiGLU feed-forward, no biases.\n\n{_table(architecture)}\n",
-        "## Parameters\n\n" + _table([("total", _millions(counts["total"])),
-                                      ("non-embedding", _millions(counts["non_embedding"])),
-                                      ("embedding", _millions(counts["embedding"])),
-                                      ("output head", _millions(counts["lm_head"]) if counts["lm_head"] else "tied")]) + "\n",
+        "## Parameters\n\n"
+        + _table(
+            [
+                ("total", _millions(counts["total"])),
+                ("non-embedding", _millions(counts["non_embedding"])),
+                ("embedding", _millions(counts["embedding"])),
+                ("output head", _millions(counts["lm_head"]) if counts["lm_head"] else "tied"),
+            ]
+        )
+        + "\n",
         f"## Training\n\n{_table(training)}\n\nThe resolved run configuration is in `training_config.yaml`.\n",
     ]
     if eval_summary:
         # Scalars only: a list (e.g. a confidence interval) has no one-cell reading.
-        rows = [(key, value) for key, value in flatten(eval_summary).items()
-                if isinstance(value, (int, float, str, bool)) or value is None]
+        rows = [
+            (key, value)
+            for key, value in flatten(eval_summary).items()
+            if isinstance(value, (int, float, str, bool)) or value is None
+        ]
         sections.append(f"## Evaluation\n\n{_table(rows)}\n")
     else:
         sections.append("## Evaluation\n\nNo evaluation results were recorded for this checkpoint.\n")
     weights = f"safetensors, {dtype}"
-    sections.append(f"## Usage\n\n```python\n{load}\n```\n\nWeights: {weights}; parameter names are transformers' "
-                    "Llama names" + ("." if stock_llama else ", and the same files also load into stock "
-                                     "`LlamaForCausalLM` with a Llama config.") + "\n"
-                    + ("" if stock_llama else f"\nThe model code needs transformers {TESTED_TRANSFORMERS[0]} to "
-                       f"{TESTED_TRANSFORMERS[1]} (the versions it was tested with) and PyTorch >= 2.11.\n"))
+    sections.append(
+        f"## Usage\n\n```python\n{load}\n```\n\nWeights: {weights}; parameter names are transformers' "
+        "Llama names"
+        + (
+            "."
+            if stock_llama
+            else ", and the same files also load into stock `LlamaForCausalLM` with a Llama config."
+        )
+        + "\n"
+        + (
+            ""
+            if stock_llama
+            else f"\nThe model code needs transformers {TESTED_TRANSFORMERS[0]} to "
+            f"{TESTED_TRANSFORMERS[1]} (the versions it was tested with) and PyTorch >= 2.11.\n"
+        )
+    )
     return "\n".join(sections)

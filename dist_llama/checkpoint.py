@@ -24,13 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dist_llama.parallel import all_gather_objects, broadcast_object
 
@@ -74,17 +74,25 @@ class CheckpointMeta:
     def from_json(cls, values: dict, where: Path) -> CheckpointMeta:
         version = values.get("format", 0)
         if version > META_FORMAT:
-            raise CheckpointError(f"{where} was written by a newer dist_llama (meta.json format {version}; this "
-                                  f"one reads formats up to {META_FORMAT}): update dist_llama to use it")
+            raise CheckpointError(
+                f"{where} was written by a newer dist_llama (meta.json format {version}; this "
+                f"one reads formats up to {META_FORMAT}): update dist_llama to use it"
+            )
         known = {item.name for item in dataclasses.fields(cls)}
-        missing = [item.name for item in dataclasses.fields(cls)
-                   if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
-                   and item.name not in values]
+        missing = [
+            item.name
+            for item in dataclasses.fields(cls)
+            if item.default is dataclasses.MISSING
+            and item.default_factory is dataclasses.MISSING
+            and item.name not in values
+        ]
         unknown = sorted(set(values) - known)
         if missing or unknown:
             problem = f"lacks {', '.join(missing)}" if missing else f"has unknown fields {', '.join(unknown)}"
-            raise CheckpointError(f"{where} {problem} (meta.json format {version}, this dist_llama reads "
-                                  f"{META_FORMAT}): it was not written by a dist_llama trainer this one can resume")
+            raise CheckpointError(
+                f"{where} {problem} (meta.json format {version}, this dist_llama reads "
+                f"{META_FORMAT}): it was not written by a dist_llama trainer this one can resume"
+            )
         return cls(**{**values, "format": META_FORMAT})
 
 
@@ -108,8 +116,14 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     """Finished checkpoints under folder, oldest first (temporary `.tmp` folders are never listed)."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and not p.name.endswith(".tmp") and (p / META_FILE).is_file()]
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir()
+        and p.name.startswith(PREFIX)
+        and not p.name.endswith(".tmp")
+        and (p / META_FILE).is_file()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -147,13 +161,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = complete_checkpoints(folder)
         if found:
             return found[-1]
-    raise CheckpointError(f"no complete checkpoint at {path}: expected a {PREFIX}N folder with {META_FILE}, "
-                          "or a run directory holding checkpoints/")
+    raise CheckpointError(
+        f"no complete checkpoint at {path}: expected a {PREFIX}N folder with {META_FILE}, "
+        "or a run directory holding checkpoints/"
+    )
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state().tolist(),
-            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -175,7 +195,9 @@ def _json_default(obj):
 
 
 def params_are_finite(model: torch.nn.Module) -> bool:
-    local_ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+    local_ok = all(
+        bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters()
+    )
     # On the parameters' device: NCCL reduces CUDA tensors only.
     flag = torch.tensor([0.0 if local_ok else 1.0], device=next(model.parameters()).device)
     dist.all_reduce(flag)
@@ -192,7 +214,9 @@ class Checkpointer:
         """Collective: every rank calls it with this rank's loader state; rank 0 writes meta.json."""
         step = meta.step
         if not params_are_finite(model):
-            raise CheckpointError(f"step {step}: model weights are not finite; refusing to write a checkpoint")
+            raise CheckpointError(
+                f"step {step}: model weights are not finite; refusing to write a checkpoint"
+            )
         final = self.folder / checkpoint_name(step)
         staging = final.with_name(final.name + ".tmp")
         if self.is_main:
@@ -204,8 +228,13 @@ class Checkpointer:
         lane_states = all_gather_objects(data_state)
         rng_states = all_gather_objects(rng_state())
         if self.is_main:
-            meta = dataclasses.replace(meta, data_lanes=lane_states, rng=rng_states, world_size=dist.get_world_size(),
-                                       files=_files_digest(staging))
+            meta = dataclasses.replace(
+                meta,
+                data_lanes=lane_states,
+                rng=rng_states,
+                world_size=dist.get_world_size(),
+                files=_files_digest(staging),
+            )
             (staging / META_FILE).write_text(meta.to_json())
             if final.exists():
                 shutil.rmtree(final)
@@ -215,7 +244,7 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        for old in complete_checkpoints(self.folder)[:-self.keep_last]:
+        for old in complete_checkpoints(self.folder)[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
     def find_resume(self, resume: str) -> Path | None:
@@ -286,7 +315,9 @@ def load_full_model_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tenso
         for key, item in metadata.state_dict_metadata.items():
             path = metadata.planner_data.get(key, ())
             if path[:1] == ("model",) and isinstance(item, TensorStorageMetadata):
-                model_state[".".join(map(str, path[1:]))] = torch.empty(item.size, dtype=item.properties.dtype)
+                model_state[".".join(map(str, path[1:]))] = torch.empty(
+                    item.size, dtype=item.properties.dtype
+                )
         if not model_state:
             raise CheckpointError(f"{checkpoint} holds no model weights")
         with warnings.catch_warnings():  # "no process group: assuming a single process" is the intent here
@@ -297,4 +328,3 @@ def load_full_model_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tenso
     except Exception as error:  # DCP raises many types for unreadable files
         raise CheckpointError(f"cannot read model weights from {checkpoint}: {error}") from error
     return model_state, meta
-

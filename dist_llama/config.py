@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from dist_llama.cli import CommandParser, user_errors
-from dist_llama.model import PRESETS, ModelArgs, RopeScaling
+from dist_llama.model import PRESETS, ModelArgs
 
 
 class ConfigError(ValueError):
@@ -31,14 +31,27 @@ class ConfigError(ValueError):
 # --- Declaring a key: default, allowed values, and whether a resume may change it, in one place -----
 
 
-def setting(default=dataclasses.MISSING, *, factory=None, choices: tuple = (), positive: bool = False,
-            non_negative: bool = False, interval: str | None = None, resumable: bool = False):
+def setting(
+    default=dataclasses.MISSING,
+    *,
+    factory=None,
+    choices: tuple = (),
+    positive: bool = False,
+    non_negative: bool = False,
+    interval: str | None = None,
+    resumable: bool = False,
+):
     """One config key. choices: the values it accepts. positive / non_negative / interval ("(0, 1]",
     "[0, 1)"): its bounds, checked unless the value is null. resumable: a resumed run may change it (how fast,
     how often or where: not the trajectory of the weights); any other change is refused on resume unless
     named in checkpoint.allow_changes. Undeclared, a key is not resumable: the safe side."""
-    metadata = {"choices": tuple(choices), "positive": positive, "non_negative": non_negative,
-                "interval": interval, "resumable": resumable}
+    metadata = {
+        "choices": tuple(choices),
+        "positive": positive,
+        "non_negative": non_negative,
+        "interval": interval,
+        "resumable": resumable,
+    }
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -68,7 +81,11 @@ class Section:
 
     @classmethod
     def resumable_keys(cls) -> list[str]:
-        return [item.name for item in dataclasses.fields(cls) if cls.ALL_RESUMABLE or item.metadata.get("resumable")]
+        return [
+            item.name
+            for item in dataclasses.fields(cls)
+            if cls.ALL_RESUMABLE or item.metadata.get("resumable")
+        ]
 
 
 def _check_declared(key: str, value, declared) -> None:
@@ -96,7 +113,9 @@ class DataConfig(Section):
     paths: list[str] = setting(factory=list)  # globs of .jsonl, .jsonl.zst, .parquet, .txt files
     hub_dataset: str = setting("ashaba1in/small_openwebtext")
     hub_split: str = setting("train")
-    hub_revision: str | None = setting(None)  # a commit or tag of the Hub dataset; recorded in every checkpoint
+    hub_revision: str | None = setting(
+        None
+    )  # a commit or tag of the Hub dataset; recorded in every checkpoint
     # Stream instead of the cached, memory-mapped download (datasets too large for the disk).
     hub_streaming: bool = setting(False)
     text_field: str = setting("text")
@@ -114,11 +133,15 @@ class DataConfig(Section):
 
     def check(self) -> None:
         if self.token_cache is not None and self.hub_streaming:
-            raise ConfigError("data.token_cache needs random access to the documents, which data.hub_streaming=true "
-                              "does not give: set data.hub_streaming=false (the cached download) or "
-                              "data.token_cache=null")
+            raise ConfigError(
+                "data.token_cache needs random access to the documents, which data.hub_streaming=true "
+                "does not give: set data.hub_streaming=false (the cached download) or "
+                "data.token_cache=null"
+            )
         if self.token_cache == "":
-            raise ConfigError("data.token_cache='' is not a folder; give a path, or null to tokenize on the fly")
+            raise ConfigError(
+                "data.token_cache='' is not a folder; give a path, or null to tokenize on the fly"
+            )
 
 
 @dataclass(frozen=True)
@@ -130,14 +153,20 @@ class OptimConfig(Section):
     betas: list[float] = setting(factory=lambda: [0.9, 0.95])
     eps: float = setting(1e-8)
     weight_decay: float = setting(0.1, non_negative=True)
-    grad_clip: float | None = setting(1.0, non_negative=True)  # max global gradient norm; 0 or null: no clipping
+    grad_clip: float | None = setting(
+        1.0, non_negative=True
+    )  # max global gradient norm; 0 or null: no clipping
     # adamw | muon (Muon for the hidden matrices, AdamW for embeddings, head and norm gains)
     name: str = setting("adamw", choices=("adamw", "muon"))
     # cosine | wsd (warmup, stable at lr, then decay over the last decay_fraction)
     schedule: str = setting("cosine", choices=("cosine", "wsd"))
     decay_fraction: float = setting(0.3, interval="(0, 1]")  # wsd: share of the steps spent decaying
-    decay_shape: str = setting("linear", choices=("linear", "sqrt"))  # wsd: linear | 1 - sqrt (Hägele et al. 2024)
-    muon_lr: float = setting(0.02, positive=True)  # muon: rate of the hidden matrices (lr is the AdamW groups')
+    decay_shape: str = setting(
+        "linear", choices=("linear", "sqrt")
+    )  # wsd: linear | 1 - sqrt (Hägele et al. 2024)
+    muon_lr: float = setting(
+        0.02, positive=True
+    )  # muon: rate of the hidden matrices (lr is the AdamW groups')
     muon_momentum: float = setting(0.95)
     # muon: decoupled, scaled by muon_lr (so 0.1 here is far stronger than AdamW's 0.1)
     muon_weight_decay: float = setting(0.0, non_negative=True)
@@ -146,8 +175,10 @@ class OptimConfig(Section):
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas={self.betas} must have two values, e.g. [0.9, 0.95]")
         if self.name == "muon" and not hasattr(torch.optim, "Muon"):
-            raise ConfigError(f"optim.name=muon needs torch.optim.Muon (torch >= 2.9), and this torch is "
-                              f"{torch.__version__}; upgrade torch or use --optim.name=adamw")
+            raise ConfigError(
+                f"optim.name=muon needs torch.optim.Muon (torch >= 2.9), and this torch is "
+                f"{torch.__version__}; upgrade torch or use --optim.name=adamw"
+            )
 
 
 @dataclass(frozen=True)
@@ -189,8 +220,9 @@ class TrainConfig(Section):
     def check(self) -> None:
         unknown = [name for name in self.stop_signals if name not in signal.Signals.__members__]
         if unknown:
-            raise ConfigError(f"train.stop_signals: {unknown[0]!r} is not a signal name; use names such as "
-                              "SIGUSR1, SIGTERM")
+            raise ConfigError(
+                f"train.stop_signals: {unknown[0]!r} is not a signal name; use names such as SIGUSR1, SIGTERM"
+            )
 
 
 @dataclass(frozen=True)
@@ -200,7 +232,9 @@ class CheckpointConfig(Section):
     every: int = setting(50, positive=True)
     keep_last: int = setting(2, positive=True)
     resume: str = setting("auto")  # auto (the latest complete checkpoint of the run) | none | PATH
-    allow_changes: list[str] = setting(factory=list)  # keys that may differ from the checkpoint's recipe on resume
+    allow_changes: list[str] = setting(
+        factory=list
+    )  # keys that may differ from the checkpoint's recipe on resume
 
 
 @dataclass(frozen=True)
@@ -217,9 +251,13 @@ class ParallelConfig(Section):
     NAME: ClassVar[str] = "parallel"
     # none | full | selective (every other block)
     activation_checkpointing: str = setting("none", choices=("none", "full", "selective"), resumable=True)
-    mixed_precision: str = setting("auto", choices=("auto", "bf16", "fp32"))  # auto: bf16 on CUDA, fp32 on CPU
+    mixed_precision: str = setting(
+        "auto", choices=("auto", "bf16", "fp32")
+    )  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = setting(False, resumable=True)
-    backend: str = setting("auto", choices=("auto", "nccl", "gloo"), resumable=True)  # auto: nccl on CUDA, gloo on CPU
+    backend: str = setting(
+        "auto", choices=("auto", "nccl", "gloo"), resumable=True
+    )  # auto: nccl on CUDA, gloo on CPU
     # Collectives until the first step ends (loading, compile, checkpoint reads), then after it: a rank that
     # waits longer for another stops the run.
     init_timeout_s: float = setting(600.0, positive=True, resumable=True)
@@ -233,7 +271,9 @@ class EvalConfig(Section):
     mmlu_data: str | None = setting(None)  # local tinyMMLU-format jsonl; null: lm-eval's tinyMMLU task (Hub)
     limit: int | None = setting(None)
     batch_size: int = setting(4)
-    irt_params: str | None = setting(None)  # tinyBenchmarks parameter file; null: the official one, if reachable
+    irt_params: str | None = setting(
+        None
+    )  # tinyBenchmarks parameter file; null: the official one, if reachable
     ppl_data: str | None = setting(None)  # held-out jsonl for loss by position
     ppl_docs: int = setting(32)  # documents of at least seq_len + 1 tokens, one window from the start of each
 
@@ -255,12 +295,16 @@ class Config:
     def __post_init__(self) -> None:
         """The rules that span sections."""
         if self.data.seq_len > self.model.max_seq_len:
-            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
-                              "lower data.seq_len or raise model.max_seq_len (with rope_scaling for Position "
-                              "Interpolation)")
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                "lower data.seq_len or raise model.max_seq_len (with rope_scaling for Position "
+                "Interpolation)"
+            )
         if self.train.tokens_per_step % self.data.seq_len:
-            raise ConfigError(f"train.tokens_per_step={self.train.tokens_per_step} must be a multiple of "
-                              f"data.seq_len={self.data.seq_len} (batches are whole sequences, no padding)")
+            raise ConfigError(
+                f"train.tokens_per_step={self.train.tokens_per_step} must be a multiple of "
+                f"data.seq_len={self.data.seq_len} (batches are whole sequences, no padding)"
+            )
 
     @property
     def run_dir(self) -> Path:
@@ -294,7 +338,9 @@ def _coerce(value, tp, key: str):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping of {[f.name for f in dataclasses.fields(tp)]}, got {value!r}")
+            raise ConfigError(
+                f"{key} must be a mapping of {[f.name for f in dataclasses.fields(tp)]}, got {value!r}"
+            )
         return _build(tp, value, key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -309,7 +355,9 @@ def _coerce(value, tp, key: str):
             return float(value)
         except ValueError:
             pass
-    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+    if tp in (int, float, str, bool) and not (
+        isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    ):
         raise ConfigError(f"{key}={value!r} must be of type {_type_name(tp)}")
     return value
 
@@ -320,9 +368,14 @@ def _build(cls, values: dict, prefix: str):
     unknown = sorted(set(values) - set(names))
     if unknown:
         if prefix:
-            raise ConfigError(f"unknown key {prefix}.{unknown[0]}; valid keys of {prefix}: {', '.join(names)}")
+            raise ConfigError(
+                f"unknown key {prefix}.{unknown[0]}; valid keys of {prefix}: {', '.join(names)}"
+            )
         raise ConfigError(f"unknown section {unknown[0]}; valid sections: {', '.join(names)}")
-    kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in values.items()}
+    kwargs = {
+        name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+        for name, value in values.items()
+    }
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -364,8 +417,11 @@ def is_resumable(key: str) -> bool:
 def recipe_changes(saved: Config, config: Config) -> list[dict]:
     """The keys outside RESUMABLE whose values differ, as [{"key", "old", "new"}]."""
     old, new = flatten(to_dict(saved)), flatten(to_dict(config))
-    return [{"key": key, "old": old.get(key), "new": new.get(key)}
-            for key in sorted(set(old) | set(new)) if not is_resumable(key) and old.get(key) != new.get(key)]
+    return [
+        {"key": key, "old": old.get(key), "new": new.get(key)}
+        for key in sorted(set(old) | set(new))
+        if not is_resumable(key) and old.get(key) != new.get(key)
+    ]
 
 
 def to_dict(obj) -> dict:
@@ -398,14 +454,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found; the presets are in configs/ (e.g. configs/debug.yaml)")
+            raise ConfigError(
+                f"config file {path} not found; the presets are in configs/ (e.g. configs/debug.yaml)"
+            )
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise ConfigError(f"{where}: not valid YAML ({problem}); fix the file at that line and column") from None
+            raise ConfigError(
+                f"{where}: not valid YAML ({problem}); fix the file at that line and column"
+            ) from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
     for text in overrides:
@@ -424,13 +484,20 @@ def save_config(config: Config, path: Path) -> None:
 
 
 def config_argument_parser(command: str, description: str) -> argparse.ArgumentParser:
-    parser = CommandParser(command=command, description=description,
-                           epilog="Any --section.key=value after the options overrides the config file.")
-    parser.add_argument("--config", default=None, help="YAML file in configs/ (default: the built-in debug config)")
+    parser = CommandParser(
+        command=command,
+        description=description,
+        epilog="Any --section.key=value after the options overrides the config file.",
+    )
+    parser.add_argument(
+        "--config", default=None, help="YAML file in configs/ (default: the built-in debug config)"
+    )
     return parser
 
 
-def parse_cli(command: str, description: str, argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+def parse_cli(
+    command: str, description: str, argv: list[str] | None = None
+) -> tuple[argparse.Namespace, Config]:
     """Parse --config and --section.key=value overrides; exit with a one-line message on a user mistake."""
     parser = config_argument_parser(command, description)
     args, overrides = parser.parse_known_args(argv)
@@ -440,11 +507,15 @@ def parse_cli(command: str, description: str, argv: list[str] | None = None) -> 
 
 def main(argv: list[str] | None = None) -> None:
     parser = config_argument_parser("config", "Print the resolved configuration.")
-    parser.add_argument("--run-dir", action="store_true", help="print only the run directory (train.run_root/train.name)")
+    parser.add_argument(
+        "--run-dir", action="store_true", help="print only the run directory (train.run_root/train.name)"
+    )
     args, overrides = parser.parse_known_args(argv)
     with user_errors("config", ConfigError):
         config = load_config(args.config, overrides)
-    sys.stdout.write(f"{config.run_dir}\n" if args.run_dir else yaml.safe_dump(to_dict(config), sort_keys=False))
+    sys.stdout.write(
+        f"{config.run_dir}\n" if args.run_dir else yaml.safe_dump(to_dict(config), sort_keys=False)
+    )
 
 
 if __name__ == "__main__":

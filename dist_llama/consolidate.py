@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from dist_llama.checkpoint import CheckpointError, load_full_model_state, read_meta, resolve_checkpoint
 from dist_llama.cards import model_card
+from dist_llama.checkpoint import CheckpointError, load_full_model_state, read_meta, resolve_checkpoint
 from dist_llama.cli import CommandParser, user_errors
 from dist_llama.config import ConfigError, from_dict, save_config
 from dist_llama.devices import DTYPES, dtype_name
@@ -39,8 +39,10 @@ RELEASE_DTYPES = ("fp32", "bf16")
 MODEL_SOURCE = Path(__file__).resolve().parent / "model.py"
 INTEROP_SOURCE = Path(__file__).resolve().parent / "interop.py"
 RELEASE_CODE = Path(__file__).resolve().parent / "hub_release"
-AUTO_MAP = {"AutoConfig": "configuration_dist_llama.DistLlamaConfig",
-            "AutoModelForCausalLM": "modeling_dist_llama.DistLlamaForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "configuration_dist_llama.DistLlamaConfig",
+    "AutoModelForCausalLM": "modeling_dist_llama.DistLlamaForCausalLM",
+}
 WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -65,33 +67,45 @@ def local_path_or_hub_id(name: str | Path, option: str) -> str:
     if path.exists():
         return str(path)
     if name.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(name):
-        raise ReleaseError(f"{option} {name}: no such folder (a local path that does not exist; "
-                           "Hub ids look like NAMESPACE/NAME)")
+        raise ReleaseError(
+            f"{option} {name}: no such folder (a local path that does not exist; "
+            "Hub ids look like NAMESPACE/NAME)"
+        )
     return name
 
 
 # --- Weights ----------------------------------------------------------------------------------------
 
 
-def release_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def release_state_dict(
+    state: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """The checkpoint's model weights checked against args, cast to dtype, tied head dropped."""
     with torch.device("meta"):
         expected = Transformer(args).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ReleaseError(f"checkpoint weights do not match the run's model config: missing {missing[:4]}, "
-                           f"unexpected {unexpected[:4]}")
+        raise ReleaseError(
+            f"checkpoint weights do not match the run's model config: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )
     embed = state["model.embed_tokens.weight"]
     if embed.shape[0] != args.vocab_size:
-        raise ReleaseError(f"vocab mismatch: the checkpoint's embeddings have {embed.shape[0]} rows but "
-                           f"model.vocab_size={args.vocab_size} in its config")
+        raise ReleaseError(
+            f"vocab mismatch: the checkpoint's embeddings have {embed.shape[0]} rows but "
+            f"model.vocab_size={args.vocab_size} in its config"
+        )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ReleaseError(f"{name} has shape {tuple(tensor.shape)} in the checkpoint, "
-                               f"{tuple(expected[name].shape)} from its config")
+            raise ReleaseError(
+                f"{name} has shape {tuple(tensor.shape)} in the checkpoint, "
+                f"{tuple(expected[name].shape)} from its config"
+            )
         if not tensor.is_floating_point():
-            raise ReleaseError(f"dtype mismatch: {name} is {tensor.dtype} in the checkpoint, expected a float tensor")
+            raise ReleaseError(
+                f"dtype mismatch: {name} is {tensor.dtype} in the checkpoint, expected a float tensor"
+            )
     if args.tie_embeddings:
         # One matrix; transformers re-ties lm_head.weight from config.tie_word_embeddings on load.
         state = {name: tensor for name, tensor in state.items() if name != "lm_head.weight"}
@@ -123,8 +137,12 @@ def _release_config_class():
 
 def model_config(args: ModelArgs, dtype: str, stock_llama: bool, bos_id: int, eos_id: int):
     """The transformers config object of a release (DistLlamaConfig, or LlamaConfig with stock_llama)."""
-    fields = {**llama_config_dict(args), "bos_token_id": bos_id, "eos_token_id": eos_id,
-              "dtype": dtype_name(DTYPES[dtype])}
+    fields = {
+        **llama_config_dict(args),
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "dtype": dtype_name(DTYPES[dtype]),
+    }
     if stock_llama:
         from transformers import LlamaConfig
 
@@ -144,7 +162,11 @@ def model_config(args: ModelArgs, dtype: str, stock_llama: bool, bos_id: int, eo
 def _absolute_dist_llama_imports(source: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "dist_llama":
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and (node.module or "").split(".")[0] == "dist_llama"
+        ):
             found.append(f"from {node.module} import ...")
         elif isinstance(node, ast.Import):
             found += [f"import {a.name}" for a in node.names if a.name.split(".")[0] == "dist_llama"]
@@ -159,13 +181,17 @@ def release_code_files() -> dict[str, str]:
     be self-contained.
     """
     if not RELEASE_CODE.is_dir():
-        raise ReleaseError(f"{RELEASE_CODE} not found: this dist_llama install lacks its package data; reinstall it")
+        raise ReleaseError(
+            f"{RELEASE_CODE} not found: this dist_llama install lacks its package data; reinstall it"
+        )
     files = {path.name: path.read_text() for path in sorted(RELEASE_CODE.glob("*.py"))}
     files["model.py"] = MODEL_SOURCE.read_text()
     files["interop.py"] = INTEROP_SOURCE.read_text()
     for name, source in files.items():
         if leftover := _absolute_dist_llama_imports(source):
-            raise ReleaseError(f"{name} imports {', '.join(leftover)}; a release folder cannot follow that import")
+            raise ReleaseError(
+                f"{name} imports {', '.join(leftover)}; a release folder cannot follow that import"
+            )
     return files
 
 
@@ -206,9 +232,17 @@ def _prepare_output(out: Path) -> Path:
     return staging
 
 
-def consolidate(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", stock_llama: bool = False,
-                eval_summary: str | Path | dict | None = None, *, tokenizer: str | None = None,
-                max_shard_size: int | str = "5GB", repo_name: str | None = None) -> Path:
+def consolidate(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    dtype: str = "fp32",
+    stock_llama: bool = False,
+    eval_summary: str | Path | dict | None = None,
+    *,
+    tokenizer: str | None = None,
+    max_shard_size: int | str = "5GB",
+    repo_name: str | None = None,
+) -> Path:
     """Write a release folder for `checkpoint` (a step_N folder, or a run directory for its latest).
 
     eval_summary: a JSON file or dict for the model card (default: run_dir/eval/summary.json if present).
@@ -231,7 +265,9 @@ def consolidate(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32"
         tok = load_tokenizer(tokenizer or config.data.tokenizer, model_max_length=args.max_seq_len)
         check_tokenizer(tok, args.vocab_size)
     except (ValueError, OSError) as error:
-        raise ReleaseError(f"tokenizer {tokenizer or config.data.tokenizer!r} does not fit the model: {error}") from None
+        raise ReleaseError(
+            f"tokenizer {tokenizer or config.data.tokenizer!r} does not fit the model: {error}"
+        ) from None
 
     out = Path(out_dir).resolve()
     staging = _prepare_output(out)
@@ -239,8 +275,9 @@ def consolidate(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32"
         save_weights(weights, staging, max_shard_size)
         model_config(args, dtype, stock_llama, tok.bos_token_id, tok.eos_token_id).save_pretrained(staging)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=pad_id).save_pretrained(staging)
+        GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad_id
+        ).save_pretrained(staging)
         tok.save_pretrained(staging)
         if not stock_llama:
             for name, source in release_code_files().items():
@@ -257,8 +294,12 @@ def consolidate(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32"
     return out
 
 
-def write_model_card(release: str | Path, checkpoint: str | Path, eval_summary: str | Path | dict | None = None,
-                     repo_name: str | None = None) -> Path:
+def write_model_card(
+    release: str | Path,
+    checkpoint: str | Path,
+    eval_summary: str | Path | dict | None = None,
+    repo_name: str | None = None,
+) -> Path:
     """Rewrite only the README.md model card of an existing release, e.g. once evaluation results exist;
     the weights, which may be gigabytes, are left as they are."""
     release = Path(release)
@@ -269,8 +310,14 @@ def write_model_card(release: str | Path, checkpoint: str | Path, eval_summary: 
     checkpoint_dir = resolve_checkpoint(checkpoint)
     meta = read_meta(checkpoint_dir)
     dtype = {dtype_name(DTYPES[name]): name for name in RELEASE_DTYPES}.get(released.get("dtype"), "fp32")
-    card = model_card(from_dict(meta.config), meta, _find_eval_summary(checkpoint_dir, eval_summary),
-                      repo_name or release.resolve().name, released.get("model_type") == "llama", dtype)
+    card = model_card(
+        from_dict(meta.config),
+        meta,
+        _find_eval_summary(checkpoint_dir, eval_summary),
+        repo_name or release.resolve().name,
+        released.get("model_type") == "llama",
+        dtype,
+    )
     (release / "README.md").write_text(card)
     return release / "README.md"
 
@@ -281,14 +328,18 @@ def check_release_folder(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise ReleaseError(f"release folder {folder} not found")
     if not (folder / "config.json").is_file():
-        raise ReleaseError(f"{folder} has no config.json; it is not a release folder (make one with "
-                           "python -m dist_llama.consolidate)")
+        raise ReleaseError(
+            f"{folder} has no config.json; it is not a release folder (make one with "
+            "python -m dist_llama.consolidate)"
+        )
     index = folder / WEIGHTS_INDEX_NAME
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [name for name in shards if not (folder / name).is_file()]
         if missing:
-            raise ReleaseError(f"{folder} is missing weight shards listed in {WEIGHTS_INDEX_NAME}: {', '.join(missing)}")
+            raise ReleaseError(
+                f"{folder} is missing weight shards listed in {WEIGHTS_INDEX_NAME}: {', '.join(missing)}"
+            )
     elif not (folder / WEIGHTS_NAME).is_file():
         raise ReleaseError(f"{folder} has no weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})")
     if not (folder / "tokenizer.json").is_file():
@@ -296,7 +347,9 @@ def check_release_folder(folder: str | Path) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     unsafe = [p.name for p in files if p.suffix in UNSAFE_SUFFIXES]
     if unsafe:
-        raise ReleaseError(f"{folder} holds pickle-based files ({', '.join(unsafe)}); releases hold safetensors only")
+        raise ReleaseError(
+            f"{folder} holds pickle-based files ({', '.join(unsafe)}); releases hold safetensors only"
+        )
     config = json.loads((folder / "config.json").read_text())
     for name in set((config.get("auto_map") or {}).values()):
         module = name.split("--")[-1].split(".")[0] + ".py"
@@ -306,23 +359,48 @@ def check_release_folder(folder: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = CommandParser(command="consolidate",
-                           description="Consolidate a sharded checkpoint into a Hugging Face release folder.")
-    parser.add_argument("--checkpoint", required=True, help="a step_N checkpoint folder, or a run directory (its latest)")
-    parser.add_argument("--out", required=True, help="release folder to write (replaced if it is an earlier release)")
+    parser = CommandParser(
+        command="consolidate",
+        description="Consolidate a sharded checkpoint into a Hugging Face release folder.",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="a step_N checkpoint folder, or a run directory (its latest)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="release folder to write (replaced if it is an earlier release)"
+    )
     parser.add_argument("--dtype", choices=RELEASE_DTYPES, default="fp32", help="weight dtype in the release")
-    parser.add_argument("--stock-llama", action="store_true",
-                        help="write a stock LlamaForCausalLM config.json (no custom code, no trust_remote_code)")
-    parser.add_argument("--eval-summary", default=None, help="evaluation summary JSON for the model card "
-                        "(default: RUN_DIR/eval/summary.json when present)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer source overriding the run's data.tokenizer "
-                        "(hub | offline | auto | folder)")
+    parser.add_argument(
+        "--stock-llama",
+        action="store_true",
+        help="write a stock LlamaForCausalLM config.json (no custom code, no trust_remote_code)",
+    )
+    parser.add_argument(
+        "--eval-summary",
+        default=None,
+        help="evaluation summary JSON for the model card (default: RUN_DIR/eval/summary.json when present)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer source overriding the run's data.tokenizer (hub | offline | auto | folder)",
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file before sharding")
-    parser.add_argument("--repo-name", default=None, help="model name for the model card (default: the folder name)")
+    parser.add_argument(
+        "--repo-name", default=None, help="model name for the model card (default: the folder name)"
+    )
     args = parser.parse_args(argv)
     with user_errors("consolidate", CheckpointError, ConfigError, ReleaseError):
-        out = consolidate(args.checkpoint, args.out, args.dtype, args.stock_llama, args.eval_summary,
-                          tokenizer=args.tokenizer, max_shard_size=args.max_shard_size, repo_name=args.repo_name)
+        out = consolidate(
+            args.checkpoint,
+            args.out,
+            args.dtype,
+            args.stock_llama,
+            args.eval_summary,
+            tokenizer=args.tokenizer,
+            max_shard_size=args.max_shard_size,
+            repo_name=args.repo_name,
+        )
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
 

@@ -14,9 +14,11 @@ from dist_llama.model import PRESETS, ModelArgs, count_parameters, flops_per_tok
 
 def describe(name: str, args: ModelArgs, seq_len: int) -> str:
     counts = count_parameters(args)
-    return (f"{name:<10} dim={args.dim:<5} layers={args.n_layers:<3} heads={args.n_heads}/{args.kv_heads:<3} "
-            f"ffn={args.hidden_dim:<5} seq={seq_len:<5} non-embedding={counts['non_embedding'] / 1e6:8.2f}M "
-            f"total={counts['total'] / 1e6:8.2f}M  FLOPs/token={flops_per_token(args, seq_len) / 1e9:.3f}G")
+    return (
+        f"{name:<10} dim={args.dim:<5} layers={args.n_layers:<3} heads={args.n_heads}/{args.kv_heads:<3} "
+        f"ffn={args.hidden_dim:<5} seq={seq_len:<5} non-embedding={counts['non_embedding'] / 1e6:8.2f}M "
+        f"total={counts['total'] / 1e6:8.2f}M  FLOPs/token={flops_per_token(args, seq_len) / 1e9:.3f}G"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

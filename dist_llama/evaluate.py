@@ -43,6 +43,7 @@ from dist_llama.evaluation.models import DTYPE_CHOICES
 from dist_llama.evaluation.position import loss_by_position, plot_loss_by_position, read_ppl_result
 from dist_llama.evaluation.tasks import HUB_TASK
 
+
 def _safe_filename(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
 
@@ -65,17 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     mmlu = sub.add_parser("mmlu", help="tinyMMLU (or a local tinyMMLU-format JSONL) through lm-eval")
     mmlu.add_argument("--model", required=True, help="release folder or Hub id")
-    mmlu.add_argument("--tasks", default=HUB_TASK, choices=[HUB_TASK],
-                      help="tinyMMLU, run as our copy of lm-eval's task definition (see the module docstring)")
-    mmlu.add_argument("--data", default=None, help="local JSONL with tinyMMLU's fields (default: the Hub dataset)")
-    mmlu.add_argument("--limit", type=int, default=None,
-                      help="N items: the first N of the Hub task, or N rows spread evenly over a --data file")
+    mmlu.add_argument(
+        "--tasks",
+        default=HUB_TASK,
+        choices=[HUB_TASK],
+        help="tinyMMLU, run as our copy of lm-eval's task definition (see the module docstring)",
+    )
+    mmlu.add_argument(
+        "--data", default=None, help="local JSONL with tinyMMLU's fields (default: the Hub dataset)"
+    )
+    mmlu.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="N items: the first N of the Hub task, or N rows spread evenly over a --data file",
+    )
     mmlu.add_argument("--batch-size", type=_batch_size, default=4)
     mmlu.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    mmlu.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: as saved (lm-eval's default)")
+    mmlu.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: as saved (lm-eval's default)"
+    )
     mmlu.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (default: the model's)")
-    mmlu.add_argument("--irt-params", default=None,
-                      help="tinyBenchmarks parameter pickle (default: the official one, if reachable)")
+    mmlu.add_argument(
+        "--irt-params",
+        default=None,
+        help="tinyBenchmarks parameter pickle (default: the official one, if reachable)",
+    )
     mmlu.add_argument("--output", required=True, help="output folder")
 
     irt_cmd = sub.add_parser("irt", help="IRT estimates from a samples jsonl, printed as JSON")
@@ -90,13 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--text-field", default="text")
     ppl.add_argument("--seq-len", type=int, default=1024)
     ppl.add_argument("--docs", type=int, default=32, help="first N documents of at least seq-len + 1 tokens")
-    ppl.add_argument("--rope-scaling-factor", type=float, default=None,
-                     help="override RoPE: linear scaling (Position Interpolation) with this factor; 1 = plain RoPE")
-    ppl.add_argument("--label", default=None, help="name in the JSON and the plot (default: model name + factor)")
+    ppl.add_argument(
+        "--rope-scaling-factor",
+        type=float,
+        default=None,
+        help="override RoPE: linear scaling (Position Interpolation) with this factor; 1 = plain RoPE",
+    )
+    ppl.add_argument(
+        "--label", default=None, help="name in the JSON and the plot (default: model name + factor)"
+    )
     ppl.add_argument("--batch-size", type=int, default=8)
     ppl.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ppl.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
-    ppl.add_argument("--tokenizer", default=None, help="tokenizer folder, Hub id or 'offline' (default: the model's)")
+    ppl.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder, Hub id or 'offline' (default: the model's)"
+    )
     ppl.add_argument("--output", required=True, help="output folder; writes ppl_<label>.json")
     ppl.add_argument("--plot", default=None, help="also draw this result alone to this image file")
 
@@ -125,26 +149,45 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # a weight-loading bar would run into an error line on stderr
     try:
         if args.command == "mmlu":
-            summary = run_mmlu(args.model, args.output, data=args.data, limit=args.limit, batch_size=args.batch_size,
-                               device=args.device, irt_params=args.irt_params, dtype=args.dtype,
-                               tokenizer=args.tokenizer)
+            summary = run_mmlu(
+                args.model,
+                args.output,
+                data=args.data,
+                limit=args.limit,
+                batch_size=args.batch_size,
+                device=args.device,
+                irt_params=args.irt_params,
+                dtype=args.dtype,
+                tokenizer=args.tokenizer,
+            )
             print(format_summary(summary))
             print(f"wrote results.json, samples_{summary['task']}.jsonl and summary.json to {args.output}")
         elif args.command == "irt":
             print(json.dumps(_run_irt(args)))
         elif args.command == "ppl":
-            result = loss_by_position(args.model, args.data, seq_len=args.seq_len, docs=args.docs,
-                                      rope_scaling_factor=args.rope_scaling_factor, device=args.device,
-                                      dtype=args.dtype, batch_size=args.batch_size, text_field=args.text_field,
-                                      tokenizer=args.tokenizer, label=args.label)
+            result = loss_by_position(
+                args.model,
+                args.data,
+                seq_len=args.seq_len,
+                docs=args.docs,
+                rope_scaling_factor=args.rope_scaling_factor,
+                device=args.device,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+                text_field=args.text_field,
+                tokenizer=args.tokenizer,
+                label=args.label,
+            )
             out = Path(args.output)
             out.mkdir(parents=True, exist_ok=True)
             path = out / f"ppl_{_safe_filename(result['label'])}.json"
             path.write_text(json.dumps(result, indent=2))
             buckets = "  ".join(f"{name}: {loss:.4f}" for name, loss in result["buckets"].items())
-            print(f"{result['label']}: loss {result['loss']:.4f} over {result['n_windows']} windows (documents of "
-                  f"at least {result['seq_len'] + 1} tokens: {result['docs_qualified']} of {result['docs_read']} "
-                  f"read) | {buckets}")
+            print(
+                f"{result['label']}: loss {result['loss']:.4f} over {result['n_windows']} windows (documents of "
+                f"at least {result['seq_len'] + 1} tokens: {result['docs_qualified']} of {result['docs_read']} "
+                f"read) | {buckets}"
+            )
             if args.plot:
                 plot_loss_by_position([result], args.plot)
                 print(f"wrote {args.plot}")

@@ -34,25 +34,40 @@ def load_release(model: str | Path, device: str = "auto"):
 
 
 @torch.no_grad()
-def generate(tokenizer, model, prompt: str, max_new_tokens: int = 50, temperature: float | None = None,
-             top_p: float = 0.95) -> str:
+def generate(
+    tokenizer,
+    model,
+    prompt: str,
+    max_new_tokens: int = 50,
+    temperature: float | None = None,
+    top_p: float = 0.95,
+) -> str:
     """The prompt followed by its continuation; greedy when temperature is None, else nucleus sampling."""
     inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    sampling = {"do_sample": False} if temperature is None else {"do_sample": True, "temperature": temperature,
-                                                                  "top_p": top_p}
+    sampling = (
+        {"do_sample": False}
+        if temperature is None
+        else {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = CommandParser(command="generate", description="Continue a prompt with a released dist_llama model.")
-    parser.add_argument("--model", required=True, help="release folder (from dist_llama.consolidate) or Hub repo id")
+    parser = CommandParser(
+        command="generate", description="Continue a prompt with a released dist_llama model."
+    )
+    parser.add_argument(
+        "--model", required=True, help="release folder (from dist_llama.consolidate) or Hub repo id"
+    )
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=50)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
-    mode.add_argument("--temperature", type=float, default=None, help="sample at this temperature (top-p 0.95)")
+    mode.add_argument(
+        "--temperature", type=float, default=None, help="sample at this temperature (top-p 0.95)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args(argv)

@@ -13,7 +13,11 @@ def llama_config_dict(args: ModelArgs) -> dict:
     """Keyword arguments for transformers.LlamaConfig (transformers 5 form: rope settings in rope_parameters)."""
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.rope_scaling is not None:
-        rope = {"rope_type": args.rope_scaling.type, "factor": args.rope_scaling.factor, "rope_theta": args.rope_theta}
+        rope = {
+            "rope_type": args.rope_scaling.type,
+            "factor": args.rope_scaling.factor,
+            "rope_theta": args.rope_theta,
+        }
     return {
         "vocab_size": args.vocab_size,
         "hidden_size": args.dim,
@@ -40,9 +44,17 @@ def model_args_from_llama_dict(config: dict, attention: str = "sdpa") -> ModelAr
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     scaling = None if rope_type == "default" else RopeScaling(type=rope_type, factor=float(rope["factor"]))
     return ModelArgs(
-        dim=config["hidden_size"], n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
-        n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
-        ffn_hidden_dim=config["intermediate_size"], norm_eps=config["rms_norm_eps"], rope_theta=float(theta),
-        rope_scaling=scaling, max_seq_len=config["max_position_embeddings"],
-        tie_embeddings=config.get("tie_word_embeddings", False), attention=attention,
-        init_std=config.get("initializer_range", 0.02))
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads"),
+        vocab_size=config["vocab_size"],
+        ffn_hidden_dim=config["intermediate_size"],
+        norm_eps=config["rms_norm_eps"],
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_seq_len=config["max_position_embeddings"],
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        attention=attention,
+        init_std=config.get("initializer_range", 0.02),
+    )

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -82,17 +82,21 @@ def cpu_name() -> str:
 
 def environment_record(device: torch.device, world_size: int) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {
         "git_commit": commit or None,
-        "start_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "start_time": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_name()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({cpu_name()}, {os.cpu_count()} cores)",
         "world_size": world_size,
         "argv": sys.argv,
     }
@@ -174,7 +178,10 @@ class DataWait:
     def take(self, elapsed_s: float) -> dict:
         """The train record's fields for a window of `elapsed_s` seconds of steps: data_wait_s, and data_wait, the
         share of the window it was."""
-        fields = {"data_wait_s": self.seconds, "data_wait": self.seconds / elapsed_s if elapsed_s > 0 else 0.0}
+        fields = {
+            "data_wait_s": self.seconds,
+            "data_wait": self.seconds / elapsed_s if elapsed_s > 0 else 0.0,
+        }
         self.seconds = 0.0
         return fields
 
@@ -221,10 +228,14 @@ class MetricsLogger:
         if share is None or self.warned_data_wait or self.train_records < 2 or share <= DATA_WAIT_WARNING:
             return
         self.warned_data_wait = True
-        log.warning("step %d: the training loop waited for its batches %.1f%% of the step time (over %.0f%%): the "
-                    "data cannot keep up. Tokenize once instead of on the fly: --data.token_cache=FOLDER (python -m "
-                    "dist_llama.data.prepare builds it beforehand)", record["step"], 100 * share,
-                    100 * DATA_WAIT_WARNING)
+        log.warning(
+            "step %d: the training loop waited for its batches %.1f%% of the step time (over %.0f%%): the "
+            "data cannot keep up. Tokenize once instead of on the fly: --data.token_cache=FOLDER (python -m "
+            "dist_llama.data.prepare builds it beforehand)",
+            record["step"],
+            100 * share,
+            100 * DATA_WAIT_WARNING,
+        )
 
     def _progress_line(self, record: dict, start_step: int) -> str:
         step = record["step"]
@@ -232,11 +243,17 @@ class MetricsLogger:
         if record.get("kind") == "val":
             return " | ".join(parts + [f"val_loss {record['val_loss']:.4f}"])
         if record.get("kind") == "started":
-            return " | ".join(parts + [f"first step done {record['time_s']:.0f} s after start (start-up, data, compile)"])
+            return " | ".join(
+                parts + [f"first step done {record['time_s']:.0f} s after start (start-up, data, compile)"]
+            )
         if record.get("kind") == "plan":
             return " | ".join(parts + [f"time budget: {record['planned_steps']} steps planned"])
-        parts += [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"grad_norm {record['grad_norm']:.3f}",
-                  f"{record['tokens_per_s']:,.0f} tok/s"]
+        parts += [
+            f"loss {record['loss']:.4f}",
+            f"lr {record['lr']:.2e}",
+            f"grad_norm {record['grad_norm']:.3f}",
+            f"{record['tokens_per_s']:,.0f} tok/s",
+        ]
         if "mfu" in record:
             parts.append(f"MFU {100 * record['mfu']:.1f}%")
         if "data_wait" in record:

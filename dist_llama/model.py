@@ -29,7 +29,9 @@ class RopeScaling:
 
     def __post_init__(self):
         if self.type not in ROPE_SCALING_TYPES:
-            raise ValueError(f"rope_scaling.type={self.type!r} is not supported; choose one of {ROPE_SCALING_TYPES}")
+            raise ValueError(
+                f"rope_scaling.type={self.type!r} is not supported; choose one of {ROPE_SCALING_TYPES}"
+            )
         if not self.factor >= 1.0:
             raise ValueError(f"rope_scaling.factor={self.factor} must be >= 1 (it divides positions)")
 
@@ -53,11 +55,20 @@ class ModelArgs:
 
     def __post_init__(self):
         checks = [
-            (self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "dim, n_layers and n_heads must be positive"),
+            (
+                self.dim > 0 and self.n_layers > 0 and self.n_heads > 0,
+                "dim, n_layers and n_heads must be positive",
+            ),
             (self.dim % self.n_heads == 0, f"n_heads={self.n_heads} must divide dim={self.dim}"),
             (self.head_dim % 2 == 0, f"head dim dim/n_heads={self.head_dim} must be even for RoPE"),
-            (self.n_heads % self.kv_heads == 0, f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}"),
-            (self.attention in ATTENTION_BACKENDS, f"attention={self.attention!r}; choose one of {ATTENTION_BACKENDS}"),
+            (
+                self.n_heads % self.kv_heads == 0,
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}",
+            ),
+            (
+                self.attention in ATTENTION_BACKENDS,
+                f"attention={self.attention!r}; choose one of {ATTENTION_BACKENDS}",
+            ),
             (self.vocab_size > 0 and self.max_seq_len > 0, "vocab_size and max_seq_len must be positive"),
         ]
         for ok, message in checks:
@@ -100,7 +111,9 @@ PRESETS: dict[str, ModelArgs] = {
 
 def rope_angles(head_dim: int, positions: torch.Tensor, theta: float, factor: float = 1.0) -> torch.Tensor:
     """Rotation angles (*positions.shape, head_dim/2); Position Interpolation divides positions by factor."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
+    )
     return (positions.float() / factor)[..., None] * inv_freq  # positions may be (seq,) or (batch, seq)
 
 
@@ -138,10 +151,16 @@ def eager_attention(q, k, v, attn_mask=None, is_causal=False):
     """Reference attention (test oracle): softmax(q k^T / sqrt(d) + mask) v, in fp32."""
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if is_causal:
-        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(
+            k.shape[-2] - q.shape[-2]
+        )
         scores = scores.masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        scores = (
+            scores.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else scores + attn_mask
+        )
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
@@ -149,8 +168,10 @@ def xformers_attention(q, k, v, attn_mask=None, is_causal=False):
     try:
         from xformers.ops import LowerTriangularMask, memory_efficient_attention
     except ImportError as error:
-        raise ImportError("model.attention=xformers needs the xformers package: pip install xformers, "
-                          "or set model.attention=sdpa") from error
+        raise ImportError(
+            "model.attention=xformers needs the xformers package: pip install xformers, "
+            "or set model.attention=sdpa"
+        ) from error
     if attn_mask is not None:
         raise ValueError("the xformers backend supports causal training only; use attention=sdpa with a mask")
     bias = LowerTriangularMask() if is_causal else None
@@ -161,8 +182,9 @@ def xformers_attention(q, k, v, attn_mask=None, is_causal=False):
 
 def sdpa_attention(q, k, v, attn_mask=None, is_causal=False):
     # enable_gqa lets the kernel share each key/value head across its query group without copying them.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=k.shape[1] != q.shape[1]
+    )
 
 
 ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "xformers": xformers_attention, "eager": eager_attention}
@@ -240,9 +262,15 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, kv_caches=None, labels: torch.Tensor | None = None,
-                loss_chunk_tokens: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_caches=None,
+        labels: torch.Tensor | None = None,
+        loss_chunk_tokens: int = 0,
+    ) -> torch.Tensor:
         """Logits (batch, seq, vocab); with `labels`, the summed next-token cross-entropy instead, computed
         `loss_chunk_tokens` tokens at a time so the (tokens, vocab) fp32 logits never exist at once (0: in one
         piece). positions defaults to 0..seq-1; attn_mask is for padded decoding."""
@@ -253,11 +281,21 @@ class Transformer(nn.Module):
             return causal_lm_loss(self.lm_head(hidden), labels, reduction="sum")
         # Grad mode is read here: inside the Function's forward it is always off, and its needs_input_grad
         # follows requires_grad, which a trainable weight keeps under torch.no_grad() (evaluation).
-        return ChunkedCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(), loss_chunk_tokens,
-                                         torch.is_grad_enabled())
+        return ChunkedCrossEntropy.apply(
+            hidden.flatten(0, 1),
+            self.lm_head.weight,
+            labels.flatten(),
+            loss_chunk_tokens,
+            torch.is_grad_enabled(),
+        )
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      attn_mask: torch.Tensor | None = None, kv_caches=None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_caches=None,
+    ) -> torch.Tensor:
         """The final-normed hidden states (batch, seq, dim) that the output head maps to logits."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -305,8 +343,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
-                grad_enabled: bool):
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        chunk_tokens: int,
+        grad_enabled: bool,
+    ):
         needs_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if needs_grad else None
@@ -329,7 +373,13 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.input_dtypes
-        return (grad_hidden * grad_total).to(hidden_dtype), (grad_weight * grad_total).to(weight_dtype), None, None, None
+        return (
+            (grad_hidden * grad_total).to(hidden_dtype),
+            (grad_weight * grad_total).to(weight_dtype),
+            None,
+            None,
+            None,
+        )
 
 
 # --- Counts -----------------------------------------------------------------------------------------
@@ -343,8 +393,12 @@ def count_parameters(args: ModelArgs) -> dict[str, int]:
     non_embedding = args.n_layers * per_layer + args.dim  # + final norm
     embedding = args.vocab_size * args.dim
     head = 0 if args.tie_embeddings else args.vocab_size * args.dim
-    return {"total": non_embedding + embedding + head, "non_embedding": non_embedding,
-            "embedding": embedding, "lm_head": head}
+    return {
+        "total": non_embedding + embedding + head,
+        "non_embedding": non_embedding,
+        "embedding": embedding,
+        "lm_head": head,
+    }
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> int:

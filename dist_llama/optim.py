@@ -75,20 +75,34 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.de
     named = list(model.named_parameters())
     if optim.name == "muon":
         if _zeropower_via_newtonschulz is None:
-            raise ConfigError(f"optim.name=muon: this torch ({torch.__version__}) has no torch.optim._muon Newton-Schulz "
-                              "step; use torch >= 2.9 or --optim.name=adamw")
+            raise ConfigError(
+                f"optim.name=muon: this torch ({torch.__version__}) has no torch.optim._muon Newton-Schulz "
+                "step; use torch >= 2.9 or --optim.name=adamw"
+            )
         hidden = [p for n, p in named if is_hidden_matrix(n, p)]
-        muon = ShardedMuon([{"params": hidden, "peak_lr": optim.muon_lr}], lr=optim.muon_lr,
-                           momentum=optim.muon_momentum, weight_decay=optim.muon_weight_decay)
+        muon = ShardedMuon(
+            [{"params": hidden, "peak_lr": optim.muon_lr}],
+            lr=optim.muon_lr,
+            momentum=optim.muon_momentum,
+            weight_decay=optim.muon_weight_decay,
+        )
         rest = [p for n, p in named if not is_hidden_matrix(n, p)]
         return OptimizerGroup([muon, _adamw(rest, optim, device)])
     return OptimizerGroup([_adamw([p for _, p in named], optim, device)])
 
 
 def _adamw(params: list, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay, "peak_lr": optim.lr},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "peak_lr": optim.lr}]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=device.type == "cuda")
+    groups = [
+        {
+            "params": [p for p in params if p.dim() >= 2],
+            "weight_decay": optim.weight_decay,
+            "peak_lr": optim.lr,
+        },
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "peak_lr": optim.lr},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=device.type == "cuda"
+    )
 
 
 class ShardedMuon(torch.optim.Muon):
@@ -117,10 +131,14 @@ class ShardedMuon(torch.optim.Muon):
                 buffer.lerp_(grad, 1 - momentum)  # elementwise: fine on each rank's rows
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
                 full = update.full_tensor() if isinstance(update, DTensor) else update
-                orthogonal = _zeropower_via_newtonschulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                orthogonal = _zeropower_via_newtonschulz(
+                    full, group["ns_coefficients"], group["ns_steps"], group["eps"]
+                )
                 if isinstance(param, DTensor):
                     # Every rank holds the same full result; keep this rank's rows without communication.
-                    orthogonal = distribute_tensor(orthogonal, param.device_mesh, param.placements, src_data_rank=None)
+                    orthogonal = distribute_tensor(
+                        orthogonal, param.device_mesh, param.placements, src_data_rank=None
+                    )
                 param.mul_(1 - lr * group["weight_decay"])
                 param.add_(orthogonal, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
         return loss

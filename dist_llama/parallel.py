@@ -53,9 +53,12 @@ def set_nccl_environment(trace_dir: str) -> None:
     """NCCL settings that turn a hang into an error and a trace: async error handling aborts a timed-out
     collective (so the process exits and torchrun or Slurm can act), and the flight recorder dumps each
     rank's last collectives to trace_dir/nccl_trace_rank_N. A variable already set is left as it is."""
-    for name, value in {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
-                        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-                        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{trace_dir}/nccl_trace_rank_"}.items():
+    for name, value in {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{trace_dir}/nccl_trace_rank_",
+    }.items():
         os.environ.setdefault(name, value)
 
 
@@ -66,14 +69,22 @@ def init_distributed(parallel: ParallelConfig, device_request: str, trace_dir: s
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(device_request, local_rank)
-    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    backend = (
+        parallel.backend if parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    )
     if backend == "nccl":
         set_nccl_environment(trace_dir)
     timeout = timedelta(seconds=parallel.init_timeout_s)
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout,
-                                    store=attempt_store(rank, world_size, timeout), rank=rank, world_size=world_size)
+            dist.init_process_group(
+                backend,
+                device_id=device if device.type == "cuda" else None,
+                timeout=timeout,
+                store=attempt_store(rank, world_size, timeout),
+                rank=rank,
+                world_size=world_size,
+            )
         else:
             # An in-process store: no ports, no environment variables for the single-process user.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -89,8 +100,14 @@ def attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
     that connects elsewhere. A prefix of TORCHELASTIC_RESTART_COUNT gives each attempt its own keys.
     """
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=rank == 0 and not agent_hosts_store, timeout=timeout, multi_tenant=True)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=timeout,
+        multi_tenant=True,
+    )
     return dist.PrefixStore(f"dist_llama/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -119,7 +136,8 @@ class CollectiveTimeouts:
         return CollectiveTimeout(
             f"step {step}: a collective waited more than {self.key}={self.seconds:g} s for another rank, which is "
             f"hung, stopped or far slower; every rank stops so that torchrun or Slurm can restart the job. If steps "
-            f"(or checkpoints) really take this long, raise --{self.key}")
+            f"(or checkpoints) really take this long, raise --{self.key}"
+        )
 
 
 def shutdown_distributed() -> None:

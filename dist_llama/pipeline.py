@@ -72,8 +72,14 @@ def run_logged(command: list[str], log_path: Path, stage: str) -> None:
         log_file.write(f"$ {' '.join(command)}\n")
         log_file.flush()
         # Unbuffered: the child's lines reach the console as they are written, not when a buffer fills.
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}) as child:
+        with subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        ) as child:
             for line in child.stdout:
                 sys.stderr.write(line)
                 log_file.write(line)
@@ -81,7 +87,9 @@ def run_logged(command: list[str], log_path: Path, stage: str) -> None:
                     first_error = error_message(line)
     if child.returncode != 0:
         cause = f": {first_error}" if first_error else ""
-        raise StageError(f"{stage} stage failed (exit status {child.returncode}){cause}; its log is {log_path}")
+        raise StageError(
+            f"{stage} stage failed (exit status {child.returncode}){cause}; its log is {log_path}"
+        )
 
 
 def run_training(config: Config, config_path: str | None, overrides: list[str], nproc: int) -> Path:
@@ -91,9 +99,20 @@ def run_training(config: Config, config_path: str | None, overrides: list[str], 
         log.info("train: %s already finished (%s)", config.train.name, done.name)
         return done
     if nproc > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "dist_llama.train", *(["--config", config_path] if config_path else []), *overrides]
-        run_logged(command, config.run_dir / "logs" / "train.log", f"train ({config.train.name}, {nproc} processes)")
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "dist_llama.train",
+            *(["--config", config_path] if config_path else []),
+            *overrides,
+        ]
+        run_logged(
+            command, config.run_dir / "logs" / "train.log", f"train ({config.train.name}, {nproc} processes)"
+        )
     else:
         from dist_llama.train import train
 
@@ -104,7 +123,9 @@ def run_training(config: Config, config_path: str | None, overrides: list[str], 
     return done
 
 
-def consolidate_stage(checkpoint: Path, out: Path, name: str, state: PipelineState, key: str, redo: bool) -> Path:
+def consolidate_stage(
+    checkpoint: Path, out: Path, name: str, state: PipelineState, key: str, redo: bool
+) -> Path:
     inputs = {"checkpoint": str(checkpoint)}
     if not redo and state.is_current(key, inputs) and (out / "config.json").is_file():
         log.info("%s: %s is up to date", key, out)
@@ -124,13 +145,23 @@ def evaluate_stage(config: Config, release: Path, stage1: tuple[Config, Path] | 
     mmlu_data = config.eval.mmlu_data
     if mmlu_data and not Path(mmlu_data).is_file():
         # The shipped debug config names local items beside the repository; elsewhere use the Hub's tinyMMLU.
-        log.warning("eval.mmlu_data=%s not found; evaluating lm-eval's tinyMMLU from the Hub instead", mmlu_data)
+        log.warning(
+            "eval.mmlu_data=%s not found; evaluating lm-eval's tinyMMLU from the Hub instead", mmlu_data
+        )
         mmlu_data = None
-    run_mmlu(str(release), eval_dir, data=mmlu_data, limit=config.eval.limit,
-             batch_size=config.eval.batch_size, irt_params=config.eval.irt_params)
+    run_mmlu(
+        str(release),
+        eval_dir,
+        data=mmlu_data,
+        limit=config.eval.limit,
+        batch_size=config.eval.batch_size,
+        irt_params=config.eval.irt_params,
+    )
     if not config.eval.ppl_data or not Path(config.eval.ppl_data).is_file():
         if config.eval.ppl_data:
-            log.warning("eval.ppl_data=%s not found; skipping the loss-by-position measurement", config.eval.ppl_data)
+            log.warning(
+                "eval.ppl_data=%s not found; skipping the loss-by-position measurement", config.eval.ppl_data
+            )
         return
     seq_len = config.data.seq_len
     factor = config.model.rope_factor
@@ -139,20 +170,32 @@ def evaluate_stage(config: Config, release: Path, stage1: tuple[Config, Path] | 
     models = [(config.train.name, release, None)]
     if stage1 is not None:
         _, stage1_release = stage1
-        models = [("short_no_scaling", stage1_release, 1.0), (f"short_pi_x{factor:g}_no_finetune", stage1_release, factor),
-                  (f"{config.train.name}_after_pi_finetune", release, None)]
+        models = [
+            ("short_no_scaling", stage1_release, 1.0),
+            (f"short_pi_x{factor:g}_no_finetune", stage1_release, factor),
+            (f"{config.train.name}_after_pi_finetune", release, None),
+        ]
     results = []
     for label, folder, override in models:
-        result = loss_by_position(str(folder), config.eval.ppl_data, seq_len, config.eval.ppl_docs,
-                                  rope_scaling_factor=override)
+        result = loss_by_position(
+            str(folder), config.eval.ppl_data, seq_len, config.eval.ppl_docs, rope_scaling_factor=override
+        )
         result["label"] = label
         (eval_dir / f"ppl_{label}.json").write_text(json.dumps(result, indent=1))
         results.append(result)
     plot_loss_by_position(results, eval_dir / "loss_by_position.png")
 
 
-def run_pipeline(config: Config, config_path: str | None, overrides: list[str], *, stage1_path: str | None = None,
-                 skip: set[str] = frozenset(), redo: set[str] = frozenset(), nproc: int = 1) -> Path:
+def run_pipeline(
+    config: Config,
+    config_path: str | None,
+    overrides: list[str],
+    *,
+    stage1_path: str | None = None,
+    skip: set[str] = frozenset(),
+    redo: set[str] = frozenset(),
+    nproc: int = 1,
+) -> Path:
     """Returns the results.md of the report (or the run directory when the report is skipped)."""
     run_dir = config.run_dir
     state = PipelineState(run_dir)
@@ -160,7 +203,9 @@ def run_pipeline(config: Config, config_path: str | None, overrides: list[str], 
     if stage1_path is not None:
         stage1_config = load_config(stage1_path, overrides)
         if stage1_config.run_dir == run_dir:
-            raise ConfigError("the two stages need different train.name values (they are separate run directories)")
+            raise ConfigError(
+                "the two stages need different train.name values (they are separate run directories)"
+            )
         overrides = [*overrides, f"--train.init_from={stage1_config.run_dir}"]
         config = load_config(config_path, overrides)
         if "train" not in skip:
@@ -168,11 +213,21 @@ def run_pipeline(config: Config, config_path: str | None, overrides: list[str], 
         else:
             found = complete_checkpoints(stage1_config.run_dir / "checkpoints")
             if not found:
-                raise CheckpointError(f"--skip train, but stage 1 ({stage1_config.run_dir}) has no checkpoint")
+                raise CheckpointError(
+                    f"--skip train, but stage 1 ({stage1_config.run_dir}) has no checkpoint"
+                )
             stage1_checkpoint = found[-1]
-        stage1 = (stage1_config, consolidate_stage(stage1_checkpoint, stage1_config.run_dir / "release",
-                                                   stage1_config.train.name, state, "consolidate_stage1",
-                                                   "consolidate" in redo))
+        stage1 = (
+            stage1_config,
+            consolidate_stage(
+                stage1_checkpoint,
+                stage1_config.run_dir / "release",
+                stage1_config.train.name,
+                state,
+                "consolidate_stage1",
+                "consolidate" in redo,
+            ),
+        )
 
     if "train" in skip:
         found = complete_checkpoints(run_dir / "checkpoints")
@@ -194,8 +249,12 @@ def run_pipeline(config: Config, config_path: str | None, overrides: list[str], 
             # The model card quotes the evaluation: rewrite it now that results exist.
             from dist_llama.consolidate import write_model_card
 
-            write_model_card(release, checkpoint, eval_summary=run_dir / "eval" / "summary.json",
-                             repo_name=config.train.name)
+            write_model_card(
+                release,
+                checkpoint,
+                eval_summary=run_dir / "eval" / "summary.json",
+                repo_name=config.train.name,
+            )
         else:
             log.info("evaluate: results for %s are up to date", checkpoint.name)
 
@@ -210,15 +269,27 @@ def run_pipeline(config: Config, config_path: str | None, overrides: list[str], 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = CommandParser(command="pipeline", description="Train, consolidate, evaluate and report in one command.",
-                           epilog="Any --section.key=value after the options overrides the config file.")
+    parser = CommandParser(
+        command="pipeline",
+        description="Train, consolidate, evaluate and report in one command.",
+        epilog="Any --section.key=value after the options overrides the config file.",
+    )
     parser.add_argument("--config", default=None, help="YAML config (default: the built-in debug config)")
-    parser.add_argument("--stage1-config", default=None,
-                        help="train this config first and start --config from its weights (Position Interpolation)")
-    parser.add_argument("--skip", default="", help=f"comma-separated stages to leave out: {', '.join(STAGES)}")
+    parser.add_argument(
+        "--stage1-config",
+        default=None,
+        help="train this config first and start --config from its weights (Position Interpolation)",
+    )
+    parser.add_argument(
+        "--skip", default="", help=f"comma-separated stages to leave out: {', '.join(STAGES)}"
+    )
     parser.add_argument("--redo", default="", help="comma-separated stages to run even if up to date")
-    parser.add_argument("--nproc", type=int, default=int(os.environ.get("NPROC", 1)),
-                        help="processes (GPUs) for training; >1 launches torchrun")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=int(os.environ.get("NPROC", 1)),
+        help="processes (GPUs) for training; >1 launches torchrun",
+    )
     args, overrides = parser.parse_known_args(argv)
     skip = {s for s in args.skip.split(",") if s}
     redo = {s for s in args.redo.split(",") if s}
@@ -232,10 +303,24 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         config = load_config(args.config, overrides)
-        result = run_pipeline(config, args.config, overrides, stage1_path=args.stage1_config, skip=skip,
-                              redo=redo, nproc=args.nproc)
-    except (ConfigError, CheckpointError, ReleaseError, EvaluationError, NonFiniteError, FileNotFoundError,
-            ValueError) as error:
+        result = run_pipeline(
+            config,
+            args.config,
+            overrides,
+            stage1_path=args.stage1_config,
+            skip=skip,
+            redo=redo,
+            nproc=args.nproc,
+        )
+    except (
+        ConfigError,
+        CheckpointError,
+        ReleaseError,
+        EvaluationError,
+        NonFiniteError,
+        FileNotFoundError,
+        ValueError,
+    ) as error:
         fail("pipeline", str(error))
     except StageError as error:
         # Status 1, not 2: the child failed, and whether through a user's mistake is the child's to say.
@@ -247,4 +332,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-

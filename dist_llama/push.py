@@ -40,19 +40,29 @@ print(json.dumps({"model_class": type(model).__name__, "parameters": sum(p.numel
 def release_files(folder: str | Path) -> list[tuple[str, int]]:
     """(relative path, size in bytes) of every file that an upload of folder sends."""
     folder = Path(folder)
-    return [(str(p.relative_to(folder)), p.stat().st_size) for p in sorted(folder.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return [
+        (str(p.relative_to(folder)), p.stat().st_size)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
 
 
 def validate_release(folder: str | Path, timeout: float = 600) -> dict:
     """Load the folder in a fresh process without dist_llama; returns what it loaded. Raises ReleaseError."""
     check_release_folder(folder)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    result = subprocess.run([sys.executable, "-I", "-c", _VALIDATE, str(Path(folder).resolve())],
-                            capture_output=True, text=True, env=env, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", _VALIDATE, str(Path(folder).resolve())],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-        raise ReleaseError(f"{folder} does not load without dist_llama: {lines[-1] if lines else 'unknown error'}")
+        raise ReleaseError(
+            f"{folder} does not load without dist_llama: {lines[-1] if lines else 'unknown error'}"
+        )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -65,8 +75,10 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
     for name, size in files:
         print(f"  {name:<{width}}  {size / 1e6:10.2f} MB")
     total = sum(size for _, size in files) / 1e6
-    checked = (f"loads as {loaded['model_class']} ({loaded['parameters']:,} parameters, {loaded['dtype']}) "
-               "without dist_llama")
+    checked = (
+        f"loads as {loaded['model_class']} ({loaded['parameters']:,} parameters, {loaded['dtype']}) "
+        "without dist_llama"
+    )
     if dry_run:
         return f"dry run: {len(files)} files, {total:.1f} MB would go to {repo_id}; {checked}"
 
@@ -75,8 +87,12 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
 
     try:
         url = create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
-        upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
-                      commit_message=f"Upload {folder.name} ({len(files)} files)")
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            commit_message=f"Upload {folder.name} ({len(files)} files)",
+        )
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise ReleaseError(f"upload to {repo_id} failed: {str(error).splitlines()[0]}") from None
     return f"uploaded {len(files)} files, {total:.1f} MB to {url}"
@@ -84,7 +100,9 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
 
 def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(command="push", description="Upload a release folder to the Hugging Face Hub.")
-    parser.add_argument("--dir", required=True, help="release folder written by python -m dist_llama.consolidate")
+    parser.add_argument(
+        "--dir", required=True, help="release folder written by python -m dist_llama.consolidate"
+    )
     parser.add_argument("--repo-id", required=True, help="USER/NAME of the model repository")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the files, upload nothing")

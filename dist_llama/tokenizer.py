@@ -127,10 +127,14 @@ def _offline_backend_json() -> str:
     pieces = read_sentencepiece_pieces(sentencepiece_model())
     vocab = {piece: piece_id for piece_id, (piece, _, _) in enumerate(pieces)}
     if len(vocab) != VOCAB_SIZE:
-        raise ValueError(f"{_SP_MODEL_PACKAGE}/{_SP_MODEL_FILE} has {len(vocab)} pieces, expected {VOCAB_SIZE}")
+        raise ValueError(
+            f"{_SP_MODEL_PACKAGE}/{_SP_MODEL_FILE} has {len(vocab)} pieces, expected {VOCAB_SIZE}"
+        )
 
     backend = Tokenizer(
-        models.BPE(vocab=vocab, merges=_bpe_merges(pieces, vocab), unk_token=pieces[UNK_ID][0], byte_fallback=True)
+        models.BPE(
+            vocab=vocab, merges=_bpe_merges(pieces, vocab), unk_token=pieces[UNK_ID][0], byte_fallback=True
+        )
     )
     # The model's normalizer spec: identity rule (no NFKC), add_dummy_prefix, no whitespace
     # collapsing, and only U+0020 escaped as "▁". Prepend leaves "" empty, as SentencePiece does.
@@ -166,7 +170,9 @@ def add_metaspace_presplit(backend: Tokenizer) -> bool:
     """
     spec = json.loads(backend.to_str())
     current = spec.get("pre_tokenizer")
-    unsplit_metaspace = current is not None and current.get("type") == "Metaspace" and not current.get("split", True)
+    unsplit_metaspace = (
+        current is not None and current.get("type") == "Metaspace" and not current.get("split", True)
+    )
     if spec["model"].get("type") != "BPE" or (current is not None and not unsplit_metaspace):
         return False
     for merge in spec["model"].get("merges", []):
@@ -219,7 +225,9 @@ def check_tokenizer(tok, vocab_size: int = VOCAB_SIZE) -> None:
     expected = {"unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
     if found != expected:
         wrong = ", ".join(
-            f"{name} id is {found[name]}, expected {expected[name]}" for name in found if found[name] != expected[name]
+            f"{name} id is {found[name]}, expected {expected[name]}"
+            for name in found
+            if found[name] != expected[name]
         )
         raise ValueError(f"tokenizer special ids do not match Mistral-7B-v0.1's: {wrong}")
 
@@ -241,8 +249,11 @@ def _load_folder(folder: str | os.PathLike, **overrides) -> PreTrainedTokenizerF
         )
     tok = PreTrainedTokenizerFast.from_pretrained(str(folder), **overrides)
     if add_metaspace_presplit(tok.backend_tokenizer):
-        logger.info("tokenizer: %s has no pre-split; cutting text before each '▁' run as the offline build does "
-                    "(the same ids)", folder)
+        logger.info(
+            "tokenizer: %s has no pre-split; cutting text before each '▁' run as the offline build does "
+            "(the same ids)",
+            folder,
+        )
     return tok
 
 
@@ -289,7 +300,9 @@ def load_tokenizer(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--save", required=True, metavar="DIR", help="folder to write the offline tokenizer to")
+    parser.add_argument(
+        "--save", required=True, metavar="DIR", help="folder to write the offline tokenizer to"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for path in load_tokenizer("offline").save_pretrained(args.save):

@@ -24,19 +24,51 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dist_llama.boundary import (BudgetError, StepBoundary, StopRequest, Todo, clear_stop_record, measure_pauses,
-                                 process_age_s, stop_message, write_stop_record)
+from dist_llama.boundary import (
+    BudgetError,
+    StepBoundary,
+    StopRequest,
+    Todo,
+    clear_stop_record,
+    measure_pauses,
+    process_age_s,
+    stop_message,
+    write_stop_record,
+)
 from dist_llama.checkpoint import Checkpointer, CheckpointError, CheckpointMeta, load_model_weights, read_meta
 from dist_llama.cli import user_errors
-from dist_llama.config import Config, ConfigError, TrainConfig, from_dict, parse_cli, recipe_changes, save_config, \
-    to_dict
+from dist_llama.config import (
+    Config,
+    ConfigError,
+    TrainConfig,
+    from_dict,
+    parse_cli,
+    recipe_changes,
+    save_config,
+    to_dict,
+)
 from dist_llama.data import PackedBatches, merge_states, validation_batches
-from dist_llama.metrics import (DataWait, MetricsLogger, Throughput, TrainingClock, environment_record, memory_gib,
-                                peak_flops)
+from dist_llama.metrics import (
+    DataWait,
+    MetricsLogger,
+    Throughput,
+    TrainingClock,
+    environment_record,
+    memory_gib,
+    peak_flops,
+)
 from dist_llama.model import Transformer, count_parameters, flops_per_token
 from dist_llama.optim import build_optimizer, lr_factor, set_learning_rates
-from dist_llama.parallel import (CollectiveTimeout, CollectiveTimeouts, DistEnv, all_reduce_sum, broadcast_object,
-                                 init_distributed, parallelize, shutdown_distributed)
+from dist_llama.parallel import (
+    CollectiveTimeout,
+    CollectiveTimeouts,
+    DistEnv,
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+    parallelize,
+    shutdown_distributed,
+)
 from dist_llama.tokenizer import check_tokenizer, load_tokenizer
 
 log = logging.getLogger("dist_llama.train")
@@ -73,15 +105,20 @@ class BatchLayout:
             raise ConfigError(
                 f"train.tokens_per_step={train.tokens_per_step} is {global_rows} sequences of data.seq_len={seq_len}, "
                 f"which do not divide over world_size={world_size} ranks; make tokens_per_step a multiple of "
-                f"{world_size * seq_len} or use a world size that divides {global_rows}")
+                f"{world_size * seq_len} or use a world size that divides {global_rows}"
+            )
         rows_per_rank = global_rows // world_size
-        micro = max(d for d in range(1, min(train.micro_batch_size, rows_per_rank) + 1) if rows_per_rank % d == 0)
+        micro = max(
+            d for d in range(1, min(train.micro_batch_size, rows_per_rank) + 1) if rows_per_rank % d == 0
+        )
         return cls(global_rows, rows_per_rank, micro, seq_len)
 
     def out_of_memory_hint(self) -> str:
-        return (f"out of GPU memory with micro-batches of {self.micro_batch_size} at seq_len {self.seq_len}: lower "
-                "--train.micro_batch_size (gradient accumulation keeps the global batch) or set "
-                "--parallel.activation_checkpointing=full")
+        return (
+            f"out of GPU memory with micro-batches of {self.micro_batch_size} at seq_len {self.seq_len}: lower "
+            "--train.micro_batch_size (gradient accumulation keeps the global batch) or set "
+            "--parallel.activation_checkpointing=full"
+        )
 
 
 @contextmanager
@@ -107,8 +144,16 @@ def forward_backward(model, inputs, labels, tokens_per_rank: int, loss_chunk_tok
     return loss_sum.detach()
 
 
-def train_step(model, optimizer, batch, layout: BatchLayout, lr_scale: float, grad_clip: float | None,
-               loss_chunk_tokens: int, device) -> tuple[float, float]:
+def train_step(
+    model,
+    optimizer,
+    batch,
+    layout: BatchLayout,
+    lr_scale: float,
+    grad_clip: float | None,
+    loss_chunk_tokens: int,
+    device,
+) -> tuple[float, float]:
     """One optimizer step over this rank's rows; returns (mean loss over the global batch, pre-clip grad norm).
     A step whose loss or gradient norm is not finite is not applied."""
     inputs, labels = (t.to(device, non_blocking=True) for t in batch)
@@ -139,7 +184,9 @@ def validation_loss(model, batches, micro_batch_size: int, loss_chunk_tokens: in
     for inputs, labels in batches:
         for start in range(0, inputs.shape[0], micro_batch_size):
             rows = slice(start, start + micro_batch_size)
-            loss_sum += model(inputs[rows].to(device), labels=labels[rows].to(device), loss_chunk_tokens=loss_chunk_tokens)
+            loss_sum += model(
+                inputs[rows].to(device), labels=labels[rows].to(device), loss_chunk_tokens=loss_chunk_tokens
+            )
             tokens += labels[rows].numel()
     model.train()
     return (all_reduce_sum(loss_sum) / all_reduce_sum(tokens)).item()
@@ -168,7 +215,9 @@ class Run:
     checkpointer: Checkpointer
     logger: MetricsLogger
     progress: Progress = field(default_factory=Progress)
-    budget_plan: dict | None = None  # the time budget's plan, once made (or as the resumed checkpoint kept it)
+    budget_plan: dict | None = (
+        None  # the time budget's plan, once made (or as the resumed checkpoint kept it)
+    )
     planned_steps: int | None = None
     recipe_changes: list[dict] = field(default_factory=list)  # keys changed on purpose at a resume, in order
 
@@ -187,14 +236,41 @@ class Run:
         check_tokenizer(tokenizer, config.model.vocab_size)
         model, optimizer = build_model(config, env)
         log_shapes(config, layout, env)
-        data = PackedBatches(config.data, tokenizer, global_rows=layout.global_rows, rank=env.rank,
-                             world_size=env.world_size, seed=config.train.seed)
-        val_batches = validation_batches(config.data, tokenizer, rows=layout.global_rows,
-                                         n_batches=config.train.eval_batches, rank=env.rank, world_size=env.world_size)
-        logger = MetricsLogger(config.run_dir, env.is_main, config.train.steps, config.logging.tensorboard,
-                               config.logging.progress)
-        run = cls(config, env, layout, model, optimizer, data, val_batches, checkpointer, logger,
-                  recipe_changes=changes)
+        data = PackedBatches(
+            config.data,
+            tokenizer,
+            global_rows=layout.global_rows,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=config.train.seed,
+        )
+        val_batches = validation_batches(
+            config.data,
+            tokenizer,
+            rows=layout.global_rows,
+            n_batches=config.train.eval_batches,
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+        logger = MetricsLogger(
+            config.run_dir,
+            env.is_main,
+            config.train.steps,
+            config.logging.tensorboard,
+            config.logging.progress,
+        )
+        run = cls(
+            config,
+            env,
+            layout,
+            model,
+            optimizer,
+            data,
+            val_batches,
+            checkpointer,
+            logger,
+            recipe_changes=changes,
+        )
         if resume_from is not None:
             run.resume(resume_from)
         elif config.train.init_from:
@@ -213,54 +289,106 @@ class Run:
         meta = load_model_weights(checkpoint, self.model)
         if self.config.train.init_data_stream == "continue":
             self.data.load_state_dict(merge_states(meta.data_lanes))
-        log.info("initialised weights from %s (data stream: %s)", checkpoint, self.config.train.init_data_stream)
+        log.info(
+            "initialised weights from %s (data stream: %s)", checkpoint, self.config.train.init_data_stream
+        )
 
     def train_step(self, batch, lr_scale: float) -> tuple[float, float]:
         """One optimizer step; counts it, and a non-finite one (skipped) against train.max_bad_steps."""
-        loss, grad_norm = train_step(self.model, self.optimizer, batch, self.layout, lr_scale,
-                                     self.config.optim.grad_clip, self.config.train.loss_chunk_tokens, self.env.device)
+        loss, grad_norm = train_step(
+            self.model,
+            self.optimizer,
+            batch,
+            self.layout,
+            lr_scale,
+            self.config.optim.grad_clip,
+            self.config.train.loss_chunk_tokens,
+            self.env.device,
+        )
         self.progress.step += 1
         self.progress.tokens_seen += self.layout.tokens_per_step
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.progress.bad_steps += 1
-            log.warning("step %d: non-finite loss %s or grad norm %s; update skipped", self.progress.step, loss,
-                        grad_norm)
+            log.warning(
+                "step %d: non-finite loss %s or grad norm %s; update skipped",
+                self.progress.step,
+                loss,
+                grad_norm,
+            )
             if self.progress.bad_steps > self.config.train.max_bad_steps:
-                raise NonFiniteError(f"step {self.progress.step}: non-finite loss or gradient norm (loss={loss}, "
-                                     f"grad_norm={grad_norm}); {self.progress.bad_steps} bad steps > "
-                                     f"train.max_bad_steps={self.config.train.max_bad_steps}. Lower optim.lr, "
-                                     "raise optim.warmup_steps, or resume from an earlier checkpoint")
+                raise NonFiniteError(
+                    f"step {self.progress.step}: non-finite loss or gradient norm (loss={loss}, "
+                    f"grad_norm={grad_norm}); {self.progress.bad_steps} bad steps > "
+                    f"train.max_bad_steps={self.config.train.max_bad_steps}. Lower optim.lr, "
+                    "raise optim.warmup_steps, or resume from an earlier checkpoint"
+                )
         return loss, grad_norm
 
     def validate(self, warm_up: bool = False) -> None:
         """The validation loss, logged. warm_up: one batch, not logged (a compiled model compiles its evaluation
         graphs there, before the time budget times an evaluation)."""
         batches = self.val_batches[:1] if warm_up else self.val_batches
-        loss = validation_loss(self.model, batches, self.layout.micro_batch_size, self.config.train.loss_chunk_tokens,
-                               self.env.device)
+        loss = validation_loss(
+            self.model,
+            batches,
+            self.layout.micro_batch_size,
+            self.config.train.loss_chunk_tokens,
+            self.env.device,
+        )
         if not warm_up:
             self.progress.val_loss = loss
-            self.logger.log({"kind": "val", "step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
-                             "val_loss": loss})
+            self.logger.log(
+                {
+                    "kind": "val",
+                    "step": self.progress.step,
+                    "tokens_seen": self.progress.tokens_seen,
+                    "val_loss": loss,
+                }
+            )
 
     def save(self) -> None:
         progress = self.progress
-        meta = CheckpointMeta(step=progress.step, tokens_seen=progress.tokens_seen, config=to_dict(self.config),
-                              bad_steps=progress.bad_steps, final_loss=progress.loss, val_loss=progress.val_loss,
-                              budget_plan=self.budget_plan, planned_steps=self.planned_steps,
-                              recipe_changes=self.recipe_changes)
+        meta = CheckpointMeta(
+            step=progress.step,
+            tokens_seen=progress.tokens_seen,
+            config=to_dict(self.config),
+            bad_steps=progress.bad_steps,
+            final_loss=progress.loss,
+            val_loss=progress.val_loss,
+            budget_plan=self.budget_plan,
+            planned_steps=self.planned_steps,
+            recipe_changes=self.recipe_changes,
+        )
         self.checkpointer.save(self.model, self.optimizer, self.data.state_dict(), meta)
 
-    def log_train(self, loss: float, grad_norm: float, lr_scale: float, throughput: Throughput,
-                  data_wait: DataWait, peak: float | None, flops: float, start_step: int) -> dict:
+    def log_train(
+        self,
+        loss: float,
+        grad_norm: float,
+        lr_scale: float,
+        throughput: Throughput,
+        data_wait: DataWait,
+        peak: float | None,
+        flops: float,
+        start_step: int,
+    ) -> dict:
         tokens_per_s, elapsed = throughput.take()
         self.progress.loss = loss
-        record = {"kind": "train", "step": self.progress.step, "tokens_seen": self.progress.tokens_seen, "loss": loss,
-                  "grad_norm": grad_norm, "lr": self.config.optim.lr * lr_scale,
-                  "tokens_in_batch": self.layout.tokens_per_step, "tokens_per_s": tokens_per_s,
-                  "epoch": self.data.epoch, "mfu": flops * tokens_per_s / (peak * self.env.world_size) if peak else None,
-                  "memory_gib": memory_gib(self.env.device), "time_s": time.perf_counter() - self.logger.start,
-                  **data_wait.take(elapsed)}
+        record = {
+            "kind": "train",
+            "step": self.progress.step,
+            "tokens_seen": self.progress.tokens_seen,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": self.config.optim.lr * lr_scale,
+            "tokens_in_batch": self.layout.tokens_per_step,
+            "tokens_per_s": tokens_per_s,
+            "epoch": self.data.epoch,
+            "mfu": flops * tokens_per_s / (peak * self.env.world_size) if peak else None,
+            "memory_gib": memory_gib(self.env.device),
+            "time_s": time.perf_counter() - self.logger.start,
+            **data_wait.take(elapsed),
+        }
         if self.config.optim.name == "muon":
             record["muon_lr"] = self.config.optim.muon_lr * lr_scale
         self.logger.log(record, start_step)
@@ -282,11 +410,15 @@ def recipe_history(config: Config, checkpoint) -> list[dict]:
     if refused:
         listed = "; ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}" for c in refused)
         keys = ",".join(c["key"] for c in refused)
-        raise ConfigError(f"{checkpoint} was trained with another recipe ({listed}); start a new run with "
-                          f"--train.name=NEW_NAME, or resume with the change on purpose: "
-                          f"--checkpoint.allow_changes=[{keys}]")
+        raise ConfigError(
+            f"{checkpoint} was trained with another recipe ({listed}); start a new run with "
+            f"--train.name=NEW_NAME, or resume with the change on purpose: "
+            f"--checkpoint.allow_changes=[{keys}]"
+        )
     for change in changes:
-        log.warning("resuming with %s changed on purpose: %r -> %r", change["key"], change["old"], change["new"])
+        log.warning(
+            "resuming with %s changed on purpose: %r -> %r", change["key"], change["old"], change["new"]
+        )
     return saved.recipe_changes + [{**change, "step": saved.step} for change in changes]
 
 
@@ -301,14 +433,27 @@ def build_model(config: Config, env: DistEnv):
 
 def log_shapes(config: Config, layout: BatchLayout, env: DistEnv) -> None:
     counts = count_parameters(config.model)
-    log.info("parameters: %s non-embedding, %s total; %.3g FLOPs/token; %d x %d tokens per step "
-             "(%d ranks x %d micro-batches of %d); optimizer %s, %s schedule", f"{counts['non_embedding']:,}",
-             f"{counts['total']:,}", flops_per_token(config.model, layout.seq_len), layout.global_rows, layout.seq_len,
-             env.world_size, layout.accumulation_steps, layout.micro_batch_size, config.optim.name,
-             config.optim.schedule)
+    log.info(
+        "parameters: %s non-embedding, %s total; %.3g FLOPs/token; %d x %d tokens per step "
+        "(%d ranks x %d micro-batches of %d); optimizer %s, %s schedule",
+        f"{counts['non_embedding']:,}",
+        f"{counts['total']:,}",
+        flops_per_token(config.model, layout.seq_len),
+        layout.global_rows,
+        layout.seq_len,
+        env.world_size,
+        layout.accumulation_steps,
+        layout.micro_batch_size,
+        config.optim.name,
+        config.optim.schedule,
+    )
     if layout.micro_batch_size < min(config.train.micro_batch_size, layout.rows_per_rank):
-        log.info("micro-batch %d (the largest up to train.micro_batch_size=%d that divides the %d rows per rank)",
-                 layout.micro_batch_size, config.train.micro_batch_size, layout.rows_per_rank)
+        log.info(
+            "micro-batch %d (the largest up to train.micro_batch_size=%d that divides the %d rows per rank)",
+            layout.micro_batch_size,
+            config.train.micro_batch_size,
+            layout.rows_per_rank,
+        )
 
 
 def between_steps(run: Run, boundary: StepBoundary, clock: TrainingClock, todo: Todo) -> None:
@@ -318,9 +463,16 @@ def between_steps(run: Run, boundary: StepBoundary, clock: TrainingClock, todo: 
         run.budget_plan = boundary.plan(run.progress.step, eval_s, checkpoint_s, run.env.is_main)
         run.planned_steps = run.logger.total_steps = boundary.total_steps
         run.logger.log({"kind": "plan", "step": run.progress.step, **run.budget_plan})
-        log.info("time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint %.1f s, "
-                 "%.0f s used so far)", run.budget_plan["budget_s"], run.planned_steps, run.budget_plan["step_s"],
-                 eval_s, checkpoint_s, run.budget_plan["age_s"])
+        log.info(
+            "time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint %.1f s, "
+            "%.0f s used so far)",
+            run.budget_plan["budget_s"],
+            run.planned_steps,
+            run.budget_plan["step_s"],
+            eval_s,
+            checkpoint_s,
+            run.budget_plan["age_s"],
+        )
         return
     if todo.validate:
         run.validate()
@@ -339,12 +491,22 @@ def stop_early(run: Run, reason: str, total_steps: int) -> None:
 def training_loop(run: Run, stop: StopRequest) -> dict:
     """Step, log, then the boundary's decision, until the last step or a stop. Returns the last train record."""
     config, clock = run.config, TrainingClock(run.env.device)
-    boundary = StepBoundary(config.train, config.checkpoint.every, run.progress.step, run.budget_plan, stop.reason,
-                            clock.now, share=broadcast_object)
+    boundary = StepBoundary(
+        config.train,
+        config.checkpoint.every,
+        run.progress.step,
+        run.budget_plan,
+        stop.reason,
+        clock.now,
+        share=broadcast_object,
+    )
     run.logger.total_steps = boundary.total_steps
     run.planned_steps = boundary.total_steps if run.budget_plan else None
     timeouts, throughput, data_wait = CollectiveTimeouts(config.parallel), Throughput(clock), DataWait()
-    peak, flops = peak_flops(run.env.device, config.logging.peak_tflops), flops_per_token(config.model, run.layout.seq_len)
+    peak, flops = (
+        peak_flops(run.env.device, config.logging.peak_tflops),
+        flops_per_token(config.model, run.layout.seq_len),
+    )
     start_step, last = run.progress.step, {}
     while run.progress.step < boundary.total_steps:
         step = run.progress.step + 1
@@ -371,8 +533,11 @@ def training_loop(run: Run, stop: StopRequest) -> dict:
 
 
 def setup_logging(env: DistEnv) -> None:
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if env.is_main else logging.WARNING,
+        format=f"%(asctime)s [rank {env.rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 def train(config: Config) -> dict:
@@ -396,8 +561,16 @@ def train(config: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     _, config = parse_cli("train", "Train a LLaMA model (single process, or under torchrun).", argv)
-    with user_errors("train", ConfigError, CheckpointError, NonFiniteError, BudgetError, CollectiveTimeout,
-                     FileNotFoundError, ValueError):
+    with user_errors(
+        "train",
+        ConfigError,
+        CheckpointError,
+        NonFiniteError,
+        BudgetError,
+        CollectiveTimeout,
+        FileNotFoundError,
+        ValueError,
+    ):
         train(config)
 
 

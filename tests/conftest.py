@@ -10,7 +10,9 @@ def shared_data() -> Path:
     """The shared data folder beside the repository root (../shared/data)."""
     path = Path(__file__).resolve().parents[2] / "shared" / "data"
     if not path.is_dir():
-        pytest.fail(f"shared data folder {path} is missing; these tests need the shared/ folder beside the repo root")
+        pytest.fail(
+            f"shared data folder {path} is missing; these tests need the shared/ folder beside the repo root"
+        )
     return path
 
 
@@ -44,12 +46,19 @@ def _write_dcp_checkpoint(run_dir: Path, overrides: tuple[str, ...], seed: int, 
         model = Transformer(config.model)
         model.init_weights(seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        tokens = torch.randint(0, config.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(seed))
+        tokens = torch.randint(
+            0, config.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(seed)
+        )
         loss = causal_lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
         optimizer.step()
-        meta = CheckpointMeta(step=step, tokens_seen=step * config.train.tokens_per_step, config=to_dict(config),
-                              final_loss=loss.item(), val_loss=loss.item() + 0.25)
+        meta = CheckpointMeta(
+            step=step,
+            tokens_seen=step * config.train.tokens_per_step,
+            config=to_dict(config),
+            final_loss=loss.item(),
+            val_loss=loss.item() + 0.25,
+        )
         Checkpointer(run_dir / "checkpoints", keep_last=2, is_main=True).save(model, optimizer, {}, meta)
     finally:
         dist.destroy_process_group()
@@ -85,9 +94,18 @@ def tiny_hf_model_dir(tmp_path_factory) -> Path:
     from dist_llama.tokenizer import load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny_hf_model")
-    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     with torch.random.fork_rng(devices=[]):  # seeded weights without moving other tests' random stream
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(folder)

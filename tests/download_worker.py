@@ -17,6 +17,7 @@ def run(rank: int, store: str, log: str, results: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     outcomes = []
     for scenario in ("works", "fails"):
+
         def load():
             with open(log, "a") as fh:
                 fh.write(f"{scenario} start {rank}\n")
@@ -64,9 +65,12 @@ def build_cache(rank: int, store: str, docs: str, folder: str, log: str) -> None
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     tokenizer = load_tokenizer("offline")
     text = DataConfig(source="local", paths=[docs], seq_len=32, val_per_mille=0, prefetch_steps=1)
-    with data.PackedBatches(dataclasses.replace(text, token_cache=folder), tokenizer, global_rows=4, rank=rank,
-                            world_size=2) as from_cache, \
-            data.PackedBatches(text, tokenizer, global_rows=4, rank=rank, world_size=2) as from_text:
+    with (
+        data.PackedBatches(
+            dataclasses.replace(text, token_cache=folder), tokenizer, global_rows=4, rank=rank, world_size=2
+        ) as from_cache,
+        data.PackedBatches(text, tokenizer, global_rows=4, rank=rank, world_size=2) as from_text,
+    ):
         equal = all(torch.equal(next(from_cache)[0], next(from_text)[0]) for _ in range(5))
     dist.destroy_process_group()
     with open(log, "a") as fh:

@@ -17,8 +17,9 @@ def make(*overrides: str, start_step: int = 0, saved_plan=None, stop_at: dict | 
         asked.append(len(asked))
         return (stop_at or {}).get(len(asked))
 
-    made = StepBoundary(config.train, config.checkpoint.every, start_step, saved_plan, stop_reason,
-                        clock or (lambda: 0.0))
+    made = StepBoundary(
+        config.train, config.checkpoint.every, start_step, saved_plan, stop_reason, clock or (lambda: 0.0)
+    )
     return made, asked
 
 
@@ -31,7 +32,9 @@ def test_validate_and_save_follow_their_cadences_and_the_last_step_does_both():
 
 
 def test_a_stop_request_saves_that_step_and_the_last_step_asks_no_collective():
-    steps, asked = make("--train.steps=6", "--train.eval_every=4", "--checkpoint.every=100", stop_at={5: "time limit"})
+    steps, asked = make(
+        "--train.steps=6", "--train.eval_every=4", "--checkpoint.every=100", stop_at={5: "time limit"}
+    )
     todos = [steps.after(step) for step in range(1, 7)]
     assert todos[4] == Todo(save=True, stop="time limit")  # step 5: save, no validation, stop
     assert todos[3] == Todo(validate=True)
@@ -41,9 +44,16 @@ def test_a_stop_request_saves_that_step_and_the_last_step_asks_no_collective():
 def test_the_budget_measures_after_its_warm_up_then_plans_with_a_timed_evaluation_and_checkpoint(monkeypatch):
     monkeypatch.setattr(boundary, "process_age_s", lambda: 10.0)
     now = [0.0]
-    steps, _ = make("--train.time_budget_s=100", "--train.steps=100000", "--train.budget_safety=0",
-                    "--train.budget_warmup_steps=3", "--train.budget_measure_steps=5", "--train.eval_every=50",
-                    "--checkpoint.every=50", clock=lambda: now[0])
+    steps, _ = make(
+        "--train.time_budget_s=100",
+        "--train.steps=100000",
+        "--train.budget_safety=0",
+        "--train.budget_warmup_steps=3",
+        "--train.budget_measure_steps=5",
+        "--train.eval_every=50",
+        "--checkpoint.every=50",
+        clock=lambda: now[0],
+    )
     for step in range(1, 8):
         now[0] = {3: 101.5}.get(step, 0.0)  # the clock is read once, when the 3 warm-up steps are done
         assert not steps.after(step).plan and steps.total_steps == 100000
@@ -63,8 +73,12 @@ def test_a_resumed_plan_stands_and_a_plan_too_small_stops(monkeypatch):
     assert capped.total_steps == 25
 
     monkeypatch.setattr(boundary, "process_age_s", lambda: 99.0)
-    late, _ = make("--train.time_budget_s=100", "--train.steps=100000", "--train.budget_warmup_steps=0",
-                   "--train.budget_measure_steps=1")
+    late, _ = make(
+        "--train.time_budget_s=100",
+        "--train.steps=100000",
+        "--train.budget_warmup_steps=0",
+        "--train.budget_measure_steps=1",
+    )
     assert late.after(1).plan
     with pytest.raises(BudgetError, match="is too small: 99 s are gone"):
         late.plan(1, eval_s=1.0, checkpoint_s=1.0, is_main=True)

@@ -6,8 +6,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_llama.checkpoint import (META_FORMAT, Checkpointer, CheckpointError, CheckpointMeta, complete_checkpoints,
-                                   read_meta, resolve_checkpoint, verify_checkpoint)
+from dist_llama.checkpoint import (
+    META_FORMAT,
+    Checkpointer,
+    CheckpointError,
+    CheckpointMeta,
+    complete_checkpoints,
+    read_meta,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 from dist_llama.model import PRESETS, Transformer
 
 
@@ -72,8 +80,9 @@ def test_load_restores_weights_and_reports_meta(process_group, tmp_path):
     model, optimizer = small_model()
     model(torch.randint(0, 100, (1, 8))).sum().backward()
     optimizer.step()
-    saved = Checkpointer(tmp_path, keep_last=1, is_main=True).save(model, optimizer, {"lanes": {"0": {}}},
-                                                                    meta(5, tokens_seen=40))
+    saved = Checkpointer(tmp_path, keep_last=1, is_main=True).save(
+        model, optimizer, {"lanes": {"0": {}}}, meta(5, tokens_seen=40)
+    )
     fresh, fresh_optimizer = small_model()
     loaded = Checkpointer(tmp_path, keep_last=1, is_main=True).load(saved, fresh, fresh_optimizer)
     assert loaded.step == 5 and loaded.data_lanes == [{"lanes": {"0": {}}}]
@@ -84,14 +93,18 @@ def test_load_restores_weights_and_reports_meta(process_group, tmp_path):
 
 def test_meta_is_versioned_and_an_unreadable_format_is_named(process_group, tmp_path):
     model, optimizer = small_model()
-    saved = Checkpointer(tmp_path, keep_last=3, is_main=True).save(model, optimizer, {}, meta(4, tokens_seen=8))
+    saved = Checkpointer(tmp_path, keep_last=3, is_main=True).save(
+        model, optimizer, {}, meta(4, tokens_seen=8)
+    )
     written = json.loads((saved / "meta.json").read_text())
     assert written["format"] == META_FORMAT and written["step"] == 4
     # Written before the format was versioned: the same fields without `format`, read as they are.
     (saved / "meta.json").write_text(json.dumps({k: v for k, v in written.items() if k != "format"}))
     assert read_meta(saved).tokens_seen == 8
     (saved / "meta.json").write_text(json.dumps({**written, "format": META_FORMAT + 1}))
-    with pytest.raises(CheckpointError, match=rf"written by a newer dist_llama \(meta.json format {META_FORMAT + 1};"):
+    with pytest.raises(
+        CheckpointError, match=rf"written by a newer dist_llama \(meta.json format {META_FORMAT + 1};"
+    ):
         read_meta(saved)
     (saved / "meta.json").write_text(json.dumps({k: v for k, v in written.items() if k != "tokens_seen"}))
     with pytest.raises(CheckpointError, match="lacks tokens_seen"):

@@ -21,11 +21,11 @@ import psutil
 import pytest
 import torch
 
+from dist_llama.boundary import STOPPED_FILE, parse_slurm_duration
 from dist_llama.checkpoint import complete_checkpoints, load_full_model_state
 from dist_llama.config import ConfigError, load_config
 from dist_llama.parallel import set_nccl_environment
 from dist_llama.report import read_metrics
-from dist_llama.boundary import STOPPED_FILE, parse_slurm_duration
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 30, 5
@@ -33,28 +33,63 @@ STEPS, CHECKPOINT_EVERY = 30, 5
 
 def tiny_overrides(corpus: Path, val: Path, run_root: Path, name: str) -> list[str]:
     return [
-        f"--data.paths=[{corpus}]", f"--data.val_paths=[{val}]", "--data.tokenizer=offline", "--data.seq_len=32",
-        "--data.val_docs=8", f"--train.run_root={run_root}", f"--train.name={name}", f"--train.steps={STEPS}",
-        "--train.tokens_per_step=256", "--train.micro_batch_size=2", "--train.log_every=1", "--train.eval_every=10",
-        "--train.eval_batches=1", f"--checkpoint.every={CHECKPOINT_EVERY}", "--checkpoint.keep_last=2",
-        "--logging.tensorboard=false", "--logging.progress=false", "--parallel.mixed_precision=fp32",
+        f"--data.paths=[{corpus}]",
+        f"--data.val_paths=[{val}]",
+        "--data.tokenizer=offline",
+        "--data.seq_len=32",
+        "--data.val_docs=8",
+        f"--train.run_root={run_root}",
+        f"--train.name={name}",
+        f"--train.steps={STEPS}",
+        "--train.tokens_per_step=256",
+        "--train.micro_batch_size=2",
+        "--train.log_every=1",
+        "--train.eval_every=10",
+        "--train.eval_batches=1",
+        f"--checkpoint.every={CHECKPOINT_EVERY}",
+        "--checkpoint.keep_last=2",
+        "--logging.tensorboard=false",
+        "--logging.progress=false",
+        "--parallel.mixed_precision=fp32",
     ]
 
 
 def environment(**extra: str) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **extra,
+    }
 
 
 def torchrun(args: list[str], max_restarts: int = 0) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            f"--max-restarts={max_restarts}", "-m", "dist_llama.train", "--config", str(REPO / "configs/debug.yaml"),
-            *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        "dist_llama.train",
+        "--config",
+        str(REPO / "configs/debug.yaml"),
+        *args,
+    ]
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=REPO, env=environment(), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=environment(),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -65,7 +100,9 @@ def steps_done(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if '"kind": "train"' in line]
+    steps = [
+        json.loads(line).get("step", 0) for line in path.read_text().splitlines() if '"kind": "train"' in line
+    ]
     return max(steps, default=0)
 
 
@@ -86,7 +123,11 @@ def workers(agent: subprocess.Popen) -> dict[int, psutil.Process]:
     for child in psutil.Process(agent.pid).children(recursive=True):
         try:
             rank = child.environ().get("RANK")
-            if rank is not None and "dist_llama.train" in " ".join(child.cmdline()) and child.status() != "zombie":
+            if (
+                rank is not None
+                and "dist_llama.train" in " ".join(child.cmdline())
+                and child.status() != "zombie"
+            ):
                 found[int(rank)] = child
         except psutil.NoSuchProcess:
             continue
@@ -102,7 +143,9 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def assert_bitwise_equal_runs(run_dir: Path, reference: Path) -> None:
     got, expected = train_losses(run_dir), train_losses(reference)
     assert sorted(got) == list(range(1, STEPS + 1))
-    assert got == expected, [(step, got[step], expected[step]) for step in expected if got[step] != expected[step]]
+    assert got == expected, [
+        (step, got[step], expected[step]) for step in expected if got[step] != expected[step]
+    ]
     got_weights, expected_weights = final_weights(run_dir), final_weights(reference)
     assert got_weights.keys() == expected_weights.keys()
     for name, tensor in expected_weights.items():
@@ -113,13 +156,21 @@ def assert_bitwise_equal_runs(run_dir: Path, reference: Path) -> None:
 def reference(tmp_path_factory, corpus) -> Path:
     """The uninterrupted 2-rank run that every interrupted one must equal."""
     root = tmp_path_factory.mktemp("reference")
-    result = subprocess.run(torchrun(tiny_overrides(*corpus, root, "reference")), cwd=REPO, env=environment(),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        torchrun(tiny_overrides(*corpus, root, "reference")),
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return root / "reference"
 
 
-def test_a_signal_to_one_rank_stops_every_rank_at_one_checkpoint_and_the_run_resumes_exactly(reference, corpus, tmp_path):
+def test_a_signal_to_one_rank_stops_every_rank_at_one_checkpoint_and_the_run_resumes_exactly(
+    reference, corpus, tmp_path
+):
     args = tiny_overrides(*corpus, tmp_path, "signalled")
     run_dir = tmp_path / "signalled"
     agent = start(torchrun(args), tmp_path / "first.log")
@@ -130,10 +181,14 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_checkpoint_and_the_run_res
     stopped = json.loads((run_dir / STOPPED_FILE).read_text())
     assert stopped["reason"] == "signal (on another rank)" and stopped["step"] < STEPS
     assert f"stopping at step {stopped['step']} of {STEPS}" in log
-    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")][-1] == f"step_{stopped['step']:08d}"
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")][
+        -1
+    ] == f"step_{stopped['step']:08d}"
     assert steps_done(run_dir) == stopped["step"], "no step may run after the stop"
 
-    result = subprocess.run(torchrun(args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        torchrun(args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     stop_checkpoint = run_dir / "checkpoints" / f"step_{stopped['step']:08d}"
     assert f"resumed from {stop_checkpoint}" in result.stderr
@@ -150,9 +205,15 @@ def test_five_dead_workers_in_a_row_restart_and_resume_exactly(reference, corpus
     agent = start(torchrun(tiny_overrides(*corpus, tmp_path, "killed"), max_restarts=kills), log)
     for kill in range(kills):
         checkpoint_step = (kill + 1) * CHECKPOINT_EVERY
-        wait_for(lambda: steps_done(run_dir) > checkpoint_step and (run_dir / "checkpoints" / f"step_{checkpoint_step:08d}"
-                                                                      / "meta.json").is_file(),
-                 300, f"a step after checkpoint {checkpoint_step}", agent)
+        wait_for(
+            lambda: (
+                steps_done(run_dir) > checkpoint_step
+                and (run_dir / "checkpoints" / f"step_{checkpoint_step:08d}" / "meta.json").is_file()
+            ),
+            300,
+            f"a step after checkpoint {checkpoint_step}",
+            agent,
+        )
         victim = wait_for(lambda: workers(agent).get(kill % 2), 60, f"rank {kill % 2}", agent)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
@@ -166,7 +227,9 @@ def test_a_hung_rank_stops_the_others_within_the_timeout_naming_it(corpus, tmp_p
     timeout_s = 4
     run_dir = tmp_path / "hung"
     log = tmp_path / "hung.log"
-    agent = start(torchrun(tiny_overrides(*corpus, tmp_path, "hung") + [f"--parallel.timeout_s={timeout_s}"]), log)
+    agent = start(
+        torchrun(tiny_overrides(*corpus, tmp_path, "hung") + [f"--parallel.timeout_s={timeout_s}"]), log
+    )
     wait_for(lambda: steps_done(run_dir) >= 3, 300, "step 3", agent)
     hung = workers(agent)[1]
     hung.send_signal(signal.SIGSTOP)
@@ -181,26 +244,38 @@ def test_a_hung_rank_stops_the_others_within_the_timeout_naming_it(corpus, tmp_p
     text = log.read_text()
     assert waited < timeout_s + 30, f"rank 0 waited {waited:.0f} s"
     lines = [line for line in text.splitlines() if line.startswith("train: error:")]
-    assert len(lines) == 1 and re.search(rf"step \d+: a collective waited more than parallel.timeout_s={timeout_s} s", lines[0]), text[-3000:]
+    assert len(lines) == 1 and re.search(
+        rf"step \d+: a collective waited more than parallel.timeout_s={timeout_s} s", lines[0]
+    ), text[-3000:]
     assert "--parallel.timeout_s" in lines[0]
 
 
 def test_nccl_gets_async_error_handling_and_the_flight_recorder_unless_set(monkeypatch, tmp_path):
-    for name in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT",
-                 "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"):
+    for name in (
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "50")  # the user's own setting stays
     set_nccl_environment(str(tmp_path))
-    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert (
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+        and os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    )
     assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50"
     assert os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == f"{tmp_path}/nccl_trace_rank_"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--train.stop_signals=[SIGUSR9]", "train.stop_signals: 'SIGUSR9' is not a signal name"),
-    ("--parallel.timeout_s=0", "parallel.timeout_s=0.0 must be positive"),
-    ("--train.time_limit_margin_s=-5", "train.time_limit_margin_s=-5.0 must be positive"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--train.stop_signals=[SIGUSR9]", "train.stop_signals: 'SIGUSR9' is not a signal name"),
+        ("--parallel.timeout_s=0", "parallel.timeout_s=0.0 must be positive"),
+        ("--train.time_limit_margin_s=-5", "train.time_limit_margin_s=-5.0 must be positive"),
+    ],
+)
 def test_stop_and_timeout_settings_are_checked(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(REPO / "configs/debug.yaml", [override])
@@ -232,8 +307,9 @@ def slurm(tmp_path_factory):
 
 
 def slurm_run(command: list[str], slurm_env: dict) -> str:
-    return subprocess.run(command, env=environment(**slurm_env), capture_output=True, text=True, check=True,
-                          timeout=60).stdout
+    return subprocess.run(
+        command, env=environment(**slurm_env), capture_output=True, text=True, check=True, timeout=60
+    ).stdout
 
 
 def job_fields(job: str, slurm_env: dict) -> dict[str, str]:
@@ -242,14 +318,27 @@ def job_fields(job: str, slurm_env: dict) -> dict[str, str]:
 
 
 def submit(slurm_env: dict, output: Path, args: list[str], *sbatch_options: str) -> str:
-    command = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={output}",
-               *sbatch_options, str(REPO / "slurm/train.sbatch"), str(REPO / "configs/debug.yaml"), *args]
+    command = [
+        "sbatch",
+        "--parsable",
+        "--nodes=2",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        f"--output={output}",
+        *sbatch_options,
+        str(REPO / "slurm/train.sbatch"),
+        str(REPO / "configs/debug.yaml"),
+        *args,
+    ]
     return slurm_run(command, slurm_env).strip().split(";")[0]
 
 
 def wait_for_state(job: str, slurm_env: dict, states: set[str], timeout: float) -> dict[str, str]:
-    return wait_for(lambda: (fields := job_fields(job, slurm_env))["JobState"] in states and fields, timeout,
-                    f"job {job} in {states}")
+    return wait_for(
+        lambda: (fields := job_fields(job, slurm_env))["JobState"] in states and fields,
+        timeout,
+        f"job {job} in {states}",
+    )
 
 
 def release(job: str, slurm_env: dict) -> None:
@@ -281,8 +370,11 @@ def test_a_preempted_slurm_job_requeues_resumes_and_ends_like_torchrun(slurm, re
     text = output.read_text()
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "2", (fields, text[-4000:])
     assert "requeue 1 of at most 20" in text and "requeued 2 time(s) so far" in text
-    stops = [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
-             if r["kind"] == "stop"]
+    stops = [
+        r
+        for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "stop"
+    ]
     assert [s["reason"] for s in stops] == ["signal SIGUSR1", "signal SIGTERM"], stops
     assert text.count("resumed from") == 2
     assert_bitwise_equal_runs(run_dir, reference)
@@ -293,7 +385,10 @@ def test_slurm_time_limit_stops_with_a_checkpoint_and_the_requeue_bound_holds(sl
     then refuses the requeue, and says so."""
     run_dir = tmp_path / "limited"
     output = tmp_path / "job.out"
-    args = tiny_overrides(*corpus, tmp_path, "limited") + ["--train.steps=100000", "--train.time_limit_margin_s=50"]
+    args = tiny_overrides(*corpus, tmp_path, "limited") + [
+        "--train.steps=100000",
+        "--train.time_limit_margin_s=50",
+    ]
     job = submit({**slurm, "DIST_LLAMA_MAX_REQUEUES": "0"}, output, args, "--time=1")
     fields = wait_for_state(job, slurm, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 240)
     text = output.read_text()
@@ -306,8 +401,10 @@ def test_slurm_time_limit_stops_with_a_checkpoint_and_the_requeue_bound_holds(sl
 
 def test_a_failing_slurm_job_is_not_requeued(slurm, corpus, tmp_path):
     output = tmp_path / "job.out"
-    args = tiny_overrides(*corpus, tmp_path, "broken") + [f"--data.paths=[{tmp_path / 'missing.jsonl'}]",
-                                                           "--data.source=local"]
+    args = tiny_overrides(*corpus, tmp_path, "broken") + [
+        f"--data.paths=[{tmp_path / 'missing.jsonl'}]",
+        "--data.source=local",
+    ]
     job = submit({**slurm, "DIST_LLAMA_MAX_RESTARTS": "0"}, output, args)  # torchrun would retry it in vain
     fields = wait_for_state(job, slurm, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 240)
     assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", (fields, output.read_text()[-3000:])

@@ -20,9 +20,18 @@ def test_every_shipped_config_loads():
 
 
 def test_overrides_parse_yaml_values():
-    config = load_config(REPO / "configs/debug.yaml", [
-        "--train.steps=7", "--optim.lr=1e-4", "--logging.tensorboard=false", "--data.paths=[a.jsonl, b.jsonl]",
-        "--train.init_from=null", "--model.rope_scaling={type: linear, factor: 4}", "--optim.warmup_steps=3"])
+    config = load_config(
+        REPO / "configs/debug.yaml",
+        [
+            "--train.steps=7",
+            "--optim.lr=1e-4",
+            "--logging.tensorboard=false",
+            "--data.paths=[a.jsonl, b.jsonl]",
+            "--train.init_from=null",
+            "--model.rope_scaling={type: linear, factor: 4}",
+            "--optim.warmup_steps=3",
+        ],
+    )
     assert config.train.steps == 7 and config.optim.lr == 1e-4 and config.logging.tensorboard is False
     assert config.data.paths == ["a.jsonl", "b.jsonl"] and config.train.init_from is None
     assert config.model.rope_scaling == RopeScaling("linear", 4.0)
@@ -35,26 +44,29 @@ def test_preset_with_field_overrides():
     assert load_config(None).model == PRESETS["debug"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--train.stepz=3", "unknown key train.stepz; valid keys of train: name,"),
-    ("--trian.steps=3", "unknown section trian; valid sections: model, data"),
-    ("--train.steps=abc", "train.steps='abc' must be of type int"),
-    ("--train.steps=2.5", "train.steps=2.5 must be of type int"),
-    ("--logging.tensorboard=maybe", "logging.tensorboard='maybe' must be of type bool"),
-    ("--model.n_heads=5", "n_heads=5 must divide dim=64"),
-    ("--model.n_kv_heads=3", "n_heads=4 must be a multiple of n_kv_heads=3"),
-    ("--data.seq_len=4096", "data.seq_len=4096 exceeds model.max_seq_len=256"),
-    ("--train.tokens_per_step=1000", "must be a multiple of data.seq_len=128"),
-    ("--model.attention=flash", "attention='flash'; choose one of"),
-    ("--parallel.activation_checkpointing=some", "choose one of none, full, selective"),
-    ("--model.preset=huge", "model.preset='huge' is unknown; choose one of debug, main"),
-    ("--model.rope_scaling={type: yarn, factor: 2}", "rope_scaling.type='yarn' is not supported"),
-    ("--model.rope_scaling={type: linear, factor: 0.5}", "factor=0.5 must be >= 1"),
-    ("--train.steps=0", "train.steps=0 must be positive"),
-    ("--optim.betas=[0.9]", "optim.betas=[0.9] must have two values"),
-    ("train.steps=3", "must look like --section.key=value"),
-    ("--steps=3", "must name a section and a key"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--train.stepz=3", "unknown key train.stepz; valid keys of train: name,"),
+        ("--trian.steps=3", "unknown section trian; valid sections: model, data"),
+        ("--train.steps=abc", "train.steps='abc' must be of type int"),
+        ("--train.steps=2.5", "train.steps=2.5 must be of type int"),
+        ("--logging.tensorboard=maybe", "logging.tensorboard='maybe' must be of type bool"),
+        ("--model.n_heads=5", "n_heads=5 must divide dim=64"),
+        ("--model.n_kv_heads=3", "n_heads=4 must be a multiple of n_kv_heads=3"),
+        ("--data.seq_len=4096", "data.seq_len=4096 exceeds model.max_seq_len=256"),
+        ("--train.tokens_per_step=1000", "must be a multiple of data.seq_len=128"),
+        ("--model.attention=flash", "attention='flash'; choose one of"),
+        ("--parallel.activation_checkpointing=some", "choose one of none, full, selective"),
+        ("--model.preset=huge", "model.preset='huge' is unknown; choose one of debug, main"),
+        ("--model.rope_scaling={type: yarn, factor: 2}", "rope_scaling.type='yarn' is not supported"),
+        ("--model.rope_scaling={type: linear, factor: 0.5}", "factor=0.5 must be >= 1"),
+        ("--train.steps=0", "train.steps=0 must be positive"),
+        ("--optim.betas=[0.9]", "optim.betas=[0.9] must have two values"),
+        ("train.steps=3", "must look like --section.key=value"),
+        ("--steps=3", "must name a section and a key"),
+    ],
+)
 def test_mistakes_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(REPO / "configs/debug.yaml", [override])
@@ -80,11 +92,21 @@ def test_saved_config_reloads_identically(tmp_path):
 
 
 def test_cli_prints_resolved_config_or_one_line_error():
-    ok = subprocess.run([sys.executable, "-m", "dist_llama.config", "--config", "configs/main.yaml", "--train.steps=9"],
-                        cwd=REPO, capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "dist_llama.config", "--config", "configs/main.yaml", "--train.steps=9"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0 and yaml.safe_load(ok.stdout)["train"]["steps"] == 9
-    bad = subprocess.run([sys.executable, "-m", "dist_llama.config", "--train.stepz=9"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "dist_llama.config", "--train.stepz=9"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "unknown key train.stepz" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -99,11 +121,23 @@ def test_broken_yaml_is_one_line_with_file_line_and_column(tmp_path):
 
 def test_resume_check_lists_recipe_changes_and_allows_cadence():
     old = load_config(None)
-    new = load_config(None, ["--optim.lr=0.1", "--train.steps=999", "--train.eval_every=7", "--data.paths=[x.jsonl]",
-                             "--train.micro_batch_size=4", "--model.n_layers=3"])
+    new = load_config(
+        None,
+        [
+            "--optim.lr=0.1",
+            "--train.steps=999",
+            "--train.eval_every=7",
+            "--data.paths=[x.jsonl]",
+            "--train.micro_batch_size=4",
+            "--model.n_layers=3",
+        ],
+    )
     changes = {c["key"]: (c["old"], c["new"]) for c in recipe_changes(old, new)}
-    assert changes == {"optim.lr": (old.optim.lr, 0.1), "data.paths": ([], ["x.jsonl"]),
-                       "model.n_layers": (old.model.n_layers, 3)}
+    assert changes == {
+        "optim.lr": (old.optim.lr, 0.1),
+        "data.paths": ([], ["x.jsonl"]),
+        "model.n_layers": (old.model.n_layers, 3),
+    }
 
 
 def test_each_key_declares_its_rules_beside_its_field():
@@ -120,7 +154,9 @@ def test_each_key_declares_its_rules_beside_its_field():
             assert "resumable" in item.metadata, f"{section.NAME}.{item.name} is not declared with setting()"
     assert "optim.lr" not in RESUMABLE and "train.steps" in RESUMABLE and "eval.limit" in RESUMABLE
     assert not any(key.startswith("model.") for key in RESUMABLE)
-    with pytest.raises(ConfigError, match=r"^parallel.backend='mpi' is not valid; choose one of auto, nccl, gloo$"):
+    with pytest.raises(
+        ConfigError, match=r"^parallel.backend='mpi' is not valid; choose one of auto, nccl, gloo$"
+    ):
         load_config(None, ["--parallel.backend=mpi"])
     with pytest.raises(ConfigError, match=r"^train.budget_safety=1.0 must be in \[0, 1\)$"):
         load_config(None, ["--train.budget_safety=1"])

@@ -17,6 +17,7 @@ import threading
 import time
 
 import datasets
+import download_worker  # tests/download_worker.py
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,19 +28,21 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from dist_llama import data
-from dist_llama.data import packing, sources, token_sources
 from dist_llama.config import DataConfig
+from dist_llama.data import packing, sources, token_sources
 
-import download_worker  # tests/download_worker.py
-
-WORDS = ("the of and to in is was for on that with as by at from it an be this are have or not which but "
-         "river stone light market engine garden letter winter signal bridge orbit copper violet harbor").split()
+WORDS = (
+    "the of and to in is was for on that with as by at from it an be this are have or not which but "
+    "river stone light market engine garden letter winter signal bridge orbit copper violet harbor"
+).split()
 SEQ_LEN = 16
 
 
 def make_docs(n: int, seed: int = 0, prefix: str = "doc") -> list[str]:
     rng = random.Random(seed)
-    return [f"{prefix}{i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))) for i in range(n)]
+    return [
+        f"{prefix}{i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))) for i in range(n)
+    ]
 
 
 def train_tokenizer(vocab_size: int = 400, seed: int = 99) -> PreTrainedTokenizerFast:
@@ -47,8 +50,12 @@ def train_tokenizer(vocab_size: int = 400, seed: int = 99) -> PreTrainedTokenize
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(make_docs(300, seed=seed), trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     assert (hf.bos_token_id, hf.eos_token_id) == (1, 2)
@@ -62,8 +69,11 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def encode(tokenizer, text: str) -> list[int]:
     """The oracle: one document as the packer must emit it."""
-    return [tokenizer.bos_token_id] + tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids + [
-        tokenizer.eos_token_id]
+    return (
+        [tokenizer.bos_token_id]
+        + tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        + [tokenizer.eos_token_id]
+    )
 
 
 def write_jsonl(path, docs, field="text"):
@@ -80,8 +90,14 @@ def write_parquet(path, docs, field="text"):
 
 
 def config(paths, **overrides) -> DataConfig:
-    values = dict(source="local", paths=[str(p) for p in paths], seq_len=SEQ_LEN, shuffle=False, val_per_mille=0,
-                  prefetch_steps=2)
+    values = dict(
+        source="local",
+        paths=[str(p) for p in paths],
+        seq_len=SEQ_LEN,
+        shuffle=False,
+        val_per_mille=0,
+        prefetch_steps=2,
+    )
     values.update(overrides)
     return DataConfig(**values)
 
@@ -100,8 +116,12 @@ def windows(batches, steps: int) -> list[torch.Tensor]:
 
 def global_windows(config_, tokenizer, *, global_rows, world_size, steps, state=None, seed=0):
     """Run every rank of a world for `steps` steps; returns the global windows and the merged final state."""
-    ranks = [data.PackedBatches(config_, tokenizer, global_rows=global_rows, rank=r, world_size=world_size, seed=seed)
-             for r in range(world_size)]
+    ranks = [
+        data.PackedBatches(
+            config_, tokenizer, global_rows=global_rows, rank=r, world_size=world_size, seed=seed
+        )
+        for r in range(world_size)
+    ]
     try:
         if state is not None:
             for batches in ranks:
@@ -134,7 +154,7 @@ def split_documents(stream: list[int], bos: int, eos: int) -> list[tuple[int, ..
     assert stream[0] == bos
     for i, token in enumerate(stream):
         if token == eos:
-            docs.append(tuple(stream[start:i + 1]))
+            docs.append(tuple(stream[start : i + 1]))
             start = i + 1
     return docs
 
@@ -228,7 +248,7 @@ def test_the_packer_cuts_whatever_its_token_source_pushes_into_lane_windows_and_
     reference, _ = run(fresh, 12)
     for lane, stream in enumerate(lane_streams(reference)):
         epochs = [token for _ in range(12) for doc in docs[lane::global_rows] for token in doc.tolist()]
-        assert stream == epochs[:len(stream)]
+        assert stream == epochs[: len(stream)]
     head, state = run(fresh, 5)
     assert any(lane["offset"] for lane in state.values()) and any(lane["epoch"] for lane in state.values())
     tail, _ = run(state, 7)
@@ -260,7 +280,9 @@ def test_ranks_own_disjoint_lanes_covering_every_document_once_per_epoch(tmp_pat
     write_jsonl(tmp_path / "a.jsonl", docs[:20])
     write_parquet(tmp_path / "b.parquet", docs[20:])
     cfg = config([tmp_path / "*"], shuffle=True)
-    ranks = [data.PackedBatches(cfg, tokenizer, global_rows=4, rank=r, world_size=2, seed=5) for r in range(2)]
+    ranks = [
+        data.PackedBatches(cfg, tokenizer, global_rows=4, rank=r, world_size=2, seed=5) for r in range(2)
+    ]
     assert ranks[0].lanes == (0, 2) and ranks[1].lanes == (1, 3)
     epoch_0 = {}
     for batches in ranks:
@@ -268,16 +290,20 @@ def test_ranks_own_disjoint_lanes_covering_every_document_once_per_epoch(tmp_pat
             streams = lane_streams(windows(batches, 60))
             assert batches.epoch >= 1.0, "every lane must have finished epoch 0"
         for lane, stream in zip(batches.lanes, streams):
-            epoch_0[lane] = split_documents(stream, 1, 2)[:len(range(lane, 50, 4))]
+            epoch_0[lane] = split_documents(stream, 1, 2)[: len(range(lane, 50, 4))]
     seen = [doc for lane_docs in epoch_0.values() for doc in lane_docs]
     assert sorted(seen) == sorted(tuple(encode(tokenizer, doc)) for doc in docs)
-    assert epoch_0[0] != [tuple(encode(tokenizer, doc)) for doc in docs[0::4]], "shuffle=True must change the order"
+    assert epoch_0[0] != [tuple(encode(tokenizer, doc)) for doc in docs[0::4]], (
+        "shuffle=True must change the order"
+    )
 
 
 def test_epoch_wraps_and_increments(tmp_path, tokenizer):
     docs = ["one two", "three four five", "six", "seven eight"]
     write_jsonl(tmp_path / "tiny.jsonl", docs)
-    with data.PackedBatches(config([tmp_path / "tiny.jsonl"], seq_len=4), tokenizer, global_rows=2) as batches:
+    with data.PackedBatches(
+        config([tmp_path / "tiny.jsonl"], seq_len=4), tokenizer, global_rows=2
+    ) as batches:
         assert batches.epoch == 0.0
         for step in range(1, 31):
             next(batches)
@@ -313,7 +339,9 @@ def test_shuffle_permutes_files_then_documents_within_each_file(tmp_path, tokeni
     file_of = {tuple(encode(tokenizer, doc)): k for k, docs in enumerate(files) for doc in docs}
     first_files, orders = set(), set()
     for seed in range(4):
-        with data.PackedBatches(config([tmp_path / "*.jsonl"], shuffle=True), tokenizer, global_rows=1, seed=seed) as b:
+        with data.PackedBatches(
+            config([tmp_path / "*.jsonl"], shuffle=True), tokenizer, global_rows=1, seed=seed
+        ) as b:
             stream = lane_streams(windows(b, 40))[0]
         epoch_0 = split_documents(stream, 1, 2)[:18]
         blocks = [file_of[doc] for doc in epoch_0]
@@ -341,7 +369,9 @@ def test_resume_on_another_world_size_continues_the_stream(tmp_path, tokenizer, 
     cfg = config([tmp_path / "*"], shuffle=True, val_per_mille=100)
     reference, _ = global_windows(cfg, tokenizer, global_rows=6, world_size=1, steps=20, seed=3)
     head, state = global_windows(cfg, tokenizer, global_rows=6, world_size=before, steps=12, seed=3)
-    assert any(lane["offset"] > 0 for lane in state["lanes"].values()), "resume mid-document must be exercised"
+    assert any(lane["offset"] > 0 for lane in state["lanes"].values()), (
+        "resume mid-document must be exercised"
+    )
     assert any(lane["epoch"] > 0 for lane in state["lanes"].values()), "resume after a wrap must be exercised"
     state = json.loads(json.dumps(state))  # as a checkpoint stores it
     tail, _ = global_windows(cfg, tokenizer, global_rows=6, world_size=after, steps=8, state=state, seed=3)
@@ -354,13 +384,18 @@ def test_state_is_as_of_the_last_batch_returned(tmp_path, tokenizer):
     cfg = config([tmp_path / "a.jsonl"], prefetch_steps=4)
     with data.PackedBatches(cfg, tokenizer, global_rows=2) as prefetching:
         fresh = prefetching.state_dict()
-        assert fresh["lanes"] == {"0": {"epoch": 0, "doc": 0, "offset": 0}, "1": {"epoch": 0, "doc": 1, "offset": 0}}
+        assert fresh["lanes"] == {
+            "0": {"epoch": 0, "doc": 0, "offset": 0},
+            "1": {"epoch": 0, "doc": 1, "offset": 0},
+        }
         next(prefetching)
         deadline = time.time() + 10
         while not prefetching._producer._queue.full() and time.time() < deadline:
             time.sleep(0.01)  # let the thread run ahead
         assert prefetching._producer._queue.full()
-        with data.PackedBatches(config([tmp_path / "a.jsonl"], prefetch_steps=0), tokenizer, global_rows=2) as inline:
+        with data.PackedBatches(
+            config([tmp_path / "a.jsonl"], prefetch_steps=0), tokenizer, global_rows=2
+        ) as inline:
             next(inline)
             assert prefetching.state_dict() == inline.state_dict()
             assert prefetching.state_dict()["batches"] == 1
@@ -397,7 +432,9 @@ def test_thread_errors_reach_the_consumer_and_other_lanes_skip_without_parsing(t
             next(lane_1)  # and it keeps failing rather than hanging
 
 
-def test_a_tokenizer_batch_is_bounded_by_bytes_so_megabyte_documents_start_at_once(tmp_path, tokenizer, monkeypatch):
+def test_a_tokenizer_batch_is_bounded_by_bytes_so_megabyte_documents_start_at_once(
+    tmp_path, tokenizer, monkeypatch
+):
     # Counted in documents alone, the first batch would take one 2 MB document per lane, and the next one all the
     # others: minutes of tokenizing for one batch of a real corpus of such documents.
     rng = random.Random(11)
@@ -412,7 +449,9 @@ def test_a_tokenizer_batch_is_bounded_by_bytes_so_megabyte_documents_start_at_on
 
     monkeypatch.setattr(data.DocumentEncoder, "encode_batch", recording)
     start = time.perf_counter()
-    with data.PackedBatches(config([tmp_path / "long.jsonl"], seq_len=64), tokenizer, global_rows=4) as batches:
+    with data.PackedBatches(
+        config([tmp_path / "long.jsonl"], seq_len=64), tokenizer, global_rows=4
+    ) as batches:
         windows(batches, 1)
     assert handed[0] == [2_000_000], "the first batch is the needy lane's one document"
     assert all(len(sizes) == 1 or sum(sizes) <= token_sources.TOKENIZE_BATCH_BYTES for sizes in handed)
@@ -448,7 +487,7 @@ def test_hash_held_out_documents_are_never_trained_on(tmp_path, tokenizer):
     valid = data.validation_batches(cfg, tokenizer, rows=2, n_batches=2)
     stream = [token for doc in held[:6] for token in encode(tokenizer, doc)]
     assert len(stream) > 4 * SEQ_LEN
-    expected = [stream[w * SEQ_LEN:w * SEQ_LEN + SEQ_LEN + 1] for w in range(4)]
+    expected = [stream[w * SEQ_LEN : w * SEQ_LEN + SEQ_LEN + 1] for w in range(4)]
     got = [torch.cat([x[row], y[row, -1:]]).tolist() for x, y in valid for row in range(2)]
     assert got == expected
 
@@ -458,7 +497,9 @@ def test_val_paths_mode_and_rank_split(tmp_path, tokenizer, caplog):
     val_docs = make_docs(10, seed=12, prefix="val")
     write_jsonl(tmp_path / "val.jsonl", val_docs)
     # val_per_mille would hold out nearly everything, but with val_paths the hash rule is off.
-    cfg = config([tmp_path / "train.jsonl"], val_paths=[str(tmp_path / "val.jsonl")], val_docs=4, val_per_mille=999)
+    cfg = config(
+        [tmp_path / "train.jsonl"], val_paths=[str(tmp_path / "val.jsonl")], val_docs=4, val_per_mille=999
+    )
     assert data.held_out_documents(cfg) == val_docs[:4]
     with data.PackedBatches(cfg, tokenizer, global_rows=2) as batches:
         assert len(windows(batches, 3)) == 3
@@ -466,7 +507,9 @@ def test_val_paths_mode_and_rank_split(tmp_path, tokenizer, caplog):
     full = data.validation_batches(cfg, tokenizer, rows=4, n_batches=2)
     stream = [token for doc in val_docs[:4] for token in encode(tokenizer, doc)]
     assert full[0][0][0].tolist() == stream[:SEQ_LEN]
-    assert full[1][0][0].tolist() == stream[4 * SEQ_LEN:5 * SEQ_LEN]  # batch 1, row 0 is window 1 * rows + 0
+    assert (
+        full[1][0][0].tolist() == stream[4 * SEQ_LEN : 5 * SEQ_LEN]
+    )  # batch 1, row 0 is window 1 * rows + 0
     for rank in range(2):
         mine = data.validation_batches(cfg, tokenizer, rows=4, n_batches=2, rank=rank, world_size=2)
         for (x, y), (fx, fy) in zip(mine, full):
@@ -478,7 +521,9 @@ def test_val_paths_mode_and_rank_split(tmp_path, tokenizer, caplog):
     assert recycled[0][0].shape == (8, SEQ_LEN)
 
     with pytest.raises(FileNotFoundError, match="data.val_paths"):
-        data.held_out_documents(config([tmp_path / "train.jsonl"], val_paths=[str(tmp_path / "missing*.jsonl")]))
+        data.held_out_documents(
+            config([tmp_path / "train.jsonl"], val_paths=[str(tmp_path / "missing*.jsonl")])
+        )
     with pytest.raises(ValueError, match="no held-out set"):
         data.held_out_documents(config([tmp_path / "train.jsonl"]))
 
@@ -501,12 +546,16 @@ def test_clear_errors(tmp_path, tokenizer, monkeypatch):
     with pytest.raises(ValueError, match="divisible by world_size=4"):
         data.PackedBatches(config([tmp_path / "a.jsonl"]), tokenizer, global_rows=6, rank=0, world_size=4)
 
-    with data.PackedBatches(config([tmp_path / "a.jsonl"]), tokenizer, global_rows=2, rank=0, world_size=2) as b:
+    with data.PackedBatches(
+        config([tmp_path / "a.jsonl"]), tokenizer, global_rows=2, rank=0, world_size=2
+    ) as b:
         next(b)
         partial = b.state_dict()
-    for name, cfg, rows in [("seq_len", config([tmp_path / "a.jsonl"], seq_len=32), 2),
-                            ("global_rows", config([tmp_path / "a.jsonl"]), 4),
-                            ("shuffle", config([tmp_path / "a.jsonl"], shuffle=True), 2)]:
+    for name, cfg, rows in [
+        ("seq_len", config([tmp_path / "a.jsonl"], seq_len=32), 2),
+        ("global_rows", config([tmp_path / "a.jsonl"]), 4),
+        ("shuffle", config([tmp_path / "a.jsonl"], shuffle=True), 2),
+    ]:
         with data.PackedBatches(cfg, tokenizer, global_rows=rows) as other:
             with pytest.raises(ValueError, match=name):
                 other.load_state_dict(partial)
@@ -557,7 +606,9 @@ class LocalHub:
         per_shard = -(-len(docs) // shards)
         write = write_parquet if suffix == "parquet" else write_jsonl
         for k in range(shards):
-            write(folder / f"train-{k:05d}-of-{shards:05d}.{suffix}", docs[k * per_shard:(k + 1) * per_shard])
+            write(
+                folder / f"train-{k:05d}-of-{shards:05d}.{suffix}", docs[k * per_shard : (k + 1) * per_shard]
+            )
 
 
 @pytest.fixture
@@ -581,8 +632,15 @@ def test_hub_dataset_is_cached_packs_in_row_order_and_records_its_revision(hub, 
         assert stream == expected_lane_stream(tokenizer, docs, lane, 4, len(stream))
     assert list((hub.root / "cache").rglob("*.arrow")), "the dataset must be converted to an Arrow cache"
     assert (source["kind"], source["dataset"], source["split"], source["streaming"], source["documents"]) == (
-        "hub", cfg.hub_dataset, "train", False, 40)
-    assert source["revision"] and source["fingerprint"]  # what the revision resolved to, as the builder saw it
+        "hub",
+        cfg.hub_dataset,
+        "train",
+        False,
+        40,
+    )
+    assert (
+        source["revision"] and source["fingerprint"]
+    )  # what the revision resolved to, as the builder saw it
     assert source["revision"] in source["description"]
 
 
@@ -594,8 +652,9 @@ def test_hub_dataset_shuffles_every_row_once_per_epoch_and_resumes_on_another_wo
         assert batches.epoch >= 1.0
     epoch_0 = [doc for stream in streams for doc in split_documents(stream, 1, 2)[:6]]  # 24 rows, 4 lanes
     assert sorted(epoch_0) == sorted(tuple(encode(tokenizer, doc)) for doc in docs), "each row once per epoch"
-    assert epoch_0 != [tuple(encode(tokenizer, doc)) for doc in docs[0::4] + docs[1::4] + docs[2::4] + docs[3::4]], (
-        "shuffle=True must change the order")
+    assert epoch_0 != [
+        tuple(encode(tokenizer, doc)) for doc in docs[0::4] + docs[1::4] + docs[2::4] + docs[3::4]
+    ], "shuffle=True must change the order"
 
     # With hash-held-out rows, resumed at another world size.
     cfg = hub_config(shuffle=True, val_per_mille=100)
@@ -603,14 +662,17 @@ def test_hub_dataset_shuffles_every_row_once_per_epoch_and_resumes_on_another_wo
     reference, _ = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=16, seed=2)
     head, state = global_windows(cfg, tokenizer, global_rows=4, world_size=2, steps=9, seed=2)
     assert any(lane["offset"] > 0 for lane in state["lanes"].values())
-    tail, _ = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=7, seed=2,
-                             state=json.loads(json.dumps(state)))
+    tail, _ = global_windows(
+        cfg, tokenizer, global_rows=4, world_size=1, steps=7, seed=2, state=json.loads(json.dumps(state))
+    )
     for step, batch in enumerate(head + tail):
         assert torch.equal(batch, reference[step]), f"step {step} differs"
 
 
 def test_hub_resume_seeks_and_a_rank_reads_only_its_lanes_rows(hub, tokenizer, monkeypatch):
-    monkeypatch.setattr(sources, "HUB_CHUNK_ROWS", 8)  # many chunks, so that a resume has whole chunks to skip
+    monkeypatch.setattr(
+        sources, "HUB_CHUNK_ROWS", 8
+    )  # many chunks, so that a resume has whole chunks to skip
     hub.publish(make_docs(600, seed=16))  # more rows than the reader reads ahead: no lane wraps into epoch 1
     cfg = hub_config()
     with data.PackedBatches(cfg, tokenizer, global_rows=4, rank=1, world_size=2) as rank_1:
@@ -620,14 +682,18 @@ def test_hub_resume_seeks_and_a_rank_reads_only_its_lanes_rows(hub, tokenizer, m
 
     reference, state = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=30)
     resume_docs = {int(lane): lane_state["doc"] for lane, lane_state in state["lanes"].items()}
-    assert min(resume_docs.values()) >= 2 * sources.HUB_CHUNK_ROWS, "the resume point must lie past whole chunks"
+    assert min(resume_docs.values()) >= 2 * sources.HUB_CHUNK_ROWS, (
+        "the resume point must lie past whole chunks"
+    )
     hub.reads.clear()
     with data.PackedBatches(cfg, tokenizer, global_rows=4, rank=0, world_size=2) as rank_0:
         rank_0.load_state_dict(state)
         resumed = windows(rank_0, 3)
     assert hub.reads, "the resumed run must read rows"
     for row in hub.reads:
-        assert row % 4 in (0, 2) and row >= resume_docs[row % 4], f"row {row} lies before its lane's resume point"
+        assert row % 4 in (0, 2) and row >= resume_docs[row % 4], (
+            f"row {row} lies before its lane's resume point"
+        )
     continued, _ = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=3, state=state)
     for step, batch in enumerate(resumed):
         assert torch.equal(batch, continued[step][0::2])
@@ -638,7 +704,9 @@ def test_hub_streaming_is_an_option_and_resumes(hub, tokenizer, caplog):
     # JSON lines: a shuffled parquet stream sleeps 5 s each time it ends (datasets' guard for an Arrow thread
     # shutdown bug), and the stream is opened a dozen times here. The code under test is the same for both.
     hub.publish(docs, suffix="jsonl")
-    cfg = config(["no/such/*.jsonl"], source="auto", shuffle=True, val_per_mille=100, val_docs=3, hub_streaming=True)
+    cfg = config(
+        ["no/such/*.jsonl"], source="auto", shuffle=True, val_per_mille=100, val_docs=3, hub_streaming=True
+    )
     with caplog.at_level(logging.INFO, logger="dist_llama.data"):
         reference, state = global_windows(cfg, tokenizer, global_rows=4, world_size=1, steps=10)
     assert "streamed" in caplog.text and hub.calls[0] == (cfg.hub_dataset, None)
@@ -654,8 +722,10 @@ def test_hub_streaming_is_an_option_and_resumes(hub, tokenizer, caplog):
 def test_hub_held_out_set_is_the_hash_rule_over_the_rows(hub):
     docs = make_docs(200, seed=18)
     hub.publish(docs)
-    assert data.held_out_documents(hub_config(val_per_mille=100, val_docs=5)) == [
-        doc for doc in docs if data.is_held_out(doc, 100)][:5]
+    assert (
+        data.held_out_documents(hub_config(val_per_mille=100, val_docs=5))
+        == [doc for doc in docs if data.is_held_out(doc, 100)][:5]
+    )
     with pytest.raises(ValueError, match=r"no column 'body' \(data.text_field\)"):
         data.held_out_documents(hub_config(val_per_mille=100, text_field="body"))
 
@@ -663,16 +733,25 @@ def test_hub_held_out_set_is_the_hash_rule_over_the_rows(hub):
 def test_only_local_rank_0_downloads_while_the_others_wait(tmp_path):
     context = multiprocessing.get_context("spawn")
     log, results = tmp_path / "log", tmp_path / "results"
-    workers = [context.Process(target=download_worker.run, args=(rank, str(tmp_path / "store"), str(log), str(results)))
-               for rank in range(2)]
+    workers = [
+        context.Process(
+            target=download_worker.run, args=(rank, str(tmp_path / "store"), str(log), str(results))
+        )
+        for rank in range(2)
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(timeout=120)
     assert [worker.exitcode for worker in workers] == [0, 0]
     # Rank 1 loads only after rank 0 has finished, and not at all when rank 0 failed.
-    assert log.read_text().splitlines() == ["works start 0", "works end 0", "works start 1", "works end 1",
-                                            "fails start 0"]
+    assert log.read_text().splitlines() == [
+        "works start 0",
+        "works end 0",
+        "works start 1",
+        "works end 1",
+        "fails start 0",
+    ]
     rank_0, rank_1 = (json.loads((tmp_path / f"results.{rank}").read_text()) for rank in range(2))
     assert rank_0 == ["result 0", "ConnectionError: no route to huggingface.co"]
     assert rank_1[0] == "result 1"
@@ -695,14 +774,20 @@ def test_resume_on_another_data_source_is_refused_naming_old_and_new(tmp_path, t
         same_files.load_state_dict(state)  # the same files in another folder are the same data
 
     write_jsonl(tmp_path / "b.jsonl", make_docs(5, seed=20))
-    (tmp_path / "body.jsonl").write_text("".join(json.dumps({"text": doc, "body": doc.upper()}) + "\n" for doc in docs))
+    (tmp_path / "body.jsonl").write_text(
+        "".join(json.dumps({"text": doc, "body": doc.upper()}) + "\n" for doc in docs)
+    )
     hub.publish(docs)
-    changes = [(config([tmp_path / "*.jsonl"], val_per_mille=0), r"files 1 -> 3"),
-               (config([tmp_path / "body.jsonl"], text_field="body"), r"text_field 'text' -> 'body'"),
-               (hub_config(), r"kind 'local' -> 'hub'")]
+    changes = [
+        (config([tmp_path / "*.jsonl"], val_per_mille=0), r"files 1 -> 3"),
+        (config([tmp_path / "body.jsonl"], text_field="body"), r"text_field 'text' -> 'body'"),
+        (hub_config(), r"kind 'local' -> 'hub'"),
+    ]
     for cfg, change in changes:
         with data.PackedBatches(cfg, tokenizer, global_rows=2) as other:
-            with pytest.raises(ValueError, match=r"was read from \[local, .*\] but this run reads \[.*\]") as error:
+            with pytest.raises(
+                ValueError, match=r"was read from \[local, .*\] but this run reads \[.*\]"
+            ) as error:
                 other.load_state_dict(state)
         assert len(str(error.value).splitlines()) == 1
         assert "data.paths" in str(error.value) and "train.init_from" in str(error.value)
@@ -722,8 +807,10 @@ def test_resume_on_another_hub_revision_or_access_is_refused(hub, tokenizer):
         state = batches.state_dict()
     with data.PackedBatches(hub_config(hub_revision="v1"), tokenizer, global_rows=2) as same:
         same.load_state_dict(state)
-    for overrides, change in [({"hub_revision": "v2"}, "fingerprint"), ({"hub_revision": "v1", "hub_streaming": True},
-                                                                         "streaming False -> True")]:
+    for overrides, change in [
+        ({"hub_revision": "v2"}, "fingerprint"),
+        ({"hub_revision": "v1", "hub_streaming": True}, "streaming False -> True"),
+    ]:
         with data.PackedBatches(hub_config(**overrides), tokenizer, global_rows=2) as other:
             with pytest.raises(ValueError, match=change):
                 other.load_state_dict(state)
@@ -736,8 +823,9 @@ def test_resume_on_another_hub_revision_or_access_is_refused(hub, tokenizer):
         data.merge_states([state, {**pinned_elsewhere, "lanes": {}}])
 
 
-def test_auto_fallback_to_the_hub_warns_naming_the_missing_paths_and_the_directory(tmp_path, hub, tokenizer,
-                                                                                   monkeypatch, caplog):
+def test_auto_fallback_to_the_hub_warns_naming_the_missing_paths_and_the_directory(
+    tmp_path, hub, tokenizer, monkeypatch, caplog
+):
     hub.publish(make_docs(20, seed=22))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -754,10 +842,13 @@ def test_auto_fallback_to_the_hub_warns_naming_the_missing_paths_and_the_directo
     write_jsonl(tmp_path / "tiny.jsonl", make_docs(20, seed=22))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="dist_llama.data"):
-        with data.PackedBatches(config([str(tmp_path / "tiny.jsonl")], source="auto"), tokenizer, global_rows=2) as b:
+        with data.PackedBatches(
+            config([str(tmp_path / "tiny.jsonl")], source="auto"), tokenizer, global_rows=2
+        ) as b:
             next(b)
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert "local, 1 file(s)" in caplog.text
+
 
 # --- The real tokenizer ---------------------------------------------------------------------------------
 
@@ -806,7 +897,9 @@ def test_missing_val_paths_fall_back_to_the_hash_rule_only_with_auto(tmp_path, t
     docs = make_docs(200)
     write_jsonl(tmp_path / "train.jsonl", docs)
     missing = str(tmp_path / "nowhere" / "*.jsonl")
-    auto = config([str(tmp_path / "train.jsonl")], source="auto", val_paths=[missing], val_per_mille=200, val_docs=5)
+    auto = config(
+        [str(tmp_path / "train.jsonl")], source="auto", val_paths=[missing], val_per_mille=200, val_docs=5
+    )
     with caplog.at_level(logging.WARNING, logger="dist_llama.data"):
         held_out = data.held_out_documents(auto)
     assert len(held_out) == 5 and all(data.is_held_out(text, 200) for text in held_out)

@@ -141,8 +141,9 @@ def test_confidence_intervals_match_textbook_values():
     # Student t over subject means: mean 0.5, sd 0.1, k = 5 -> 0.5 -+ 2.7764 * 0.1 / sqrt(5)
     means = [0.4, 0.45, 0.5, 0.55, 0.6]
     sd = math.sqrt(sum((m - 0.5) ** 2 for m in means) / 4)
-    assert stats.macro_interval(means) == pytest.approx([0.5 - 2.7764 * sd / math.sqrt(5),
-                                                            0.5 + 2.7764 * sd / math.sqrt(5)], abs=1e-4)
+    assert stats.macro_interval(means) == pytest.approx(
+        [0.5 - 2.7764 * sd / math.sqrt(5), 0.5 + 2.7764 * sd / math.sqrt(5)], abs=1e-4
+    )
     assert stats.macro_interval([0.5]) is None
 
 
@@ -159,19 +160,38 @@ def synthetic_params(synthetic_params_path) -> dict:
     return irt.load_irt_params(synthetic_params_path)
 
 
-def test_irt_subcommand_prints_the_estimates_of_a_samples_file(tmp_path, shared_data, synthetic_params_path,
-                                                               synthetic_params):
-    cases = json.loads((shared_data / "tinymmlu" / "irt_reference" / "synthetic_d5.expected.json").read_text())["cases"]
+def test_irt_subcommand_prints_the_estimates_of_a_samples_file(
+    tmp_path, shared_data, synthetic_params_path, synthetic_params
+):
+    cases = json.loads(
+        (shared_data / "tinymmlu" / "irt_reference" / "synthetic_d5.expected.json").read_text()
+    )["cases"]
     case = next(c for c in cases if c["name"] == "bernoulli_0.6")
     # lm-eval writes rank-major order with several processes: the file order must not matter.
     order = list(range(100))
     random.Random(0).shuffle(order)
     samples = tmp_path / "samples_tinyMMLU.jsonl"
-    samples.write_text("".join(json.dumps({"doc_id": i, "acc": case["y"][i], "acc_norm": case["y"][i]}) + "\n"
-                               for i in order))
-    proc = subprocess.run([sys.executable, "-m", "dist_llama.evaluate", "irt", "--params", str(synthetic_params_path),
-                           "--samples", str(samples)], capture_output=True, text=True, env=_subprocess_env(),
-                          timeout=120)
+    samples.write_text(
+        "".join(
+            json.dumps({"doc_id": i, "acc": case["y"][i], "acc_norm": case["y"][i]}) + "\n" for i in order
+        )
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_llama.evaluate",
+            "irt",
+            "--params",
+            str(synthetic_params_path),
+            "--samples",
+            str(samples),
+        ],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
     assert printed == irt.estimate(case["y"], synthetic_params)
@@ -179,23 +199,43 @@ def test_irt_subcommand_prints_the_estimates_of_a_samples_file(tmp_path, shared_
         assert printed[key] == pytest.approx(case["expected"][key], abs=1e-4)
 
 
-def test_irt_subcommand_finds_anchors_by_tb_index_or_refuses(tmp_path, synthetic_params_path, synthetic_params):
+def test_irt_subcommand_finds_anchors_by_tb_index_or_refuses(
+    tmp_path, synthetic_params_path, synthetic_params
+):
     seen = [int(i) for i in synthetic_params["mmlu"]["seen_examples"]]
     scores = {index: float(k % 3 == 0) for k, index in enumerate(seen)}
     extra = [i for i in range(300) if i not in scores][:50]
-    rows = [{"doc_id": d, "tb_index": i, "acc": scores.get(i, 1.0), "acc_norm": scores.get(i, 1.0)}
-            for d, i in enumerate(sorted(set(seen) | set(extra)))]
-    command = [sys.executable, "-m", "dist_llama.evaluate", "irt", "--params", str(synthetic_params_path), "--samples"]
+    rows = [
+        {"doc_id": d, "tb_index": i, "acc": scores.get(i, 1.0), "acc_norm": scores.get(i, 1.0)}
+        for d, i in enumerate(sorted(set(seen) | set(extra)))
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "dist_llama.evaluate",
+        "irt",
+        "--params",
+        str(synthetic_params_path),
+        "--samples",
+    ]
     full = tmp_path / "full.jsonl"
     full.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = subprocess.run([*command, str(full)], capture_output=True, text=True, env=_subprocess_env(), timeout=120)
+    proc = subprocess.run(
+        [*command, str(full)], capture_output=True, text=True, env=_subprocess_env(), timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == irt.estimate([scores[i] for i in seen], synthetic_params)
     # 100 items that are not the anchors must not be scored as if they were.
     partial = tmp_path / "partial.jsonl"
-    partial.write_text("".join(json.dumps({**r, "doc_id": d}) + "\n"
-                               for d, r in enumerate(r for r in rows if r["tb_index"] not in seen[:10])))
-    proc = subprocess.run([*command, str(partial)], capture_output=True, text=True, env=_subprocess_env(), timeout=120)
+    partial.write_text(
+        "".join(
+            json.dumps({**r, "doc_id": d}) + "\n"
+            for d, r in enumerate(r for r in rows if r["tb_index"] not in seen[:10])
+        )
+    )
+    proc = subprocess.run(
+        [*command, str(partial)], capture_output=True, text=True, env=_subprocess_env(), timeout=120
+    )
     assert proc.returncode != 0 and "anchor" in proc.stderr
 
 
@@ -243,9 +283,12 @@ def owt_tiny(shared_data) -> Path:
 @pytest.fixture(scope="module")
 def ppl_results(tiny_hf_model_dir, owt_tiny) -> dict:
     """loss_by_position of the tiny model without override, with PI factor 4, and with factor 1."""
-    return {factor: position.loss_by_position(tiny_hf_model_dir, owt_tiny, PPL_SEQ_LEN, PPL_DOCS,
-                                              rope_scaling_factor=factor, device="cpu")
-            for factor in (None, 4.0, 1.0)}
+    return {
+        factor: position.loss_by_position(
+            tiny_hf_model_dir, owt_tiny, PPL_SEQ_LEN, PPL_DOCS, rope_scaling_factor=factor, device="cpu"
+        )
+        for factor in (None, 4.0, 1.0)
+    }
 
 
 def test_loss_by_position_buckets(ppl_results):
@@ -258,17 +301,23 @@ def test_loss_by_position_buckets(ppl_results):
     assert len(per_position) == PPL_SEQ_LEN and all(math.isfinite(x) for x in per_position)
     for name, loss in result["buckets"].items():
         start, end = map(int, name.split("-"))
-        assert loss == pytest.approx(sum(per_position[start:end + 1]) / (end - start + 1))
+        assert loss == pytest.approx(sum(per_position[start : end + 1]) / (end - start + 1))
     assert result["loss"] == pytest.approx(sum(per_position) / PPL_SEQ_LEN)
     # A random model is near-uniform over the 32000-token vocabulary.
     assert abs(result["loss"] - math.log(32000)) < 0.5
     # The first documents of tiny.jsonl are all longer than a window: one window from each one's start.
     tok = load_tokenizer("offline")
     docs = read_documents([result["data"]], limit=PPL_DOCS)
-    assert (result["docs_read"], result["docs_qualified"], result["n_windows"]) == (PPL_DOCS, PPL_DOCS, PPL_DOCS)
+    assert (result["docs_read"], result["docs_qualified"], result["n_windows"]) == (
+        PPL_DOCS,
+        PPL_DOCS,
+        PPL_DOCS,
+    )
     windows, read, _ = position._document_windows(docs, tok, PPL_SEQ_LEN, None)
-    assert windows.tolist() == [[tok.bos_token_id, *tok(doc, add_special_tokens=False)["input_ids"]][:PPL_SEQ_LEN + 1]
-                                for doc in docs]
+    assert windows.tolist() == [
+        [tok.bos_token_id, *tok(doc, add_special_tokens=False)["input_ids"]][: PPL_SEQ_LEN + 1]
+        for doc in docs
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +345,12 @@ def test_loss_by_position_takes_one_window_from_each_long_document(tiny_hf_model
     assert (result["docs_read"], result["docs_qualified"], result["n_windows"]) == (4, 2, 2)
     tok = load_tokenizer("offline")
     # Each window starts at its own document's [bos]: no position follows an earlier document's tokens.
-    windows = torch.tensor([[tok.bos_token_id, *tok(doc, add_special_tokens=False)["input_ids"]][:PPL_SEQ_LEN + 1]
-                            for doc in long_docs[:2]])
+    windows = torch.tensor(
+        [
+            [tok.bos_token_id, *tok(doc, add_special_tokens=False)["input_ids"]][: PPL_SEQ_LEN + 1]
+            for doc in long_docs[:2]
+        ]
+    )
     model = LlamaForCausalLM.from_pretrained(tiny_hf_model_dir).eval()
     with torch.no_grad():
         logits = model(windows[:, :-1]).logits
@@ -310,8 +363,11 @@ def test_loss_by_position_takes_one_window_from_each_long_document(tiny_hf_model
 
 def test_loss_by_position_refuses_when_no_document_is_long_enough(tiny_hf_model_dir, mixed_lengths):
     path, _ = mixed_lengths
-    with pytest.raises(EvaluationError, match=r"none of its 5 documents has the seq_len \+ 1 = 4097 tokens"
-                                                       r".*lower --seq-len"):
+    with pytest.raises(
+        EvaluationError,
+        match=r"none of its 5 documents has the seq_len \+ 1 = 4097 tokens"
+        r".*lower --seq-len",
+    ):
         position.loss_by_position(tiny_hf_model_dir, path, 4096, 8, device="cpu")
 
 
@@ -327,9 +383,27 @@ def test_rope_scaling_factor_overrides_positions_only(ppl_results):
 
 
 def test_ppl_command_and_plot(tiny_hf_model_dir, owt_tiny, ppl_results, tmp_path, capsys):
-    code = evaluate.main(["ppl", "--model", str(tiny_hf_model_dir), "--data", str(owt_tiny), "--seq-len",
-                          str(PPL_SEQ_LEN), "--docs", str(PPL_DOCS), "--rope-scaling-factor", "4", "--label", "pi x4",
-                          "--device", "cpu", "--output", str(tmp_path)])
+    code = evaluate.main(
+        [
+            "ppl",
+            "--model",
+            str(tiny_hf_model_dir),
+            "--data",
+            str(owt_tiny),
+            "--seq-len",
+            str(PPL_SEQ_LEN),
+            "--docs",
+            str(PPL_DOCS),
+            "--rope-scaling-factor",
+            "4",
+            "--label",
+            "pi x4",
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     written = json.loads((tmp_path / "ppl_pi_x4.json").read_text())
     assert written["label"] == "pi x4"
@@ -339,8 +413,12 @@ def test_ppl_command_and_plot(tiny_hf_model_dir, owt_tiny, ppl_results, tmp_path
     baseline = tmp_path / "ppl_base.json"
     baseline.write_text(json.dumps({**ppl_results[None], "label": "no scaling"}))
     plot = tmp_path / "loss_by_position.png"
-    assert evaluate.main(["ppl-plot", "--inputs", str(baseline), str(tmp_path / "ppl_pi_x4.json"),
-                          "--output", str(plot)]) == 0
+    assert (
+        evaluate.main(
+            ["ppl-plot", "--inputs", str(baseline), str(tmp_path / "ppl_pi_x4.json"), "--output", str(plot)]
+        )
+        == 0
+    )
     data = plot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
 
@@ -348,25 +426,95 @@ def test_ppl_command_and_plot(tiny_hf_model_dir, owt_tiny, ppl_results, tmp_path
 # --- User errors: one line, non-zero exit -------------------------------------------------------------------
 
 
-def test_user_errors_are_one_line(tmp_path, tiny_hf_model_dir, mmlu_items, owt_tiny, synthetic_params_path, capsys):
+def test_user_errors_are_one_line(
+    tmp_path, tiny_hf_model_dir, mmlu_items, owt_tiny, synthetic_params_path, capsys
+):
     bad_pickle = tmp_path / "bad.pkl"
     bad_pickle.write_bytes(b"not a pickle")
     bad_rows = tmp_path / "bad.jsonl"
     bad_rows.write_text(json.dumps({"question": "q", "answer": 0}) + "\n")
     cases = {
-        "no model": ["ppl", "--model", str(tmp_path / "missing"), "--data", str(owt_tiny), "--output", str(tmp_path)],
-        "no data": ["--model", str(tiny_hf_model_dir), "--data", str(tmp_path / "none.jsonl"),
-                    "--output", str(tmp_path)],
-        "bad row": ["mmlu", "--model", str(tiny_hf_model_dir), "--data", str(bad_rows), "--output", str(tmp_path)],
-        "bad params": ["mmlu", "--model", str(tiny_hf_model_dir), "--data", str(mmlu_items), "--irt-params",
-                       str(bad_pickle), "--output", str(tmp_path)],
-        "no samples": ["irt", "--params", str(synthetic_params_path), "--samples", str(tmp_path / "none.jsonl")],
-        "factor < 1": ["ppl", "--model", str(tiny_hf_model_dir), "--data", str(owt_tiny), "--rope-scaling-factor",
-                       "0.5", "--output", str(tmp_path)],
-        "no tokenizer": ["mmlu", "--model", str(tiny_hf_model_dir), "--data", str(mmlu_items), "--tokenizer",
-                         str(tmp_path / "no" / "tokenizer"), "--output", str(tmp_path)],
-        "short docs": ["ppl", "--model", str(tiny_hf_model_dir), "--data", str(owt_tiny), "--docs", "2",
-                       "--seq-len", "100000", "--device", "cpu", "--output", str(tmp_path)],
+        "no model": [
+            "ppl",
+            "--model",
+            str(tmp_path / "missing"),
+            "--data",
+            str(owt_tiny),
+            "--output",
+            str(tmp_path),
+        ],
+        "no data": [
+            "--model",
+            str(tiny_hf_model_dir),
+            "--data",
+            str(tmp_path / "none.jsonl"),
+            "--output",
+            str(tmp_path),
+        ],
+        "bad row": [
+            "mmlu",
+            "--model",
+            str(tiny_hf_model_dir),
+            "--data",
+            str(bad_rows),
+            "--output",
+            str(tmp_path),
+        ],
+        "bad params": [
+            "mmlu",
+            "--model",
+            str(tiny_hf_model_dir),
+            "--data",
+            str(mmlu_items),
+            "--irt-params",
+            str(bad_pickle),
+            "--output",
+            str(tmp_path),
+        ],
+        "no samples": [
+            "irt",
+            "--params",
+            str(synthetic_params_path),
+            "--samples",
+            str(tmp_path / "none.jsonl"),
+        ],
+        "factor < 1": [
+            "ppl",
+            "--model",
+            str(tiny_hf_model_dir),
+            "--data",
+            str(owt_tiny),
+            "--rope-scaling-factor",
+            "0.5",
+            "--output",
+            str(tmp_path),
+        ],
+        "no tokenizer": [
+            "mmlu",
+            "--model",
+            str(tiny_hf_model_dir),
+            "--data",
+            str(mmlu_items),
+            "--tokenizer",
+            str(tmp_path / "no" / "tokenizer"),
+            "--output",
+            str(tmp_path),
+        ],
+        "short docs": [
+            "ppl",
+            "--model",
+            str(tiny_hf_model_dir),
+            "--data",
+            str(owt_tiny),
+            "--docs",
+            "2",
+            "--seq-len",
+            "100000",
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path),
+        ],
     }
     errors = {}
     for name, argv in cases.items():
@@ -411,8 +559,12 @@ def test_ppl_of_a_checkpoint_matches_its_release(custom_release, owt_tiny):
     # The run folder is consolidated to stock Llama; the release runs our code. With the same PI override
     # both must give the same losses, so our config honours the rope_parameters override too.
     run_dir, release = custom_release
-    from_checkpoint = position.loss_by_position(run_dir, owt_tiny, PPL_SEQ_LEN, 2, rope_scaling_factor=4, device="cpu")
-    from_release = position.loss_by_position(release, owt_tiny, PPL_SEQ_LEN, 2, rope_scaling_factor=4, device="cpu")
+    from_checkpoint = position.loss_by_position(
+        run_dir, owt_tiny, PPL_SEQ_LEN, 2, rope_scaling_factor=4, device="cpu"
+    )
+    from_release = position.loss_by_position(
+        release, owt_tiny, PPL_SEQ_LEN, 2, rope_scaling_factor=4, device="cpu"
+    )
     assert from_checkpoint["rope_parameters"]["factor"] == from_release["rope_parameters"]["factor"] == 4
     assert from_checkpoint["n_windows"] == from_release["n_windows"] > 0
     assert from_checkpoint["loss_by_position"] == pytest.approx(from_release["loss_by_position"], abs=1e-4)
@@ -424,10 +576,34 @@ def test_stock_lm_eval_cli_on_our_release(custom_release, custom_release_mmlu, t
     out, _ = custom_release_mmlu
     cli_out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={release}",
-         "--tasks", "tinymmlu_local", "--include_path", str(out / "tasks"), "--batch_size", "4",
-         "--output_path", str(cli_out), "--log_samples", "--device", "cpu", "--trust_remote_code", "--limit", "2"],
-        capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={release}",
+            "--tasks",
+            "tinymmlu_local",
+            "--include_path",
+            str(out / "tasks"),
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(cli_out),
+            "--log_samples",
+            "--device",
+            "cpu",
+            "--trust_remote_code",
+            "--limit",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results_files = list(cli_out.rglob("results_*.json"))
     samples_files = list(cli_out.rglob("samples_tinymmlu_local_*.jsonl"))
@@ -442,7 +618,9 @@ def test_stock_lm_eval_cli_on_our_release(custom_release, custom_release_mmlu, t
         mine = ours[sample["doc_id"]]
         assert sample["acc"] == mine["acc"]
         # lm-eval's samples file writes each (loglikelihood, is_greedy) pair as strings.
-        assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(mine["loglikelihoods"], abs=1e-3)
+        assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(
+            mine["loglikelihoods"], abs=1e-3
+        )
 
 
 def test_limit_on_local_data_spreads_items_over_the_file(tmp_path):
@@ -450,5 +628,8 @@ def test_limit_on_local_data_spreads_items_over_the_file(tmp_path):
 
     source = tmp_path / "all.jsonl"
     source.write_text("".join(json.dumps({"subject": chr(ord("a") + i)}) + "\n" for i in range(10)))
-    picked = [json.loads(line)["subject"] for line in spread_subset(source, 5, tmp_path / "some.jsonl").read_text().splitlines()]
+    picked = [
+        json.loads(line)["subject"]
+        for line in spread_subset(source, 5, tmp_path / "some.jsonl").read_text().splitlines()
+    ]
     assert picked == ["a", "c", "e", "g", "i"]

@@ -22,20 +22,53 @@ REPO = Path(__file__).resolve().parents[1]
 
 def environment() -> dict:
     # PYTHON: the launch script runs the session with the interpreter running these tests.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-            "PYTHON": sys.executable}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+        "PYTHON": sys.executable,
+    }
 
 
 def session(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPO / "launch/gpu_session.sh"), *args], cwd=REPO, env=environment(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(REPO / "launch/gpu_session.sh"), *args],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def build_bundle(out: Path, inputs: dict, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dist_llama.gpu_session", "bundle", "--out", str(out),
-                           "--train-data", *map(str, inputs["train"]), "--held-out", str(inputs["held_out"]),
-                           "--tinymmlu", str(inputs["tinymmlu"]), "--mmlu", str(inputs["mmlu"]), "--mmlu-items", "8",
-                           *extra], cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_llama.gpu_session",
+            "bundle",
+            "--out",
+            str(out),
+            "--train-data",
+            *map(str, inputs["train"]),
+            "--held-out",
+            str(inputs["held_out"]),
+            "--tinymmlu",
+            str(inputs["tinymmlu"]),
+            "--mmlu",
+            str(inputs["mmlu"]),
+            "--mmlu-items",
+            "8",
+            *extra,
+        ],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +78,13 @@ def inputs(tmp_path_factory, shared_data) -> dict:
     (folder / "train_a.jsonl").write_text("\n".join(lines[:40]) + "\n")
     (folder / "train_b.jsonl").write_text("\n".join(lines[40:80]) + "\n")
     (folder / "held_out.jsonl").write_text("\n".join(lines[80:200]) + "\n")
-    return {"train": [folder / "train_a.jsonl"], "held_out": folder / "held_out.jsonl",
-            "tinymmlu": shared_data / "tinymmlu/tinymmlu.jsonl", "mmlu": shared_data / "tinymmlu/mmlu_test.jsonl",
-            "more_train": [folder / "train_a.jsonl", folder / "train_b.jsonl"]}
+    return {
+        "train": [folder / "train_a.jsonl"],
+        "held_out": folder / "held_out.jsonl",
+        "tinymmlu": shared_data / "tinymmlu/tinymmlu.jsonl",
+        "mmlu": shared_data / "tinymmlu/mmlu_test.jsonl",
+        "more_train": [folder / "train_a.jsonl", folder / "train_b.jsonl"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +114,9 @@ def test_bundle_leaves_out_shards_that_do_not_fit_and_refuses_when_nothing_fits(
     shard = manifest["files"]["train/train_a.parquet"]
     fixed = manifest["bundle_bytes"] - shard + manifest["checkout_bytes"]
     limit_mib = (fixed + 1.5 * shard) / 2**20  # room for one shard, not two
-    result = build_bundle(tmp_path / "one", {**inputs, "train": inputs["more_train"]}, "--limit-mib", f"{limit_mib:.6f}")
+    result = build_bundle(
+        tmp_path / "one", {**inputs, "train": inputs["more_train"]}, "--limit-mib", f"{limit_mib:.6f}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "left out training shard" in result.stdout and "train_b.jsonl" in result.stdout
     trimmed = json.loads((tmp_path / "one" / MANIFEST).read_text())
@@ -90,32 +129,79 @@ def test_bundle_leaves_out_shards_that_do_not_fit_and_refuses_when_nothing_fits(
 
 def test_rehearsal_runs_every_stage_and_packs_what_must_come_back(bundle, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    tiny = ["--train.steps=4", "--train.tokens_per_step=256", "--train.micro_batch_size=4", "--data.seq_len=32",
-            "--data.val_docs=4", "--train.eval_every=2", "--train.eval_batches=1", "--checkpoint.every=2",
-            "--eval.limit=4", "--eval.ppl_docs=2", "--eval.batch_size=4"]
+    tiny = [
+        "--train.steps=4",
+        "--train.tokens_per_step=256",
+        "--train.micro_batch_size=4",
+        "--data.seq_len=32",
+        "--data.val_docs=4",
+        "--train.eval_every=2",
+        "--train.eval_batches=1",
+        "--checkpoint.every=2",
+        "--eval.limit=4",
+        "--eval.ppl_docs=2",
+        "--eval.batch_size=4",
+    ]
     # The IRT file does not exist: tinyMMLU's evaluation fails in one line, and the stages after it still run.
-    result = session("--rehearse", "--bundle", str(bundle), "--out", str(out), "--work", str(work),
-                     "--deadline-s", "270", "--skip=bench", "--eval.irt_params=/nonexistent/tinyBenchmarks.pkl", *tiny)
+    result = session(
+        "--rehearse",
+        "--bundle",
+        str(bundle),
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+        "--deadline-s",
+        "270",
+        "--skip=bench",
+        "--eval.irt_params=/nonexistent/tinyBenchmarks.pkl",
+        *tiny,
+    )
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     status = {s["stage"]: s["status"] for s in summary["stages"]}
-    assert status == {"install": "skipped", "preflight": "ok", "bench": "skipped", "train": "ok", "release": "ok",
-                      "evaluate": "failed", "report": "ok"}, summary["stages"]
-    assert [s["stage"] for s in summary["stages"]] == ["install", "preflight", "train", "release", "evaluate", "bench",
-                                                       "report"]
+    assert status == {
+        "install": "skipped",
+        "preflight": "ok",
+        "bench": "skipped",
+        "train": "ok",
+        "release": "ok",
+        "evaluate": "failed",
+        "report": "ok",
+    }, summary["stages"]
+    assert [s["stage"] for s in summary["stages"]] == [
+        "install",
+        "preflight",
+        "train",
+        "release",
+        "evaluate",
+        "bench",
+        "report",
+    ]
     assert summary["stages"][0]["detail"].startswith("the bundle holds no wheels")
-    assert summary["stage_plan"]["train"] == 270 - sum(v for k, v in summary["stage_plan"].items() if k != "train") - 5
+    assert (
+        summary["stage_plan"]["train"]
+        == 270 - sum(v for k, v in summary["stage_plan"].items() if k != "train") - 5
+    )
     evaluate = next(s for s in summary["stages"] if s["stage"] == "evaluate")
-    assert "tinymmlu: evaluate: error: IRT parameter file /nonexistent/tinyBenchmarks.pkl: no such file" in evaluate["detail"]
+    assert (
+        "tinymmlu: evaluate: error: IRT parameter file /nonexistent/tinyBenchmarks.pkl: no such file"
+        in evaluate["detail"]
+    )
     assert "ppl ok" in evaluate["detail"] and "mmlu_spread ok" in evaluate["detail"]
     assert summary["elapsed_s"] < 270
 
     release = summary["release"]
     assert release["dist_llama_importable"] is False and release["class"] == "DistLlamaForCausalLM"
-    assert release["max_abs_logit_diff"] <= 1e-4 * max(1.0, release["max_abs_logit"]) and release["max_abs_logit"] > 0
+    assert (
+        release["max_abs_logit_diff"] <= 1e-4 * max(1.0, release["max_abs_logit"])
+        and release["max_abs_logit"] > 0
+    )
     assert len(release["generations"]) == 3
-    assert all(g["greedy"].startswith(g["prompt"]) and g["sampled"].startswith(g["prompt"])
-               for g in release["generations"])
+    assert all(
+        g["greedy"].startswith(g["prompt"]) and g["sampled"].startswith(g["prompt"])
+        for g in release["generations"]
+    )
     assert summary["eval"]["mmlu_spread"]["n"] == 4 and summary["eval"]["tinymmlu"] is None
     assert summary["eval"]["ppl"][0]["seq_len"] == 32
     assert summary["train"]["steps"] == 4 and summary["train"]["final_val_loss"] is not None
@@ -127,13 +213,27 @@ def test_rehearsal_runs_every_stage_and_packs_what_must_come_back(bundle, tmp_pa
     with tarfile.open(out / PACK_NAME) as tar:
         names = tar.getnames()
     run = "session/runs/debug/"
-    for expected in ("metrics.jsonl", "config.yaml", "environment.json", "eval/mmlu_spread/summary.json",
-                     "eval/mmlu_spread/samples_tinymmlu_local.jsonl", "eval/ppl_debug.json", "report/results.md",
-                     "report/loss.png", "release/config.json", "release/README.md"):
+    for expected in (
+        "metrics.jsonl",
+        "config.yaml",
+        "environment.json",
+        "eval/mmlu_spread/summary.json",
+        "eval/mmlu_spread/samples_tinymmlu_local.jsonl",
+        "eval/ppl_debug.json",
+        "report/results.md",
+        "report/loss.png",
+        "release/config.json",
+        "release/README.md",
+    ):
         assert run + expected in names, expected
     assert any(name.startswith(run + "tensorboard/") for name in names)
-    for expected in ("session/summary.md", "session/release_check.json", "session/preflight.json",
-                     "session/logs/train_debug.log", "session/logs/evaluate_tinymmlu.log"):
+    for expected in (
+        "session/summary.md",
+        "session/release_check.json",
+        "session/preflight.json",
+        "session/logs/train_debug.log",
+        "session/logs/evaluate_tinymmlu.log",
+    ):
         assert expected in names, expected
     assert not any("checkpoints" in name or name.endswith(".safetensors") for name in names)
 
@@ -146,18 +246,23 @@ def test_rehearsal_runs_every_stage_and_packs_what_must_come_back(bundle, tmp_pa
 def test_missing_bundle_is_one_line_and_the_summary_is_still_written(tmp_path):
     result = session("--rehearse", "--bundle", str(tmp_path / "no_bundle"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: bundle folder {tmp_path / 'no_bundle'} not found or has no manifest.json: "
-                                     "build it with launch/prepare_gpu_bundle.sh (and name it in the machine's carry)")
+    assert result.stderr.strip() == (
+        f"error: bundle folder {tmp_path / 'no_bundle'} not found or has no manifest.json: "
+        "build it with launch/prepare_gpu_bundle.sh (and name it in the machine's carry)"
+    )
     summary = json.loads((tmp_path / "out/summary.json").read_text())
-    assert summary["bad_input"].startswith("bundle folder") and all(s["status"] == "skipped" for s in summary["stages"])
+    assert summary["bad_input"].startswith("bundle folder") and all(
+        s["status"] == "skipped" for s in summary["stages"]
+    )
     assert (tmp_path / "out/summary.md").is_file()
 
 
 def test_deadline_too_short_for_the_preflight(bundle, tmp_path):
     result = session("--bundle", str(bundle), "--out", str(tmp_path / "out"), "--deadline-s", "10")
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: --deadline-s 10 is too short: install and preflight alone need at least "
-                                     "20 s here (gpu)")
+    assert result.stderr.strip() == (
+        "error: --deadline-s 10 is too short: install and preflight alone need at least 20 s here (gpu)"
+    )
     assert json.loads((tmp_path / "out/summary.json").read_text())["bad_input"].startswith("--deadline-s 10")
 
 
@@ -170,13 +275,17 @@ def test_wheels_that_fail_to_install_and_no_gpu_are_each_one_line(bundle, tmp_pa
     manifest["wheels"] = ["wheels/notapackage-1.0-py3-none-any.whl"]
     manifest["files"]["wheels/notapackage-1.0-py3-none-any.whl"] = len(b"not a zip file")
     (broken / MANIFEST).write_text(json.dumps(manifest))
-    result = session("--bundle", str(broken), "--out", str(tmp_path / "out"), "--config", "configs/debug.yaml")
+    result = session(
+        "--bundle", str(broken), "--out", str(tmp_path / "out"), "--config", "configs/debug.yaml"
+    )
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads((tmp_path / "out/summary.json").read_text())
     stages = {s["stage"]: s for s in summary["stages"]}
     assert stages["install"]["status"] == "failed"
     assert stages["install"]["detail"].startswith("1 wheel(s) failed to install:")
-    assert stages["preflight"]["status"] == "failed" and stages["preflight"]["detail"].startswith("no GPU visible")
+    assert stages["preflight"]["status"] == "failed" and stages["preflight"]["detail"].startswith(
+        "no GPU visible"
+    )
     assert stages["train"]["detail"] == "preflight did not pass"
     assert result.stderr.strip().splitlines()[-1].startswith("error: no GPU visible")
 
@@ -184,7 +293,15 @@ def test_wheels_that_fail_to_install_and_no_gpu_are_each_one_line(bundle, tmp_pa
 def test_unusable_arguments_are_refused(bundle, tmp_path):
     (tmp_path / "work").mkdir()
     (tmp_path / "work/old_run").mkdir()
-    busy = session("--rehearse", "--bundle", str(bundle), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"))
+    busy = session(
+        "--rehearse",
+        "--bundle",
+        str(bundle),
+        "--out",
+        str(tmp_path / "out"),
+        "--work",
+        str(tmp_path / "work"),
+    )
     assert busy.returncode == 2 and "is not empty" in busy.stderr
     stray = session("--rehearse", "--out", str(tmp_path / "out"), "--steps=3")
     assert stray.returncode == 2 and "unrecognized argument '--steps=3'" in stray.stderr
@@ -194,15 +311,48 @@ def test_unusable_arguments_are_refused(bundle, tmp_path):
 
 def test_bench_checks_the_weights_and_reports_what_the_summary_shows(tmp_path):
     path = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "benchmarks/bench_model_step.py", "--preset", "debug", "--seq-len", "16",
-                             "--batch", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(path)],
-                            cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_model_step.py",
+            "--preset",
+            "debug",
+            "--seq-len",
+            "16",
+            "--batch",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(path),
+        ],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     bench = json.loads(path.read_text())
     assert bench["weights_checked_equal"] is True and set(bench["models"]) == {"ours", "transformers"}
     assert all(m["tokens_per_s"] > 0 and m["mfu"] is None for m in bench["models"].values())
-    markdown = summary_markdown({"mode": "rehearse", "date": "today", "config": "c", "overrides": [], "deadline_s": 1,
-                                 "elapsed_s": 1, "bad_input": None, "stages": [], "bench": bench})
+    markdown = summary_markdown(
+        {
+            "mode": "rehearse",
+            "date": "today",
+            "config": "c",
+            "overrides": [],
+            "deadline_s": 1,
+            "elapsed_s": 1,
+            "bad_input": None,
+            "stages": [],
+            "bench": bench,
+        }
+    )
     assert "| ours |" in markdown and "| transformers |" in markdown and "ours/transformers" in markdown
 
 
@@ -214,18 +364,42 @@ def test_a_compile_that_hangs_costs_the_compile_limit_and_training_runs_eager(bu
     hanging.write_text("#!/bin/sh\nsleep 600\n")
     hanging.chmod(0o755)
     out = tmp_path / "out"
-    result = subprocess.run([str(REPO / "launch/gpu_session.sh"), "--rehearse", "--bundle", str(bundle), "--out", str(out),
-                             "--work", str(tmp_path / "work"), "--skip=bench,release,evaluate,report",
-                             "--compile-limit-s", "25", "--parallel.compile=true", "--train.steps=12",
-                             "--train.tokens_per_step=256", "--train.micro_batch_size=4", "--data.seq_len=32",
-                             "--data.val_docs=4", "--train.eval_batches=1", "--checkpoint.every=2"],
-                            cwd=REPO, env={**environment(), "CXX": str(hanging)}, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [
+            str(REPO / "launch/gpu_session.sh"),
+            "--rehearse",
+            "--bundle",
+            str(bundle),
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "--skip=bench,release,evaluate,report",
+            "--compile-limit-s",
+            "25",
+            "--parallel.compile=true",
+            "--train.steps=12",
+            "--train.tokens_per_step=256",
+            "--train.micro_batch_size=4",
+            "--data.seq_len=32",
+            "--data.val_docs=4",
+            "--train.eval_batches=1",
+            "--checkpoint.every=2",
+        ],
+        cwd=REPO,
+        env={**environment(), "CXX": str(hanging)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     train = next(s for s in summary["stages"] if s["stage"] == "train")
     assert train["status"] == "ok", train
-    assert "debug: stopped: no sign of progress after 25 s" in train["detail"] and "debug_eager: budget" in train["detail"]
+    assert (
+        "debug: stopped: no sign of progress after 25 s" in train["detail"]
+        and "debug_eager: budget" in train["detail"]
+    )
     assert summary["run"] == "debug_eager" and summary["preflight"]["config"]["parallel"]["compile"] is True
     assert train["seconds"] < 25 + 120, "the hang cost its limit, not the stage"
 
@@ -235,12 +409,26 @@ def test_a_child_that_does_not_start_in_time_is_stopped_and_one_that_does_runs_o
 
     marker = tmp_path / "started"
     script = f"import pathlib, sys, time\nif sys.argv[1] == 'start': pathlib.Path({str(marker)!r}).touch()\ntime.sleep(3)"
-    stalled = run_child(tmp_path / "a.log", [sys.executable, "-c", script, "hang"], 30, dict(os.environ), tmp_path,
-                        started=marker.exists, start_within=1)
+    stalled = run_child(
+        tmp_path / "a.log",
+        [sys.executable, "-c", script, "hang"],
+        30,
+        dict(os.environ),
+        tmp_path,
+        started=marker.exists,
+        start_within=1,
+    )
     assert not stalled.ok and not stalled.timed_out and stalled.stalled_after_s == 1 and stalled.seconds < 3
     assert stalled.why().startswith("stopped: no sign of progress after 1 s")
-    started = run_child(tmp_path / "b.log", [sys.executable, "-c", script, "start"], 30, dict(os.environ), tmp_path,
-                        started=marker.exists, start_within=1)
+    started = run_child(
+        tmp_path / "b.log",
+        [sys.executable, "-c", script, "start"],
+        30,
+        dict(os.environ),
+        tmp_path,
+        started=marker.exists,
+        start_within=1,
+    )
     assert started.ok and started.seconds >= 3
 
 
@@ -256,8 +444,12 @@ def test_the_install_stage_gives_pip_its_allowance(monkeypatch, tmp_path):
         raise subprocess.TimeoutExpired(command, kwargs["timeout"])
 
     monkeypatch.setattr(wheels.subprocess, "run", pip)
-    session = types.SimpleNamespace(manifest={"wheels": ["wheels/not_installed_here-1.0-py3-none-any.whl"]},
-                                    bundle=tmp_path, site=tmp_path / "site", mode=types.SimpleNamespace(require_gpu=True))
+    session = types.SimpleNamespace(
+        manifest={"wheels": ["wheels/not_installed_here-1.0-py3-none-any.whl"]},
+        bundle=tmp_path,
+        site=tmp_path / "site",
+        mode=types.SimpleNamespace(require_gpu=True),
+    )
     outcome = stages.install(session, 120)
     assert seen["timeout"] == 120
     assert outcome.status == "failed" and outcome.detail == "pip did not install the 1 wheel(s) within 120 s"
@@ -266,13 +458,26 @@ def test_the_install_stage_gives_pip_its_allowance(monkeypatch, tmp_path):
 def test_the_gpu_plan_gives_training_most_of_the_deadline():
     plans = {}
     for mode in ([], ["--rehearse"]):
-        result = subprocess.run([sys.executable, "-m", "dist_llama.session", "plan", *mode], cwd=REPO, env=environment(),
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "dist_llama.session", "plan", *mode],
+            cwd=REPO,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         plans[bool(mode)] = json.loads(result.stdout)
     gpu = plans[False]
-    assert gpu["deadline_s"] == 540 and list(gpu["stages"]) == ["install", "preflight", "train", "release", "evaluate",
-                                                                "bench", "report"]
+    assert gpu["deadline_s"] == 540 and list(gpu["stages"]) == [
+        "install",
+        "preflight",
+        "train",
+        "release",
+        "evaluate",
+        "bench",
+        "report",
+    ]
     assert sum(gpu["stages"].values()) + gpu["finish_s"] == gpu["deadline_s"]
     assert gpu["stages"]["train"] >= 0.6 * gpu["deadline_s"] and gpu["train_share"] >= 0.6
     assert gpu["stages"]["bench"] == 0  # the bench runs on time left after the evaluation
@@ -286,22 +491,41 @@ def test_unmet_requirements_name_the_package_and_what_was_found(tmp_path, monkey
 
     info = tmp_path / "needy_package-1.0.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: needy-package\nVersion: 1.0\n"
-                                   "Requires-Dist: numpy>=999\nRequires-Dist: not-a-package-here\n"
-                                   "Requires-Dist: pyyaml\nRequires-Dist: torch>=999; extra == \"gpu\"\n")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: needy-package\nVersion: 1.0\n"
+        "Requires-Dist: numpy>=999\nRequires-Dist: not-a-package-here\n"
+        'Requires-Dist: pyyaml\nRequires-Dist: torch>=999; extra == "gpu"\n'
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert unmet_requirements(["wheels/needy_package-1.0-py3-none-any.whl", "wheels/pyyaml-6.0-py3-none-any.whl"]) == {
-        "needy-package 1.0": [f"numpy>=999 (found {numpy.__version__})", "not-a-package-here (not installed)"]}
+    assert unmet_requirements(
+        ["wheels/needy_package-1.0-py3-none-any.whl", "wheels/pyyaml-6.0-py3-none-any.whl"]
+    ) == {
+        "needy-package 1.0": [f"numpy>=999 (found {numpy.__version__})", "not-a-package-here (not installed)"]
+    }
 
 
 def test_training_builds_the_token_cache_then_reads_it(bundle, tmp_path):
     """The GPU mode's route (Mode.token_cache), taken here by naming the cache: the training run tokenizes the
     bundle's parquet shards once, with every core, and reads token ids from the folder; a second run reuses it."""
     out, work = tmp_path / "out", tmp_path / "work"
-    result = session("--rehearse", "--bundle", str(bundle), "--out", str(out), "--work", str(work),
-                     "--skip=bench,release,evaluate,report", f"--data.token_cache={work / 'token_cache'}",
-                     "--train.steps=2", "--train.tokens_per_step=256", "--train.micro_batch_size=4", "--data.seq_len=32",
-                     "--data.val_docs=4", "--train.eval_batches=1", "--checkpoint.every=2")
+    result = session(
+        "--rehearse",
+        "--bundle",
+        str(bundle),
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+        "--skip=bench,release,evaluate,report",
+        f"--data.token_cache={work / 'token_cache'}",
+        "--train.steps=2",
+        "--train.tokens_per_step=256",
+        "--train.micro_batch_size=4",
+        "--data.seq_len=32",
+        "--data.val_docs=4",
+        "--train.eval_batches=1",
+        "--checkpoint.every=2",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     stages = {s["stage"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
     assert stages["preflight"]["status"] == "ok" and stages["train"]["status"] == "ok", stages
@@ -314,8 +538,10 @@ def session_import_graph() -> dict[str, set[str]]:
     """{module: the session modules it imports} from every import statement in dist_llama/session, those
     under `if TYPE_CHECKING:` and inside functions included: a circle there is a circle in the design."""
     package = "dist_llama.session"
-    files = {path: package if path.stem == "__init__" else f"{package}.{path.stem}"
-             for path in (REPO / "dist_llama/session").glob("*.py")}
+    files = {
+        path: package if path.stem == "__init__" else f"{package}.{path.stem}"
+        for path in (REPO / "dist_llama/session").glob("*.py")
+    }
     modules = set(files.values())
     graph = {}
     for path, name in files.items():
@@ -337,7 +563,7 @@ def test_the_session_modules_import_each_other_without_a_circle():
     def visit(module: str) -> None:
         path.append(module)
         for imported in sorted(graph[module]):
-            assert imported not in path, " -> ".join(path[path.index(imported):] + [imported])
+            assert imported not in path, " -> ".join(path[path.index(imported) :] + [imported])
             if imported not in done:
                 visit(imported)
         path.pop()

@@ -23,7 +23,9 @@ IRT_REFERENCE = SHARED_DATA / "tinymmlu" / "irt_reference"
 def _reference_file(name: str) -> Path:
     path = IRT_REFERENCE / name
     if not path.is_file():
-        pytest.fail(f"reference data {path} is missing; these tests need the shared/ folder beside the repo root")
+        pytest.fail(
+            f"reference data {path} is missing; these tests need the shared/ folder beside the repo root"
+        )
     return path
 
 
@@ -145,7 +147,9 @@ def test_load_checks_sha256(tmp_path):
 
 
 def test_official_params_pin_is_well_formed(shared_data):
-    assert irt.OFFICIAL_PARAMS_URL.startswith("https://raw.githubusercontent.com/felipemaiapolo/tinyBenchmarks/")
+    assert irt.OFFICIAL_PARAMS_URL.startswith(
+        "https://raw.githubusercontent.com/felipemaiapolo/tinyBenchmarks/"
+    )
     assert "e9a8b1031b0340571beb6c9ca3a27891be09a8fd" in irt.OFFICIAL_PARAMS_URL
     assert irt.OFFICIAL_PARAMS_URL.endswith("/tinyBenchmarks/tinyBenchmarks.pkl")
     # A sha256 hex digest as hashlib writes it (64 lowercase hex digits), which load_irt_params compares with.

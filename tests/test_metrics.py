@@ -7,23 +7,26 @@ import time
 
 import pytest
 import torch
-
-from dist_llama import data, metrics
 from test_data import config, make_docs, tokenizer, write_jsonl  # noqa: F401 (a fixture)
 
+from dist_llama import data, metrics
 
-@pytest.mark.parametrize("name, tflops", [
-    ("NVIDIA H100 80GB HBM3", 989.5),  # SXM5
-    ("NVIDIA H100 PCIe", 756.5),
-    ("NVIDIA H100 NVL", 835.5),
-    ("NVIDIA H200", 989.5),
-    ("NVIDIA H200 NVL", 835.5),
-    ("NVIDIA GH200 480GB", 989.5),
-    ("NVIDIA A100-SXM4-40GB", 312),
-    ("NVIDIA A100-SXM4-80GB", 312),
-    ("NVIDIA A100-PCIE-40GB", 312),
-    ("NVIDIA A100 80GB PCIe", 312),
-])
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.5),  # SXM5
+        ("NVIDIA H100 PCIe", 756.5),
+        ("NVIDIA H100 NVL", 835.5),
+        ("NVIDIA H200", 989.5),
+        ("NVIDIA H200 NVL", 835.5),
+        ("NVIDIA GH200 480GB", 989.5),
+        ("NVIDIA A100-SXM4-40GB", 312),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA A100-PCIE-40GB", 312),
+        ("NVIDIA A100 80GB PCIe", 312),
+    ],
+)
 def test_peak_of_each_gpu_variant(name, tflops):
     assert metrics.peak_bf16_flops(name) == pytest.approx(tflops * 1e12)
 
@@ -36,7 +39,9 @@ def test_unknown_gpu_has_no_peak():
 def test_peak_flops_reads_the_cuda_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert metrics.peak_flops(torch.device("cuda", 0), None) == pytest.approx(756.5e12)
-    assert metrics.peak_flops(torch.device("cuda", 0), 100.0) == pytest.approx(100e12)  # the config's override
+    assert metrics.peak_flops(torch.device("cuda", 0), 100.0) == pytest.approx(
+        100e12
+    )  # the config's override
     assert metrics.peak_flops(torch.device("cpu"), None) is None
 
 
@@ -48,15 +53,24 @@ def data_wait_shares(batches, logger, windows=3, steps=6, step_s=0.002) -> list[
         for _ in range(steps):
             wait.next(batches)
             time.sleep(step_s)  # the step
-        record = {"kind": "train", "step": (window + 1) * steps, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0,
-                  "tokens_per_s": 1.0, "memory_gib": 0.1, **wait.take(time.perf_counter() - start)}
+        record = {
+            "kind": "train",
+            "step": (window + 1) * steps,
+            "loss": 1.0,
+            "lr": 1e-3,
+            "grad_norm": 1.0,
+            "tokens_per_s": 1.0,
+            "memory_gib": 0.1,
+            **wait.take(time.perf_counter() - start),
+        }
         logger.log(record)
         shares.append(record["data_wait"])
     return shares
 
 
-def test_a_slow_source_makes_the_data_wait_large_and_the_run_says_so_once(tmp_path, tokenizer, monkeypatch, caplog,
-                                                                        capsys):
+def test_a_slow_source_makes_the_data_wait_large_and_the_run_says_so_once(
+    tmp_path, tokenizer, monkeypatch, caplog, capsys
+):
     write_jsonl(tmp_path / "a.jsonl", make_docs(400, seed=40))
     real = data.DocumentEncoder.encode_batch
 
@@ -67,8 +81,9 @@ def test_a_slow_source_makes_the_data_wait_large_and_the_run_says_so_once(tmp_pa
     monkeypatch.setattr(data.DocumentEncoder, "encode_batch", slow)
     logger = metrics.MetricsLogger(tmp_path / "run", True, 18, tensorboard=False, progress=True)
     with caplog.at_level(logging.WARNING, logger="dist_llama.metrics"):
-        with data.PackedBatches(config([tmp_path / "a.jsonl"], prefetch_steps=1, seq_len=256), tokenizer,
-                                 global_rows=4) as batches:
+        with data.PackedBatches(
+            config([tmp_path / "a.jsonl"], prefetch_steps=1, seq_len=256), tokenizer, global_rows=4
+        ) as batches:
             shares = data_wait_shares(batches, logger)
     logger.close()
     assert min(shares) > 0.3, shares
@@ -79,7 +94,9 @@ def test_a_slow_source_makes_the_data_wait_large_and_the_run_says_so_once(tmp_pa
 
 def test_the_token_cache_makes_the_data_wait_nearly_nothing(tmp_path, tokenizer, caplog):
     write_jsonl(tmp_path / "a.jsonl", make_docs(400, seed=41))
-    cfg = dataclasses.replace(config([tmp_path / "a.jsonl"], prefetch_steps=1), token_cache=str(tmp_path / "cache"))
+    cfg = dataclasses.replace(
+        config([tmp_path / "a.jsonl"], prefetch_steps=1), token_cache=str(tmp_path / "cache")
+    )
     data.build_token_cache(cfg, tokenizer, workers=1)
     logger = metrics.MetricsLogger(tmp_path / "run", True, 18, tensorboard=False, progress=False)
     with caplog.at_level(logging.WARNING, logger="dist_llama.metrics"):

@@ -8,8 +8,18 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dist_llama.interop import llama_config_dict, model_args_from_llama_dict
-from dist_llama.model import (PRESETS, ChunkedCrossEntropy, ModelArgs, RopeScaling, Transformer, count_parameters, eager_attention,
-                              causal_lm_loss, precompute_rope, rope_angles)
+from dist_llama.model import (
+    PRESETS,
+    ChunkedCrossEntropy,
+    ModelArgs,
+    RopeScaling,
+    Transformer,
+    causal_lm_loss,
+    count_parameters,
+    eager_attention,
+    precompute_rope,
+    rope_angles,
+)
 
 DEBUG = dataclasses.replace(PRESETS["debug"], vocab_size=512)
 
@@ -117,15 +127,22 @@ def test_init_is_seeded_and_scales_residual_projections():
 
 
 def test_llama_config_round_trip():
-    for args in (DEBUG, dataclasses.replace(DEBUG, rope_scaling=RopeScaling("linear", 4.0), tie_embeddings=True)):
+    for args in (
+        DEBUG,
+        dataclasses.replace(DEBUG, rope_scaling=RopeScaling("linear", 4.0), tie_embeddings=True),
+    ):
         restored = model_args_from_llama_dict(llama_config_dict(args))
-        assert restored == dataclasses.replace(args, ffn_hidden_dim=args.hidden_dim, multiple_of=restored.multiple_of)
+        assert restored == dataclasses.replace(
+            args, ffn_hidden_dim=args.hidden_dim, multiple_of=restored.multiple_of
+        )
 
 
 def test_eager_attention_mask_and_causal_agree():
     q, k, v = torch.randn(3, 1, 2, 8, 16).unbind(0)
     causal_mask = torch.ones(8, 8, dtype=torch.bool).tril()
-    torch.testing.assert_close(eager_attention(q, k, v, is_causal=True), eager_attention(q, k, v, attn_mask=causal_mask))
+    torch.testing.assert_close(
+        eager_attention(q, k, v, is_causal=True), eager_attention(q, k, v, attn_mask=causal_mask)
+    )
 
 
 def test_xformers_backend_without_package_is_a_clear_error(monkeypatch):
@@ -154,7 +171,9 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(chunk):
     for name, p in model.named_parameters():
         assert (p.grad - expected[name]).norm() <= 1e-6 * expected[name].norm(), name
     with torch.no_grad():  # evaluation: the same sum, no gradient buffers
-        assert model(inputs, labels=labels, loss_chunk_tokens=chunk).item() == pytest.approx(plain.item(), rel=1e-6)
+        assert model(inputs, labels=labels, loss_chunk_tokens=chunk).item() == pytest.approx(
+            plain.item(), rel=1e-6
+        )
 
 
 def test_chunked_loss_does_no_gradient_work_under_no_grad():

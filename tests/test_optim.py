@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dist_llama import boundary
+from dist_llama.boundary import BudgetError, check_budget_plan, measure_pauses, plan_steps
 from dist_llama.config import ConfigError, OptimConfig, load_config
 from dist_llama.model import PRESETS, Transformer
 from dist_llama.optim import ShardedMuon, build_optimizer, is_hidden_matrix, lr_factor
 from dist_llama.parallel import DistEnv, parallelize
-from dist_llama import boundary
-from dist_llama.boundary import BudgetError, check_budget_plan, measure_pauses, plan_steps
 from dist_llama.train import BatchLayout, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,9 @@ def test_cosine_warms_up_linearly_and_ends_exactly_at_the_floor():
 
 @pytest.mark.parametrize("shape", ["linear", "sqrt"])
 def test_wsd_is_flat_then_decays_over_its_fraction(shape):
-    optim = OptimConfig(warmup_steps=5, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.3, decay_shape=shape)
+    optim = OptimConfig(
+        warmup_steps=5, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.3, decay_shape=shape
+    )
     total = 100  # decay over steps 70..99
     assert all(lr_factor(s, optim, total) == 1.0 for s in range(5, 70))
     assert lr_factor(99, optim, total) == 0.0
@@ -80,8 +82,16 @@ def test_muon_on_a_torch_without_it_is_a_config_error(monkeypatch):
 
 def groups_by_name(model, optimizer):
     names = {id(p): n for n, p in model.named_parameters()}
-    return [{"kind": type(opt).__name__, "weight_decay": g["weight_decay"], "lr": g["peak_lr"],
-             "names": sorted(names[id(p)] for p in g["params"])} for opt in optimizer for g in opt.param_groups]
+    return [
+        {
+            "kind": type(opt).__name__,
+            "weight_decay": g["weight_decay"],
+            "lr": g["peak_lr"],
+            "names": sorted(names[id(p)] for p in g["params"]),
+        }
+        for opt in optimizer
+        for g in opt.param_groups
+    ]
 
 
 def test_adamw_decays_matrices_only():
@@ -101,15 +111,18 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert muon["kind"] == "ShardedMuon" and muon["lr"] == 0.02 and muon["weight_decay"] == 0.0
     assert all(".layers." in n and n.endswith("proj.weight") for n in muon["names"])
     assert len(muon["names"]) == 7 * PRESETS["debug"].n_layers  # q k v o gate up down
-    assert adamw_decay["names"] == ["lm_head.weight", "model.embed_tokens.weight"] and adamw_decay["lr"] == 3e-3
+    assert (
+        adamw_decay["names"] == ["lm_head.weight", "model.embed_tokens.weight"] and adamw_decay["lr"] == 3e-3
+    )
     assert all(n.endswith("norm.weight") for n in adamw_no_decay["names"])
     assert not is_hidden_matrix("model.embed_tokens.weight", model.model.embed_tokens.weight)
 
 
 def test_sharded_muon_on_plain_tensors_is_torch_muon_exactly():
     generator = torch.Generator().manual_seed(0)
-    ours, reference = (torch.nn.Parameter(torch.randn(48, 32, generator=torch.Generator().manual_seed(1)))
-                       for _ in range(2))
+    ours, reference = (
+        torch.nn.Parameter(torch.randn(48, 32, generator=torch.Generator().manual_seed(1))) for _ in range(2)
+    )
     ours_opt = ShardedMuon([ours], lr=0.02, weight_decay=0.1, momentum=0.95)
     reference_opt = torch.optim.Muon([reference], lr=0.02, weight_decay=0.1, momentum=0.95)
     for _ in range(4):
@@ -118,7 +131,9 @@ def test_sharded_muon_on_plain_tensors_is_torch_muon_exactly():
         ours_opt.step()
         reference_opt.step()
     assert torch.equal(ours, reference)
-    assert torch.equal(ours_opt.state[ours]["momentum_buffer"], reference_opt.state[reference]["momentum_buffer"])
+    assert torch.equal(
+        ours_opt.state[ours]["momentum_buffer"], reference_opt.state[reference]["momentum_buffer"]
+    )
 
 
 @pytest.fixture
@@ -129,15 +144,24 @@ def one_process_group():
 
 
 def tiny_batch(seed: int, rows: int = 4, seq: int = 16):
-    tokens = torch.randint(0, PRESETS["debug"].vocab_size, (rows, seq + 1), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(
+        0, PRESETS["debug"].vocab_size, (rows, seq + 1), generator=torch.Generator().manual_seed(seed)
+    )
     return tokens[:, :-1], tokens[:, 1:]
 
 
 def test_fsdp_muon_step_equals_unsharded_torch_muon(one_process_group):
     """The 1-rank FSDP2 run through our optimizer and train_step equals plain torch.optim.Muon + AdamW
     on an unsharded copy of the model (the reference the 2-rank test is compared with in turn)."""
-    config = load_config(None, ["--optim.name=muon", "--optim.grad_clip=0", "--train.loss_chunk_tokens=0",
-                                "--parallel.mixed_precision=fp32"])
+    config = load_config(
+        None,
+        [
+            "--optim.name=muon",
+            "--optim.grad_clip=0",
+            "--train.loss_chunk_tokens=0",
+            "--parallel.mixed_precision=fp32",
+        ],
+    )
     reference = Transformer(config.model)
     reference.init_weights(0)
     sharded = Transformer(config.model)
@@ -146,16 +170,34 @@ def test_fsdp_muon_step_equals_unsharded_torch_muon(one_process_group):
     optimizer = build_optimizer(sharded, config.optim, CPU)
     hidden = [p for n, p in reference.named_parameters() if is_hidden_matrix(n, p)]
     rest = [p for n, p in reference.named_parameters() if not is_hidden_matrix(n, p)]
-    reference_muon = torch.optim.Muon(hidden, lr=config.optim.muon_lr, momentum=config.optim.muon_momentum,
-                                      weight_decay=config.optim.muon_weight_decay)
-    reference_adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
-                                         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
-                                        lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps)
+    reference_muon = torch.optim.Muon(
+        hidden,
+        lr=config.optim.muon_lr,
+        momentum=config.optim.muon_momentum,
+        weight_decay=config.optim.muon_weight_decay,
+    )
+    reference_adamw = torch.optim.AdamW(
+        [
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=config.optim.lr,
+        betas=tuple(config.optim.betas),
+        eps=config.optim.eps,
+    )
     layout = BatchLayout(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
     for seed in range(3):
         inputs, labels = tiny_batch(seed)
-        train_step(sharded, optimizer, (inputs, labels), layout, 1.0, config.optim.grad_clip,
-                   config.train.loss_chunk_tokens, CPU)
+        train_step(
+            sharded,
+            optimizer,
+            (inputs, labels),
+            layout,
+            1.0,
+            config.optim.grad_clip,
+            config.train.loss_chunk_tokens,
+            CPU,
+        )
         loss = reference(inputs, labels=labels) / labels.numel()
         loss.backward()
         reference_muon.step()
@@ -174,8 +216,16 @@ def test_grad_clip_zero_means_no_clipping(one_process_group):
         optimizer = build_optimizer(model, config.optim, CPU)
         layout = BatchLayout(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
         for seed in range(2):
-            train_step(model, optimizer, tiny_batch(seed), layout, 1.0, config.optim.grad_clip,
-                       config.train.loss_chunk_tokens, CPU)
+            train_step(
+                model,
+                optimizer,
+                tiny_batch(seed),
+                layout,
+                1.0,
+                config.optim.grad_clip,
+                config.train.loss_chunk_tokens,
+                CPU,
+            )
         return model.lm_head.weight.full_tensor().clone()
 
     unclipped = updated_weights("1e9")
@@ -201,15 +251,25 @@ def test_micro_batch_is_a_maximum_and_only_an_uneven_global_batch_fails():
     debug = load_config(REPO / "configs/debug.yaml")  # 16 rows, micro-batch 16
     assert BatchLayout.of(debug.train, debug.data.seq_len, 2).micro_batch_size == 8
     odd = dataclasses.replace(debug, train=dataclasses.replace(debug.train, micro_batch_size=6))
-    assert BatchLayout.of(odd.train, odd.data.seq_len, 1).micro_batch_size == 4  # the largest divisor of 16 up to 6
+    assert (
+        BatchLayout.of(odd.train, odd.data.seq_len, 1).micro_batch_size == 4
+    )  # the largest divisor of 16 up to 6
     three_rows = dataclasses.replace(debug, train=dataclasses.replace(debug.train, tokens_per_step=3 * 128))
     with pytest.raises(ConfigError, match="do not divide over world_size=2"):
         BatchLayout.of(three_rows.train, three_rows.data.seq_len, 2)
 
 
 def test_budget_plan_fits_the_measured_costs_and_refuses_a_budget_too_small(monkeypatch):
-    config = load_config(None, ["--train.time_budget_s=100", "--train.steps=100000", "--train.budget_safety=0",
-                                "--train.eval_every=10", "--checkpoint.every=50"])
+    config = load_config(
+        None,
+        [
+            "--train.time_budget_s=100",
+            "--train.steps=100000",
+            "--train.budget_safety=0",
+            "--train.eval_every=10",
+            "--checkpoint.every=50",
+        ],
+    )
     monkeypatch.setattr(boundary, "process_age_s", lambda: 20.0)
     plan = plan_steps(config.train, config.checkpoint.every, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0)
     total = plan["planned_steps"]  # 80 s left: steps + an evaluation every 10 + checkpoints, finals included
@@ -219,12 +279,17 @@ def test_budget_plan_fits_the_measured_costs_and_refuses_a_budget_too_small(monk
 
     assert cost(total) <= 80 < cost(total + 1)
     check_budget_plan(plan)  # fits: no error
-    assert plan_steps(dataclasses.replace(config.train, steps=20), 50, 8, 1.0, 2.0, 5.0)["planned_steps"] == 20, \
-        "train.steps caps the plan"
+    assert (
+        plan_steps(dataclasses.replace(config.train, steps=20), 50, 8, 1.0, 2.0, 5.0)["planned_steps"] == 20
+    ), "train.steps caps the plan"
 
     monkeypatch.setattr(boundary, "process_age_s", lambda: 99.0)
-    too_small = plan_steps(config.train, config.checkpoint.every, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0)
-    with pytest.raises(BudgetError, match="train.time_budget_s=100 is too small: 99 s are gone after 8 warm-up steps"):
+    too_small = plan_steps(
+        config.train, config.checkpoint.every, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0
+    )
+    with pytest.raises(
+        BudgetError, match="train.time_budget_s=100 is too small: 99 s are gone after 8 warm-up steps"
+    ):
         check_budget_plan(too_small)
 
 

@@ -16,22 +16,48 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def environment() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "PYTHONPATH": str(REPO)}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
 
 
 def tiny(corpus: Path, mmlu: Path, run_root: Path, **keys) -> list[str]:
-    values = {"data.paths": f"[{corpus}]", "data.val_paths": f"[{corpus}]", "data.tokenizer": "offline",
-              "data.val_docs": 4, "train.run_root": run_root, "train.tokens_per_step": 256,
-              "train.micro_batch_size": 4, "train.log_every": 1, "train.eval_every": 2, "train.eval_batches": 1,
-              "checkpoint.every": 2, "logging.tensorboard": "true", "eval.mmlu_data": mmlu, "eval.limit": 4,
-              "eval.batch_size": 4, "eval.ppl_data": corpus, "eval.ppl_docs": 2, **keys}
+    values = {
+        "data.paths": f"[{corpus}]",
+        "data.val_paths": f"[{corpus}]",
+        "data.tokenizer": "offline",
+        "data.val_docs": 4,
+        "train.run_root": run_root,
+        "train.tokens_per_step": 256,
+        "train.micro_batch_size": 4,
+        "train.log_every": 1,
+        "train.eval_every": 2,
+        "train.eval_batches": 1,
+        "checkpoint.every": 2,
+        "logging.tensorboard": "true",
+        "eval.mmlu_data": mmlu,
+        "eval.limit": 4,
+        "eval.batch_size": 4,
+        "eval.ppl_data": corpus,
+        "eval.ppl_docs": 2,
+        **keys,
+    }
     return [f"--{key}={value}" for key, value in values.items()]
 
 
 def pipeline(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "dist_llama.pipeline", *args], cwd=REPO, env=environment(),
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "dist_llama.pipeline", *args],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -41,26 +67,42 @@ def inputs(tmp_path_factory, shared_data):
     folder = tmp_path_factory.mktemp("inputs")
     lines = (shared_data / "owt/tiny.jsonl").read_text().splitlines()
     (folder / "docs.jsonl").write_text("\n".join(lines[:40]) + "\n")
-    items = [json.loads(line) for line in (shared_data / "tinymmlu/mmlu_test.jsonl").read_text().splitlines()[:200]]
+    items = [
+        json.loads(line) for line in (shared_data / "tinymmlu/mmlu_test.jsonl").read_text().splitlines()[:200]
+    ]
     items.sort(key=lambda item: len(item["input_formatted"]))
     (folder / "mmlu.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items[:4]))
     return folder / "docs.jsonl", folder / "mmlu.jsonl"
 
 
 def test_pipeline_runs_every_stage_then_skips_and_resumes(inputs, tmp_path):
-    args = ["--config", str(REPO / "configs/debug.yaml"),
-            *tiny(*inputs, tmp_path, **{"data.seq_len": 32, "train.steps": 4, "train.name": "tiny"})]
+    args = [
+        "--config",
+        str(REPO / "configs/debug.yaml"),
+        *tiny(*inputs, tmp_path, **{"data.seq_len": 32, "train.steps": 4, "train.name": "tiny"}),
+    ]
     first = pipeline(*args)
     run_dir = tmp_path / "tiny"
-    for produced in ("metrics.jsonl", "release/config.json", "release/model.safetensors", "eval/summary.json",
-                     "eval/ppl_tiny.json", "eval/loss_by_position.png", "report/results.md", "report/loss.png"):
+    for produced in (
+        "metrics.jsonl",
+        "release/config.json",
+        "release/model.safetensors",
+        "eval/summary.json",
+        "eval/ppl_tiny.json",
+        "eval/loss_by_position.png",
+        "report/results.md",
+        "report/loss.png",
+    ):
         assert (run_dir / produced).is_file(), produced
     card = (run_dir / "release/README.md").read_text()
     assert "tinymmlu_local" in card and "No evaluation results" not in card, "the card quotes the evaluation"
     assert "| final_val_loss |" in first.stdout
 
     # Again: nothing to do, nothing rewritten.
-    stamps = {p: p.stat().st_mtime_ns for p in [run_dir / "release/model.safetensors", run_dir / "eval/summary.json"]}
+    stamps = {
+        p: p.stat().st_mtime_ns
+        for p in [run_dir / "release/model.safetensors", run_dir / "eval/summary.json"]
+    }
     second = pipeline(*args)
     assert "already finished" in second.stderr and "up to date" in second.stderr
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
@@ -68,18 +110,30 @@ def test_pipeline_runs_every_stage_then_skips_and_resumes(inputs, tmp_path):
 
     # More steps: training resumes from step 4's checkpoint, the later stages run on the new checkpoint.
     pipeline(*args, "--train.steps=6")
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
     assert steps == [1, 2, 3, 4, 5, 6], "resumed from the checkpoint, not from scratch"
     state = json.loads((run_dir / "pipeline.json").read_text())
     assert state["evaluate"]["release_of"].endswith("step_00000006")
-    assert (run_dir / "release/model.safetensors").stat().st_mtime_ns != stamps[run_dir / "release/model.safetensors"]
+    assert (run_dir / "release/model.safetensors").stat().st_mtime_ns != stamps[
+        run_dir / "release/model.safetensors"
+    ]
 
 
 def test_pipeline_position_interpolation_route(inputs, tmp_path):
     common = tiny(*inputs, tmp_path, **{"train.steps": 4})
-    pipeline("--stage1-config", str(REPO / "configs/debug_short.yaml"), "--config", str(REPO / "configs/debug_pi.yaml"),
-             *common, "--data.seq_len=64", "--skip=report")
+    pipeline(
+        "--stage1-config",
+        str(REPO / "configs/debug_short.yaml"),
+        "--config",
+        str(REPO / "configs/debug_pi.yaml"),
+        *common,
+        "--data.seq_len=64",
+        "--skip=report",
+    )
     # Stage 2 is at the same seq_len here only to stay fast; what matters is the wiring and the three curves.
     stage2 = tmp_path / "debug_pi"
     labels = sorted(json.loads(p.read_text())["label"] for p in (stage2 / "eval").glob("ppl_*.json"))
@@ -95,15 +149,34 @@ def test_pipeline_names_the_failed_stage_and_its_log(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('not json\n{"text": "x"}\n')
     result = subprocess.run(
-        [sys.executable, "-m", "dist_llama.pipeline", "--config", str(REPO / "configs/debug.yaml"), "--nproc", "2",
-         f"--data.paths=[{bad}]", f"--data.val_paths=[{bad}]", "--data.tokenizer=offline",
-         f"--train.run_root={tmp_path}", "--train.name=broken", "--train.steps=2"],
-        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "dist_llama.pipeline",
+            "--config",
+            str(REPO / "configs/debug.yaml"),
+            "--nproc",
+            "2",
+            f"--data.paths=[{bad}]",
+            f"--data.val_paths=[{bad}]",
+            "--data.tokenizer=offline",
+            f"--train.run_root={tmp_path}",
+            "--train.name=broken",
+            "--train.steps=2",
+        ],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = tmp_path / "broken" / "logs" / "train.log"
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1, result.stderr[-3000:]
     # One line: the stage, the children's own error, the log.
-    assert last.startswith("pipeline: error: train (broken, 2 processes) stage failed (exit status 1): "), last
+    assert last.startswith("pipeline: error: train (broken, 2 processes) stage failed (exit status 1): "), (
+        last
+    )
     assert "not valid JSON" in last and last.endswith(f"; its log is {log}"), last
     assert "CalledProcessError" not in result.stderr
     assert "record 0 is not valid JSON" in log.read_text()  # the children's own output is kept
@@ -116,18 +189,26 @@ def test_finished_checkpoint_uses_the_trainers_planned_steps(tmp_path):
     config = load_config(None, [f"--train.run_root={tmp_path}", "--train.name=budget", "--train.steps=100"])
     checkpoint = config.run_dir / "checkpoints" / "step_00000040"
     checkpoint.mkdir(parents=True)
-    for meta, finished in [({"step": 40}, False),  # an older format without planned_steps: train.steps decides
-                           ({"step": 40, "planned_steps": None}, False),  # no time budget: train.steps decides
-                           ({"step": 100, "planned_steps": None}, True),
-                           ({"step": 40, "planned_steps": 40}, True),  # a time budget planned 40 steps
-                           ({"step": 40, "planned_steps": 60}, False)]:
+    for meta, finished in [
+        ({"step": 40}, False),  # an older format without planned_steps: train.steps decides
+        ({"step": 40, "planned_steps": None}, False),  # no time budget: train.steps decides
+        ({"step": 100, "planned_steps": None}, True),
+        ({"step": 40, "planned_steps": 40}, True),  # a time budget planned 40 steps
+        ({"step": 40, "planned_steps": 60}, False),
+    ]:
         (checkpoint / "meta.json").write_text(json.dumps({**meta, "tokens_seen": 0, "config": {}}))
         assert (finished_checkpoint(config) == checkpoint) is finished, meta
 
 
 def test_pipeline_rejects_unknown_stage(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dist_llama.pipeline", "--skip=trian"], cwd=REPO,
-                            env=environment(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "dist_llama.pipeline", "--skip=trian"],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "unknown stage 'trian'" in result.stderr
 
 
@@ -140,8 +221,11 @@ def test_every_command_reports_a_user_mistake_as_one_error_line(tmp_path, capsys
         "train": (train.main, ["--train.stepz=3"], "unknown key train.stepz"),
         "config": (config.main, ["--config", missing], "not found"),
         "counts": (counts.main, ["--model.preset=huge"], "model.preset='huge' is unknown"),
-        "consolidate": (consolidate.main, ["--checkpoint", missing, "--out", str(tmp_path / "out")],
-                        "no complete checkpoint"),
+        "consolidate": (
+            consolidate.main,
+            ["--checkpoint", missing, "--out", str(tmp_path / "out")],
+            "no complete checkpoint",
+        ),
         "generate": (generate.main, ["--model", missing, "--prompt", "Hello"], "no such folder"),
         "push": (push.main, ["--dir", missing, "--repo-id", "someone/x", "--dry-run"], "not found"),
         "pipeline": (pipeline.main, ["--skip=trian"], "unknown stage 'trian'"),
@@ -160,16 +244,31 @@ def test_every_command_reports_a_user_mistake_as_one_error_line(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         consolidate.main(["--out", str(tmp_path / "out")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_info.value.code == 2 and last.startswith("consolidate: error: the following arguments are required")
+    assert exit_info.value.code == 2 and last.startswith(
+        "consolidate: error: the following arguments are required"
+    )
     assert error_message("ValueError: error: something") is None  # a traceback's last line is not ours
 
 
 def test_report_from_metrics_alone(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    records = [{"kind": "train", "step": s, "tokens_seen": 100 * s, "loss": 10.0 - s, "grad_norm": 1.0 / s,
-                "lr": 1e-3, "tokens_in_batch": 100, "tokens_per_s": 50.0 + s, "memory_gib": 1.0,
-                "data_wait": 0.01 * s, "data_wait_s": 0.1} for s in range(1, 6)]
+    records = [
+        {
+            "kind": "train",
+            "step": s,
+            "tokens_seen": 100 * s,
+            "loss": 10.0 - s,
+            "grad_norm": 1.0 / s,
+            "lr": 1e-3,
+            "tokens_in_batch": 100,
+            "tokens_per_s": 50.0 + s,
+            "memory_gib": 1.0,
+            "data_wait": 0.01 * s,
+            "data_wait_s": 0.1,
+        }
+        for s in range(1, 6)
+    ]
     records.insert(3, {"kind": "val", "step": 3, "tokens_seen": 300, "val_loss": 7.5})
     # A resumed run re-logs step 5: the last record wins.
     records.append({**records[-1], "loss": 4.5})

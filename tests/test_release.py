@@ -31,9 +31,12 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def runs(make_checkpoint):
-    return {"plain": make_checkpoint(SHARP, seed=1),
-            "linear4_tied": make_checkpoint(SHARP, "--model.rope_scaling={type: linear, factor: 4.0}",
-                                            "--model.tie_embeddings=true", seed=2)}
+    return {
+        "plain": make_checkpoint(SHARP, seed=1),
+        "linear4_tied": make_checkpoint(
+            SHARP, "--model.rope_scaling={type: linear, factor: 4.0}", "--model.tie_embeddings=true", seed=2
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,11 @@ def packages_without_dist_llama(*first: Path) -> str:
     """PYTHONPATH for a `python -S` process that must not see this checkout: `first`, then the PYTHONPATH
     folders that do not hold dist_llama (packages installed with --target, as the GPU session installs its
     wheels), then this interpreter's site-packages."""
-    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and not (Path(p) / "dist_llama").exists()]
+    inherited = [
+        p
+        for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if p and not (Path(p) / "dist_llama").exists()
+    ]
     site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
     return os.pathsep.join(dict.fromkeys([*map(str, first), *inherited, *site]))
 
@@ -119,17 +126,42 @@ open(out + ".json", "w").write(json.dumps(report))
 def loaded_elsewhere(releases, tmp_path_factory):
     """What a fresh Python without dist_llama computes from the release folders (one process for all)."""
     work = tmp_path_factory.mktemp("elsewhere")
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": packages_without_dist_llama(), "HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": packages_without_dist_llama(),
+        "HF_HOME": str(work / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
     folders = [str(releases[name]) for name in sorted(releases)]
-    result = subprocess.run([sys.executable, "-S", "-c", _LOAD_SCRIPT, str(work / "out"), json.dumps(PROMPTS),
-                             str(NEW_TOKENS), *folders], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            _LOAD_SCRIPT,
+            str(work / "out"),
+            json.dumps(PROMPTS),
+            str(NEW_TOKENS),
+            *folders,
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((work / "out.json").read_text())
     tensors = load_file(work / "out.safetensors")
-    return {name: (report[str(releases[name])], {k.split(".", 1)[1]: v for k, v in tensors.items()
-                                                 if k.startswith(f"{index}.")})
-            for index, name in enumerate(sorted(releases))}, report
+    return {
+        name: (
+            report[str(releases[name])],
+            {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{index}.")},
+        )
+        for index, name in enumerate(sorted(releases))
+    }, report
 
 
 # --- (1) the custom-code release, loaded without dist_llama -----------------------------------------
@@ -140,7 +172,10 @@ def test_release_loads_without_dist_llama(loaded_elsewhere, releases):
     assert report["dist_llama_importable"] is False
     for name, (info, _) in per_release.items():
         assert info["model_type"] == "dist_llama" and info["class"] == "DistLlamaForCausalLM", name
-        assert not any(info["loading_info"].values()), (name, info["loading_info"])  # no missing/unexpected keys
+        assert not any(info["loading_info"].values()), (
+            name,
+            info["loading_info"],
+        )  # no missing/unexpected keys
 
 
 def test_release_tokenizer_gives_training_ids(loaded_elsewhere):
@@ -180,9 +215,10 @@ def test_left_padded_batch_equals_each_prompt_alone(loaded_elsewhere, name):
     for row in range(len(PROMPTS)):
         n = int(mask[row].sum())
         alone = got[f"alone.{row}"][0]
-        assert got["batch"][row, width - n:].tolist() == alone.tolist(), PROMPTS[row]
-        torch.testing.assert_close(got["batch.logits"][row, width - n:], got[f"alone.{row}.logits"][0],
-                                   atol=1e-4, rtol=0)
+        assert got["batch"][row, width - n :].tolist() == alone.tolist(), PROMPTS[row]
+        torch.testing.assert_close(
+            got["batch.logits"][row, width - n :], got[f"alone.{row}.logits"][0], atol=1e-4, rtol=0
+        )
 
 
 def test_release_folder_carries_model_py_verbatim(releases):
@@ -210,29 +246,74 @@ def test_consolidate_from_an_installed_wheel(runs, tmp_path, monkeypatch):
     install it into a folder of its own, and consolidate from another directory with a Python that sees
     that install and the dependencies, not this checkout."""
     source = tmp_path / "source"  # a copy, so that the build leaves nothing in the checkout
-    shutil.copytree(REPO_ROOT / "dist_llama", source / "dist_llama", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO_ROOT / "dist_llama", source / "dist_llama", ignore=shutil.ignore_patterns("__pycache__")
+    )
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "wheel"),
-                    str(source)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "wheel").glob("dist_llama-*.whl")
     installed = tmp_path / "installed"
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(installed), str(wheel)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", str(installed), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     shutil.rmtree(source)
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     # -S: no site-packages .pth files, so the editable install of this checkout is invisible.
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": packages_without_dist_llama(installed),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
-    where = subprocess.run([sys.executable, "-S", "-c", "import dist_llama; print(dist_llama.__file__)"], cwd=elsewhere,
-                           env=env, capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": packages_without_dist_llama(installed),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "HOME": str(tmp_path),
+    }
+    where = subprocess.run(
+        [sys.executable, "-S", "-c", "import dist_llama; print(dist_llama.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.strip()
     assert Path(where).is_relative_to(installed), where
-    result = subprocess.run([sys.executable, "-S", "-m", "dist_llama.consolidate", "--checkpoint", str(runs["plain"]),
-                             "--out", str(elsewhere / "release")], cwd=elsewhere, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            "-m",
+            "dist_llama.consolidate",
+            "--checkpoint",
+            str(runs["plain"]),
+            "--out",
+            str(elsewhere / "release"),
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     # The same folder, file for file, as this checkout writes from the same working directory.
@@ -266,7 +347,9 @@ def test_stock_llama_gives_same_logits(runs, releases, tmp_path, name):
     from_stock_folder, info = LlamaForCausalLM.from_pretrained(stock, output_loading_info=True)
     assert not any(info.values()), info
     # The custom release's weights with a config converted by interop.llama_config_dict.
-    converted = LlamaForCausalLM.from_pretrained(releases[name], config=LlamaConfig(**llama_config_dict(trained.args)))
+    converted = LlamaForCausalLM.from_pretrained(
+        releases[name], config=LlamaConfig(**llama_config_dict(trained.args))
+    )
     for llama in (from_stock_folder, converted):
         with torch.no_grad():
             torch.testing.assert_close(llama.eval()(ids).logits, expected, atol=1e-5, rtol=0)
@@ -282,8 +365,12 @@ def test_sharded_release_loads(runs, tmp_path):
     release.check_release_folder(folder)
     ids = torch.arange(1, 20)[None]
     with torch.no_grad():
-        torch.testing.assert_close(LlamaForCausalLM.from_pretrained(folder).eval()(ids).logits,
-                                   trained_model(runs["plain"])(ids), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            LlamaForCausalLM.from_pretrained(folder).eval()(ids).logits,
+            trained_model(runs["plain"])(ids),
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 # --- (3) push --dry-run -----------------------------------------------------------------------------
@@ -293,7 +380,14 @@ def test_push_dry_run_lists_files_and_validates(releases, tmp_path, monkeypatch,
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # the validating child caches remote code here
     push.main(["--dir", str(releases["plain"]), "--repo-id", "someone/tiny-llama", "--dry-run"])
     out = capsys.readouterr().out
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "modeling_dist_llama.py", "model.py", "README.md"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "modeling_dist_llama.py",
+        "model.py",
+        "README.md",
+    ):
         assert f"  {name} " in out, name
     assert "dry run: " in out and "someone/tiny-llama" in out and "DistLlamaForCausalLM" in out
     assert "without dist_llama" in out
@@ -330,9 +424,13 @@ def test_generate_names_a_missing_local_folder(missing, tmp_path, monkeypatch, c
 
 
 def test_push_and_consolidate_name_a_missing_folder(tmp_path, capsys):
-    err = _cli_error(push.main, ["--dir", str(tmp_path / "missing"), "--repo-id", "someone/x", "--dry-run"], capsys)
+    err = _cli_error(
+        push.main, ["--dir", str(tmp_path / "missing"), "--repo-id", "someone/x", "--dry-run"], capsys
+    )
     assert f"release folder {tmp_path / 'missing'} not found" in err
-    err = _cli_error(release.main, ["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "out")], capsys)
+    err = _cli_error(
+        release.main, ["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "out")], capsys
+    )
     assert f"no complete checkpoint at {tmp_path / 'missing'}" in err
 
 
@@ -350,7 +448,9 @@ def test_local_path_or_hub_id(tmp_path, monkeypatch):
 
 
 def test_consolidate_checkpoint_not_found(tmp_path, capsys):
-    err = _cli_error(release.main, ["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")], capsys)
+    err = _cli_error(
+        release.main, ["--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")], capsys
+    )
     assert "no complete checkpoint" in err
     assert not (tmp_path / "out").exists()
 
@@ -422,7 +522,9 @@ def test_bf16_release_has_bf16_tensors(runs, tmp_path):
 def test_release_folder_holds_no_pickles(releases):
     for folder in releases.values():
         names = [p.name for p in folder.rglob("*")]
-        assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))], names
+        assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))], (
+            names
+        )
         assert "model.safetensors" in names and "generation_config.json" in names
         release.check_release_folder(folder)
 
@@ -430,15 +532,20 @@ def test_release_folder_holds_no_pickles(releases):
 def test_model_card_and_training_config(runs, tmp_path):
     run = shutil.copytree(runs["plain"], tmp_path / "run")
     (run / "eval").mkdir()
-    (run / "eval" / "summary.json").write_text(json.dumps({"tinymmlu": {"acc": 0.2817, "irt_estimate": 0.3104},
-                                                           "perplexity": 41.5}))
+    (run / "eval" / "summary.json").write_text(
+        json.dumps({"tinymmlu": {"acc": 0.2817, "irt_estimate": 0.3104}, "perplexity": 41.5})
+    )
     folder = release.consolidate(run, tmp_path / "card", repo_name="someone/tiny-llama")
     card = (folder / "README.md").read_text()
     state, meta = load_full_model_state(run)
     counts = count_parameters(from_dict(meta.config).model)
     assert card.startswith("---\n") and "library_name: transformers" in card
     assert f"{counts['total']:,}" in card and f"{counts['non_embedding']:,}" in card
-    assert f"{meta.tokens_seen:,}" in card and f"{meta.final_loss:.4f}" in card and f"{meta.val_loss:.4f}" in card
+    assert (
+        f"{meta.tokens_seen:,}" in card
+        and f"{meta.final_loss:.4f}" in card
+        and f"{meta.val_loss:.4f}" in card
+    )
     assert "tinymmlu.acc | 0.2817" in card and "perplexity | 41.5000" in card
     assert 'AutoModelForCausalLM.from_pretrained("someone/tiny-llama", trust_remote_code=True)' in card
     assert from_dict(yaml.safe_load((folder / "training_config.yaml").read_text())) == from_dict(meta.config)
@@ -466,15 +573,23 @@ def test_the_transformers_range_is_the_tested_one():
 
 def test_model_card_rewrite_leaves_the_weights_alone(runs, tmp_path):
     for stock_llama in (False, True):
-        folder = release.consolidate(runs["plain"], tmp_path / f"card_{stock_llama}", stock_llama=stock_llama,
-                                     repo_name="someone/tiny-llama")
+        folder = release.consolidate(
+            runs["plain"],
+            tmp_path / f"card_{stock_llama}",
+            stock_llama=stock_llama,
+            repo_name="someone/tiny-llama",
+        )
         weights = folder / "model.safetensors"
         stamp, before = weights.stat().st_mtime_ns, (folder / "README.md").read_text()
         assert "No evaluation results were recorded" in before
-        release.write_model_card(folder, runs["plain"], eval_summary={"acc": 0.2817}, repo_name="someone/tiny-llama")
+        release.write_model_card(
+            folder, runs["plain"], eval_summary={"acc": 0.2817}, repo_name="someone/tiny-llama"
+        )
         card = (folder / "README.md").read_text()
         assert "acc | 0.2817" in card and "No evaluation results" not in card
-        assert ("trust_remote_code" in card) is not stock_llama, "the usage section must match the release kind"
+        assert ("trust_remote_code" in card) is not stock_llama, (
+            "the usage section must match the release kind"
+        )
         assert weights.stat().st_mtime_ns == stamp
     with pytest.raises(release.ReleaseError, match="config.json is missing"):
         release.write_model_card(tmp_path, runs["plain"])
@@ -534,20 +649,35 @@ def test_trainer_fine_tunes_with_gradient_checkpointing(releases, tmp_path):
     model = _load_release(releases["plain"])
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     rows = [{"input_ids": ids, "labels": ids} for ids in _token_batch(4, 16, seed=1).tolist()]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-                             gradient_checkpointing=True, use_cpu=True, report_to="none", save_strategy="no",
-                             logging_steps=1, dataloader_num_workers=0, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        gradient_checkpointing=True,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     result = Trainer(model=model, args=args, train_dataset=rows).train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     assert model.recomputes_activations
-    assert all(not torch.equal(param, before[name]) for name, param in model.named_parameters()
-               if name.endswith("q_proj.weight")), "the optimizer updated the blocks"
+    assert all(
+        not torch.equal(param, before[name])
+        for name, param in model.named_parameters()
+        if name.endswith("q_proj.weight")
+    ), "the optimizer updated the blocks"
 
 
 def test_requested_attention_is_honoured_or_refused(releases):
     ids = _token_batch(1, 20)
-    default, sdpa, eager = (_load_release(releases["plain"], **kwargs).eval()
-                            for kwargs in ({}, {"attn_implementation": "sdpa"}, {"attn_implementation": "eager"}))
+    default, sdpa, eager = (
+        _load_release(releases["plain"], **kwargs).eval()
+        for kwargs in ({}, {"attn_implementation": "sdpa"}, {"attn_implementation": "eager"})
+    )
     for model, backend in ((default, "sdpa"), (sdpa, "sdpa"), (eager, "eager")):
         assert model.config._attn_implementation == backend
         assert model.transformer.args.attention == backend
@@ -555,8 +685,11 @@ def test_requested_attention_is_honoured_or_refused(releases):
     with torch.no_grad():
         torch.testing.assert_close(eager(ids).logits, sdpa(ids).logits, atol=1e-5, rtol=0)
     for name in ("flash_attention_2", "flex_attention"):
-        with pytest.raises(ValueError, match=rf"attn_implementation='{name}' is not supported by DistLlamaForCausalLM.*"
-                                             r"\['eager', 'sdpa'\]"):
+        with pytest.raises(
+            ValueError,
+            match=rf"attn_implementation='{name}' is not supported by DistLlamaForCausalLM.*"
+            r"\['eager', 'sdpa'\]",
+        ):
             _load_release(releases["plain"], attn_implementation=name)
 
 
@@ -564,7 +697,9 @@ def test_release_wrapper_composes_the_trained_transformer(releases):
     import copy
 
     model = _load_release(releases["plain"]).eval()
-    assert type(model.transformer).__name__ == "Transformer" and type(model.transformer).__module__.endswith(".model")
+    assert type(model.transformer).__name__ == "Transformer" and type(model.transformer).__module__.endswith(
+        ".model"
+    )
     assert model.transformer.model is model.model and model.transformer.lm_head is model.lm_head
     with torch.device("meta"):
         expected = type(model.transformer)(model.transformer.args).state_dict()

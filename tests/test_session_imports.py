@@ -12,12 +12,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_the_session_command_imports_only_the_standard_library():
     # -S: no site-packages, so an import of anything installed fails here as it would before the install stage.
-    script = ("import json, sys\nsys.path.insert(0, sys.argv[1])\nimport dist_llama.session.cli, dist_llama.gpu_session\n"
-              "print(json.dumps(sorted(sys.modules)))")
-    result = subprocess.run([sys.executable, "-S", "-c", script, str(REPO)], capture_output=True, text=True, timeout=60)
+    script = (
+        "import json, sys\nsys.path.insert(0, sys.argv[1])\nimport dist_llama.session.cli, dist_llama.gpu_session\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", script, str(REPO)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     modules = json.loads(result.stdout)
-    foreign = [m for m in modules if m.split(".")[0] not in {*sys.stdlib_module_names, "__main__", "dist_llama"}]
+    foreign = [
+        m for m in modules if m.split(".")[0] not in {*sys.stdlib_module_names, "__main__", "dist_llama"}
+    ]
     assert foreign == []
-    assert {m for m in modules if m.startswith("dist_llama.") and not m.startswith("dist_llama.session")} \
-        == {"dist_llama.gpu_session"}
+    assert {m for m in modules if m.startswith("dist_llama.") and not m.startswith("dist_llama.session")} == {
+        "dist_llama.gpu_session"
+    }

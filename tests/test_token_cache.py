@@ -14,16 +14,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import download_worker  # tests/download_worker.py
 import pytest
 import torch
+from test_data import (
+    config,
+    encode,
+    global_windows,
+    hub_config,
+    make_docs,
+    tokenizer,  # noqa: F401 (fixtures)
+    train_tokenizer,
+    write_jsonl,
+    write_parquet,
+)
 
 from dist_llama import data
 from dist_llama.config import ConfigError, load_config, recipe_changes
 from dist_llama.data import cache
-from test_data import (config, encode, global_windows, hub, hub_config, make_docs, tokenizer,  # noqa: F401 (fixtures)
-                       train_tokenizer, write_jsonl, write_parquet)
-
-import download_worker  # tests/download_worker.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,9 +43,9 @@ def cached(cfg, folder):
 def corpus(folder, seed=30, n=60):
     folder.mkdir()
     docs = make_docs(n, seed=seed)
-    write_jsonl(folder / "a.jsonl.zst", docs[:n // 3])
-    write_parquet(folder / "b.parquet", docs[n // 3:2 * n // 3])
-    write_jsonl(folder / "c.jsonl", docs[2 * n // 3:])
+    write_jsonl(folder / "a.jsonl.zst", docs[: n // 3])
+    write_parquet(folder / "b.parquet", docs[n // 3 : 2 * n // 3])
+    write_jsonl(folder / "c.jsonl", docs[2 * n // 3 :])
     return docs
 
 
@@ -55,10 +63,12 @@ def test_the_cache_gives_the_batches_and_state_of_tokenizing_on_the_fly(tmp_path
     assert cache_state == text_state
 
 
-@pytest.mark.parametrize("first, then, before, after", [("text", "cache", 2, 3), ("cache", "text", 3, 1),
-                                                        ("cache", "cache", 1, 2)])
-def test_a_state_of_either_resumes_on_the_other_at_another_world_size(tmp_path, tokenizer, first, then, before,
-                                                                       after):
+@pytest.mark.parametrize(
+    "first, then, before, after", [("text", "cache", 2, 3), ("cache", "text", 3, 1), ("cache", "cache", 1, 2)]
+)
+def test_a_state_of_either_resumes_on_the_other_at_another_world_size(
+    tmp_path, tokenizer, first, then, before, after
+):
     corpus(tmp_path / "data", seed=32)
     text = config([tmp_path / "data" / "*"], shuffle=True, val_per_mille=100)
     kinds = {"text": text, "cache": cached(text, tmp_path / "cache")}
@@ -68,7 +78,9 @@ def test_a_state_of_either_resumes_on_the_other_at_another_world_size(tmp_path, 
     assert any(lane["offset"] > 0 for lane in state["lanes"].values())
     assert any(lane["epoch"] > 0 for lane in state["lanes"].values())
     state = json.loads(json.dumps(state))  # as a checkpoint stores it
-    tail, _ = global_windows(kinds[then], tokenizer, global_rows=6, world_size=after, steps=8, state=state, seed=3)
+    tail, _ = global_windows(
+        kinds[then], tokenizer, global_rows=6, world_size=after, steps=8, state=state, seed=3
+    )
     for step, batch in enumerate(head + tail):
         assert torch.equal(batch, reference[step]), f"step {step} differs"
 
@@ -82,13 +94,17 @@ def test_held_out_documents_stay_out_of_the_cache(tmp_path, tokenizer):
     assert 5 < sum(held_out) < 30
     for record, (doc, out) in enumerate(zip(docs, held_out)):
         assert source.tokens(record).tolist() == ([] if out else encode(tokenizer, doc))
-    assert source.manifest["tokens"] == sum(len(encode(tokenizer, d)) for d, out in zip(docs, held_out) if not out)
+    assert source.manifest["tokens"] == sum(
+        len(encode(tokenizer, d)) for d, out in zip(docs, held_out) if not out
+    )
     assert source.manifest["dtype"] == "uint16"
 
     # With data.val_paths the training stream holds nothing out, and neither does its cache.
     (tmp_path / "val.jsonl").write_text(json.dumps({"text": "held out"}) + "\n")
-    every = cached(config([tmp_path / "data" / "*"], val_per_mille=100, val_paths=[str(tmp_path / "val.jsonl")]),
-                   tmp_path / "cache_all")
+    every = cached(
+        config([tmp_path / "data" / "*"], val_per_mille=100, val_paths=[str(tmp_path / "val.jsonl")]),
+        tmp_path / "cache_all",
+    )
     cache.build_token_cache(every, tokenizer, workers=1)
     assert all(len(cache.load_token_cache(every, tokenizer).tokens(r)) for r in range(len(docs)))
 
@@ -198,7 +214,9 @@ def test_only_local_rank_0_builds_the_cache_while_the_others_wait(tmp_path, shar
     assert sorted(events[2:]) == ["batch 0 equal", "batch 1 equal"]
 
 
-def test_hub_dataset_cache_gives_the_same_batches_and_records_the_revision(hub, tokenizer, tmp_path, monkeypatch):
+def test_hub_dataset_cache_gives_the_same_batches_and_records_the_revision(
+    hub, tokenizer, tmp_path, monkeypatch
+):
     docs = make_docs(70, seed=37)
     hub.publish(docs, revision="v1")
     monkeypatch.setattr(cache, "CACHE_SHARD_ROWS", 16)
@@ -229,16 +247,28 @@ def test_token_cache_is_a_config_key_that_a_resume_may_switch(tmp_path):
 def test_prepare_command_builds_the_cache_and_refuses_a_mismatch_in_one_line(tmp_path, shared_data):
     lines = (shared_data / "owt" / "tiny.jsonl").read_text().splitlines()[:30]
     (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    args = [sys.executable, "-m", "dist_llama.data.prepare", "--config", str(REPO / "configs" / "debug.yaml"),
-            "--workers", "1", f"--data.paths=[{tmp_path / 'docs.jsonl'}]", "--data.tokenizer=offline",
-            f"--data.token_cache={tmp_path / 'cache'}"]
+    args = [
+        sys.executable,
+        "-m",
+        "dist_llama.data.prepare",
+        "--config",
+        str(REPO / "configs" / "debug.yaml"),
+        "--workers",
+        "1",
+        f"--data.paths=[{tmp_path / 'docs.jsonl'}]",
+        "--data.tokenizer=offline",
+        f"--data.token_cache={tmp_path / 'cache'}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     built = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
     assert json.loads((tmp_path / "cache" / cache.MANIFEST).read_text())["documents"] == 30
-    refused = subprocess.run(args + ["--data.text_field=body"], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=300)
+    refused = subprocess.run(
+        args + ["--data.text_field=body"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert refused.returncode == 2
     errors = [line for line in refused.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and errors[0].startswith("data.prepare: error: the token cache"), refused.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("data.prepare: error: the token cache"), refused.stderr[
+        -2000:
+    ]
     assert "Traceback" not in refused.stderr

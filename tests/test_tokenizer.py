@@ -101,8 +101,11 @@ def test_decode_round_trips_tiny_docs(tok, tiny_docs):
     assert not _first_mismatches(decoded, tiny_docs), "docs that do not decode back to their text"
 
 
-@pytest.mark.parametrize("text", list(HARD_CASES.values()) + list(NO_ROUND_TRIP.values()),
-                         ids=list(HARD_CASES) + list(NO_ROUND_TRIP))
+@pytest.mark.parametrize(
+    "text",
+    list(HARD_CASES.values()) + list(NO_ROUND_TRIP.values()),
+    ids=list(HARD_CASES) + list(NO_ROUND_TRIP),
+)
 def test_hard_case_matches_sentencepiece(tok, sp, text):
     ids = sp.encode(text)
     assert tok(text, add_special_tokens=False).input_ids == ids
@@ -227,12 +230,14 @@ def test_hub_tokenizer_gets_the_offline_presplit_with_the_same_ids(monkeypatch, 
     monkeypatch.setattr(tokenizer_module, "snapshot_download", lambda name, **kwargs: str(folder))
     hub = load_tokenizer("hub")
     presplit = json.loads(hub.backend_tokenizer.to_str())["pre_tokenizer"]
-    assert presplit == json.loads(tok.backend_tokenizer.to_str())["pre_tokenizer"], "the offline build's pre-split"
+    assert presplit == json.loads(tok.backend_tokenizer.to_str())["pre_tokenizer"], (
+        "the offline build's pre-split"
+    )
 
     texts = tiny_docs + list(HARD_CASES.values()) + list(NO_ROUND_TRIP.values())
     expected = as_downloaded(texts).input_ids
     assert not _first_mismatches(hub(texts).input_ids, expected), "the pre-split must change no id"
-    assert expected[:len(tiny_docs)] == [[BOS_ID] + ids for ids in sp.encode(tiny_docs)]
+    assert expected[: len(tiny_docs)] == [[BOS_ID] + ids for ids in sp.encode(tiny_docs)]
 
 
 def test_presplit_after_a_metaspace_that_does_not_split_keeps_the_ids(tok, tiny_docs):

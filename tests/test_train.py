@@ -27,20 +27,41 @@ MUON = ["--optim.name=muon", "--optim.schedule=wsd", "--optim.muon_lr=0.02"]
 
 def tiny_overrides(corpus: Path, val: Path, run_root: Path, name: str) -> list[str]:
     return [
-        "--config", str(REPO / "configs/debug.yaml"),
-        f"--data.paths=[{corpus}]", f"--data.val_paths=[{val}]", "--data.tokenizer=offline", "--data.seq_len=32",
-        "--data.val_docs=8", f"--train.run_root={run_root}", f"--train.name={name}", f"--train.steps={STEPS}",
-        "--train.tokens_per_step=256", "--train.micro_batch_size=2", "--train.log_every=1", "--train.eval_every=6",
-        "--train.eval_batches=1", f"--checkpoint.every={CHECKPOINT_AT}", "--checkpoint.keep_last=3",
-        "--logging.tensorboard=false", "--parallel.mixed_precision=fp32",
+        "--config",
+        str(REPO / "configs/debug.yaml"),
+        f"--data.paths=[{corpus}]",
+        f"--data.val_paths=[{val}]",
+        "--data.tokenizer=offline",
+        "--data.seq_len=32",
+        "--data.val_docs=8",
+        f"--train.run_root={run_root}",
+        f"--train.name={name}",
+        f"--train.steps={STEPS}",
+        "--train.tokens_per_step=256",
+        "--train.micro_batch_size=2",
+        "--train.log_every=1",
+        "--train.eval_every=6",
+        "--train.eval_batches=1",
+        f"--checkpoint.every={CHECKPOINT_AT}",
+        "--checkpoint.keep_last=3",
+        "--logging.tensorboard=false",
+        "--parallel.mixed_precision=fp32",
     ]
 
 
 def command(nproc: int, args: list[str]) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "dist_llama.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "dist_llama.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dist_llama.train",
+        *args,
+    ]
 
 
 def environment() -> dict:
@@ -48,8 +69,9 @@ def environment() -> dict:
 
 
 def run(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(command(nproc, args), cwd=REPO, env=environment(), capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        command(nproc, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -64,11 +86,15 @@ def runs(tmp_path_factory, corpus):
     """The reference runs: 1 rank, 2 ranks, and 2 ranks with activation checkpointing."""
     root = tmp_path_factory.mktemp("runs")
     made = {}
-    for name, nproc, extra in [("one_rank", 1, []), ("two_ranks", 2, []),
-                               ("two_ranks_ac", 2, ["--parallel.activation_checkpointing=full"]),
-                               ("one_rank_ac", 1, ["--parallel.activation_checkpointing=selective"]),
-                               ("muon_one_rank", 1, MUON), ("muon_two_ranks", 2, MUON),
-                               ("bf16_two_ranks", 2, ["--parallel.mixed_precision=bf16"])]:
+    for name, nproc, extra in [
+        ("one_rank", 1, []),
+        ("two_ranks", 2, []),
+        ("two_ranks_ac", 2, ["--parallel.activation_checkpointing=full"]),
+        ("one_rank_ac", 1, ["--parallel.activation_checkpointing=selective"]),
+        ("muon_one_rank", 1, MUON),
+        ("muon_two_ranks", 2, MUON),
+        ("bf16_two_ranks", 2, ["--parallel.mixed_precision=bf16"]),
+    ]:
         run(nproc, tiny_overrides(*corpus, root, name) + extra)
         made[name] = root / name
     return made
@@ -113,8 +139,18 @@ def test_run_directory_holds_config_environment_metrics_and_checkpoints(runs):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
-    for key in ("step", "tokens_seen", "loss", "grad_norm", "lr", "tokens_in_batch", "tokens_per_s", "memory_gib",
-                "data_wait", "data_wait_s"):
+    for key in (
+        "step",
+        "tokens_seen",
+        "loss",
+        "grad_norm",
+        "lr",
+        "tokens_in_batch",
+        "tokens_per_s",
+        "memory_gib",
+        "data_wait",
+        "data_wait_s",
+    ):
         assert key in train[0], key
     assert all(0 <= r["data_wait"] < 1 and r["data_wait_s"] >= 0 for r in train)
     assert "mfu" not in train[0], "MFU is left out on CPU"
@@ -126,8 +162,14 @@ def test_run_directory_holds_config_environment_metrics_and_checkpoints(runs):
 
 def kill_after_checkpoint(args: list[str], checkpoint: Path) -> None:
     """Start a 2-rank run and SIGKILL every process of it as soon as `checkpoint` is complete."""
-    process = subprocess.Popen(command(2, args), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        command(2, args),
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not (checkpoint / "meta.json").is_file():
         assert process.poll() is None, "the run ended before writing its checkpoint"
@@ -154,8 +196,12 @@ def test_sigkill_then_resume_continues_exactly(runs, corpus, tmp_path):
     # (b) The 2-rank checkpoint resumed on 1 rank: the same token stream, losses within float tolerance.
     one_rank_args = tiny_overrides(*corpus, tmp_path, "killed_copy")
     run(1, one_rank_args)
-    assert_close_losses(train_losses(tmp_path / "killed_copy"), expected, rel=1e-5,
-                        steps=list(range(CHECKPOINT_AT + 1, STEPS + 1)))
+    assert_close_losses(
+        train_losses(tmp_path / "killed_copy"),
+        expected,
+        rel=1e-5,
+        steps=list(range(CHECKPOINT_AT + 1, STEPS + 1)),
+    )
 
 
 def test_a_checkpoint_resumes_from_the_token_cache_on_two_ranks_exactly(runs, corpus, tmp_path):
@@ -165,10 +211,18 @@ def test_a_checkpoint_resumes_from_the_token_cache_on_two_ranks_exactly(runs, co
     run_dir = tmp_path / "one_rank"
     shutil.copytree(runs["one_rank"], run_dir)
     shutil.rmtree(run_dir / "checkpoints" / f"step_{STEPS:08d}")
-    result = run(2, tiny_overrides(*corpus, tmp_path, "one_rank") + [f"--data.token_cache={tmp_path / 'cache'}"])
-    assert f"at step {CHECKPOINT_AT}" in result.stderr and result.stderr.count("token cache: shard 0 done") == 1
-    assert_close_losses(train_losses(run_dir), train_losses(runs["two_ranks"]), rel=1e-5,
-                        steps=list(range(CHECKPOINT_AT + 1, STEPS + 1)))
+    result = run(
+        2, tiny_overrides(*corpus, tmp_path, "one_rank") + [f"--data.token_cache={tmp_path / 'cache'}"]
+    )
+    assert (
+        f"at step {CHECKPOINT_AT}" in result.stderr and result.stderr.count("token cache: shard 0 done") == 1
+    )
+    assert_close_losses(
+        train_losses(run_dir),
+        train_losses(runs["two_ranks"]),
+        rel=1e-5,
+        steps=list(range(CHECKPOINT_AT + 1, STEPS + 1)),
+    )
 
 
 def test_corrupted_latest_checkpoint_falls_back_and_explicit_path_fails(runs, corpus, tmp_path):
@@ -181,8 +235,13 @@ def test_corrupted_latest_checkpoint_falls_back_and_explicit_path_fails(runs, co
     shard.write_bytes(bytes(data))
 
     # An explicit path to the damaged checkpoint is refused with a message naming the problem.
-    args = tiny_overrides(*corpus, tmp_path, "damaged") + [f"--checkpoint.resume={latest}", f"--train.steps={STEPS + 2}"]
-    result = subprocess.run(command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    args = tiny_overrides(*corpus, tmp_path, "damaged") + [
+        f"--checkpoint.resume={latest}",
+        f"--train.steps={STEPS + 2}",
+    ]
+    result = subprocess.run(
+        command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode != 0
     assert "checksum mismatch" in result.stderr and "Traceback" not in result.stderr
 
@@ -196,11 +255,30 @@ def test_two_node_rendezvous_on_localhost(corpus, tmp_path):
     """Two torchrun agents (--nnodes=2) rendezvous on 127.0.0.1 as slurm/train.sbatch does across nodes."""
     args = tiny_overrides(*corpus, tmp_path, "two_nodes") + ["--train.steps=3", "--checkpoint.every=3"]
     port = 29000 + os.getpid() % 1000
-    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
-                                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                                "--rdzv_id=dist_llama_test", "-m", "dist_llama.train", *args],
-                               cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for rank in (0, 1)]
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=dist_llama_test",
+                "-m",
+                "dist_llama.train",
+                *args,
+            ],
+            cwd=REPO,
+            env=environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
     assert all(agent.returncode == 0 for agent in agents), outputs
     environment_record = json.loads((tmp_path / "two_nodes" / "environment.json").read_text())
@@ -209,7 +287,12 @@ def test_two_node_rendezvous_on_localhost(corpus, tmp_path):
 
 
 def test_slurm_script_is_valid_bash():
-    for script in ("slurm/train.sbatch", "slurm/local_cluster.sh", "launch/train.sh", "launch/long_context.sh"):
+    for script in (
+        "slurm/train.sbatch",
+        "slurm/local_cluster.sh",
+        "launch/train.sh",
+        "launch/long_context.sh",
+    ):
         subprocess.run(["bash", "-n", str(REPO / script)], check=True)
 
 
@@ -223,8 +306,9 @@ def test_user_mistakes_are_one_line_errors(corpus, tmp_path):
     ]
     for extra, message in cases:
         args = tiny_overrides(*corpus, tmp_path, "mistakes") + extra
-        result = subprocess.run(command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True,
-                                timeout=300)
+        result = subprocess.run(
+            command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300
+        )
         assert result.returncode != 0, extra
         assert message in result.stderr, (extra, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, (extra, result.stderr[-2000:])
@@ -234,8 +318,13 @@ def test_user_mistakes_are_one_line_errors(corpus, tmp_path):
 def test_non_finite_steps_stop_the_run_naming_the_step(corpus, tmp_path, max_bad_steps, failing_step):
     # lr=1e30: Adam's first update moves every weight by ~1e30, so step 2's gradients overflow.
     args = tiny_overrides(*corpus, tmp_path, "diverged") + [
-        "--optim.lr=1e30", "--optim.warmup_steps=1", f"--train.max_bad_steps={max_bad_steps}"]
-    result = subprocess.run(command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+        "--optim.lr=1e30",
+        "--optim.warmup_steps=1",
+        f"--train.max_bad_steps={max_bad_steps}",
+    ]
+    result = subprocess.run(
+        command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2
     assert f"step {failing_step}: non-finite loss or gradient norm" in result.stderr
     assert "Traceback" not in result.stderr
@@ -246,8 +335,11 @@ def test_compiled_blocks_train_like_eager_ones(runs, corpus, tmp_path):
     """parallel.compile=true (per-block torch.compile under FSDP2 and activation checkpointing) on CPU, against
     the same 3-step schedule run eager."""
     for name, extra in (("compiled", ["--parallel.compile=true"]), ("eager", [])):
-        run(1, tiny_overrides(*corpus, tmp_path, name) + ["--train.steps=3", "--parallel.activation_checkpointing=full",
-                                                          *extra])
+        run(
+            1,
+            tiny_overrides(*corpus, tmp_path, name)
+            + ["--train.steps=3", "--parallel.activation_checkpointing=full", *extra],
+        )
     compiled, eager = train_losses(tmp_path / "compiled"), train_losses(tmp_path / "eager")
     for step in (1, 2, 3):
         assert abs(compiled[step] - eager[step]) <= 1e-4 * eager[step], (step, compiled[step], eager[step])
@@ -271,25 +363,42 @@ def test_resume_with_a_changed_recipe_stops_unless_allowed(runs, corpus, tmp_pat
     shutil.copytree(runs["one_rank"], run_dir)
     saved_config = (run_dir / "config.yaml").read_bytes()
     args = tiny_overrides(*corpus, tmp_path, "one_rank") + [f"--train.steps={STEPS + 2}", "--optim.lr=0.1"]
-    result = subprocess.run(command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "optim.lr: 0.003 -> 0.1" in result.stderr and "--checkpoint.allow_changes=[optim.lr]" in result.stderr
+    assert (
+        "optim.lr: 0.003 -> 0.1" in result.stderr and "--checkpoint.allow_changes=[optim.lr]" in result.stderr
+    )
     assert "Traceback" not in result.stderr
-    assert (run_dir / "config.yaml").read_bytes() == saved_config, "a refused resume must not rewrite config.yaml"
+    assert (run_dir / "config.yaml").read_bytes() == saved_config, (
+        "a refused resume must not rewrite config.yaml"
+    )
 
     # Training longer, at another cadence and micro-batch, is no recipe change; a named change is allowed and recorded.
-    result = run(1, args + ["--checkpoint.allow_changes=[optim.lr]", "--train.log_every=2", "--train.micro_batch_size=4"])
+    result = run(
+        1,
+        args + ["--checkpoint.allow_changes=[optim.lr]", "--train.log_every=2", "--train.micro_batch_size=4"],
+    )
     assert "resuming with optim.lr changed on purpose" in result.stderr
-    assert latest_meta(run_dir)["recipe_changes"] == [{"key": "optim.lr", "old": 0.003, "new": 0.1, "step": STEPS}]
+    assert latest_meta(run_dir)["recipe_changes"] == [
+        {"key": "optim.lr", "old": 0.003, "new": 0.1, "step": STEPS}
+    ]
     assert max(train_losses(run_dir)) == STEPS + 2
 
 
 def test_time_budget_plans_the_steps_and_a_resume_keeps_the_plan(corpus, tmp_path):
     def budget_args(seconds: int) -> list[str]:
         return tiny_overrides(*corpus, tmp_path, "budget") + [
-            f"--train.time_budget_s={seconds}", "--train.steps=100000", "--optim.schedule=wsd",
-            "--optim.min_lr_ratio=0.0", "--train.log_every=5", "--train.eval_every=20", "--checkpoint.every=10",
-            "--checkpoint.keep_last=100"]
+            f"--train.time_budget_s={seconds}",
+            "--train.steps=100000",
+            "--optim.schedule=wsd",
+            "--optim.min_lr_ratio=0.0",
+            "--train.log_every=5",
+            "--train.eval_every=20",
+            "--checkpoint.every=10",
+            "--checkpoint.keep_last=100",
+        ]
 
     budget = 30
     started = time.monotonic()
@@ -297,20 +406,30 @@ def test_time_budget_plans_the_steps_and_a_resume_keeps_the_plan(corpus, tmp_pat
     wall = time.monotonic() - started
     run_dir = tmp_path / "budget"
     records, _ = read_metrics(run_dir)
-    plans = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"plan"' in line]
+    plans = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"plan"' in line
+    ]
     assert len(plans) == 1 and plans[0]["measured_at_step"] == 8  # 3 warm-up + 5 timed steps
     planned = plans[0]["planned_steps"]
     assert 8 < planned < 100000
-    assert records[-1]["step"] == planned and records[-1]["lr"] == 0.0, "the last step has the schedule's final rate"
+    assert records[-1]["step"] == planned and records[-1]["lr"] == 0.0, (
+        "the last step has the schedule's final rate"
+    )
     plan = plans[0]
     # The plan fits the measured costs into what was left (wall time itself depends on the machine's load).
-    planned_cost = (planned - 8) * plan["step_s"] + (planned // 20 + 1) * plan["eval_s"] + (planned // 10 + 1) * plan["checkpoint_s"]
+    planned_cost = (
+        (planned - 8) * plan["step_s"]
+        + (planned // 20 + 1) * plan["eval_s"]
+        + (planned // 10 + 1) * plan["checkpoint_s"]
+    )
     assert plan["age_s"] + planned_cost <= budget
     assert wall < 3 * budget, f"the run took {wall:.0f} s for a {budget} s budget"
     assert latest_meta(run_dir)["planned_steps"] == planned
 
     # Resume from a checkpoint taken after planning, with another budget: the planned schedule stands.
-    after_plan = [c for c in sorted((run_dir / "checkpoints").glob("step_*")) if 8 < int(c.name[5:]) < planned]
+    after_plan = [
+        c for c in sorted((run_dir / "checkpoints").glob("step_*")) if 8 < int(c.name[5:]) < planned
+    ]
     assert after_plan, "no checkpoint between the plan and the end"
     for checkpoint in sorted((run_dir / "checkpoints").glob("step_*")):
         if checkpoint != after_plan[0] and int(checkpoint.name[5:]) > 8:

@@ -67,11 +67,32 @@ their lane is a few windows from running dry). Local files allow a seek by whole
 # would not be the value the module that uses it reads, so set them on that module.
 from dist_llama.data.cache import build_token_cache, load_token_cache, open_token_cache
 from dist_llama.data.encoding import DocumentEncoder
-from dist_llama.data.heldout import (cut_windows, held_out_documents, held_out_files, is_held_out,
-                                    token_stream, validation_batches)
+from dist_llama.data.heldout import (
+    cut_windows,
+    held_out_documents,
+    held_out_files,
+    is_held_out,
+    token_stream,
+    validation_batches,
+)
 from dist_llama.data.loader import PackedBatches, merge_states
 from dist_llama.data.readers import FORMATS, expand_paths, iter_documents, read_documents
 
-__all__ = ["FORMATS", "DocumentEncoder", "PackedBatches", "build_token_cache", "cut_windows", "expand_paths",
-           "held_out_documents", "held_out_files", "is_held_out", "iter_documents", "load_token_cache",
-           "merge_states", "open_token_cache", "read_documents", "token_stream", "validation_batches"]
+__all__ = [
+    "FORMATS",
+    "DocumentEncoder",
+    "PackedBatches",
+    "build_token_cache",
+    "cut_windows",
+    "expand_paths",
+    "held_out_documents",
+    "held_out_files",
+    "is_held_out",
+    "iter_documents",
+    "load_token_cache",
+    "merge_states",
+    "open_token_cache",
+    "read_documents",
+    "token_stream",
+    "validation_batches",
+]

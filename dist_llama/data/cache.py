@@ -33,7 +33,7 @@ import os
 import shutil
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +42,15 @@ from dist_llama.config import ConfigError, DataConfig
 from dist_llama.data.encoding import DocumentEncoder, limit_tokenizer_threads, rank_cores
 from dist_llama.data.heldout import held_out_files, is_held_out
 from dist_llama.data.readers import open_file
-from dist_llama.data.sources import (DatasetRows, LocalSource, local_epoch_order, local_files, once_per_node,
-                                     open_hub_source, row_order)
+from dist_llama.data.sources import (
+    DatasetRows,
+    LocalSource,
+    local_epoch_order,
+    local_files,
+    once_per_node,
+    open_hub_source,
+    row_order,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,21 +91,31 @@ class _Expected:
         if manifest.get("format") != CACHE_FORMAT:
             return [f"format version {manifest.get('format')} (this code reads {CACHE_FORMAT})"]
         found = []
-        found += [f"tokenizer {key} {manifest['tokenizer'].get(key)!r} -> {value!r} (data.tokenizer)"
-                  for key, value in self.tokenizer.items() if manifest["tokenizer"].get(key) != value]
+        found += [
+            f"tokenizer {key} {manifest['tokenizer'].get(key)!r} -> {value!r} (data.tokenizer)"
+            for key, value in self.tokenizer.items()
+            if manifest["tokenizer"].get(key) != value
+        ]
         if manifest["held_out_per_mille"] != self.held_out_per_mille:
-            found.append(f"held-out rule {manifest['held_out_per_mille']} -> {self.held_out_per_mille} per mille "
-                         "(data.val_per_mille, 0 with data.val_paths)")
+            found.append(
+                f"held-out rule {manifest['held_out_per_mille']} -> {self.held_out_per_mille} per mille "
+                "(data.val_per_mille, 0 with data.val_paths)"
+            )
         source, config = manifest["source"], self.config
         if source["text_field"] != config.text_field:
             found.append(f"text field {source['text_field']!r} -> {config.text_field!r} (data.text_field)")
         if self.files is None:
             wanted = {"kind": "hub", "dataset": config.hub_dataset, "split": config.hub_split}
-            found += [f"{key} {source.get(key)!r} -> {value!r}" for key, value in wanted.items()
-                      if source.get(key) != value]
+            found += [
+                f"{key} {source.get(key)!r} -> {value!r}"
+                for key, value in wanted.items()
+                if source.get(key) != value
+            ]
             if config.hub_revision is not None and manifest.get("hub_revision") != config.hub_revision:
-                found.append(f"hub revision {manifest.get('hub_revision')!r} -> {config.hub_revision!r} "
-                             "(data.hub_revision)")
+                found.append(
+                    f"hub revision {manifest.get('hub_revision')!r} -> {config.hub_revision!r} "
+                    "(data.hub_revision)"
+                )
         elif source.get("kind") != "local":
             found.append(f"kind {source.get('kind')!r} -> 'local' (data.source / data.paths)")
         else:
@@ -106,13 +123,17 @@ class _Expected:
             live = [(path.name, path.stat().st_size) for path in self.files]
             if cached != live:
                 gone, new = sorted(set(cached) - set(live)), sorted(set(live) - set(cached))
-                found.append(f"files (name, bytes): {len(cached)} -> {len(live)}, only in the cache {gone[:3]}, "
-                             f"only in data.paths {new[:3]}")
+                found.append(
+                    f"files (name, bytes): {len(cached)} -> {len(live)}, only in the cache {gone[:3]}, "
+                    f"only in data.paths {new[:3]}"
+                )
             else:
                 for entry, path in zip(manifest["files"], self.files):
                     # The same name, size and modification time are taken as the same file; else its bytes decide.
                     if path.stat().st_mtime_ns != entry["mtime_ns"] and _file_hash(path) != entry["blake2b"]:
-                        found.append(f"the content of {path.name} (blake2b {entry['blake2b']} -> {_file_hash(path)})")
+                        found.append(
+                            f"the content of {path.name} (blake2b {entry['blake2b']} -> {_file_hash(path)})"
+                        )
         return found
 
 
@@ -128,8 +149,11 @@ class TokenCache:
         self._tokens, self._offsets = [], []
         for shard in manifest["shards"]:
             tokens = folder / shard["tokens"]
-            self._tokens.append(np.memmap(tokens, dtype=dtype, mode="r") if shard["tokens_count"]
-                                else np.zeros(0, dtype=dtype))  # numpy cannot map an empty file
+            self._tokens.append(
+                np.memmap(tokens, dtype=dtype, mode="r")
+                if shard["tokens_count"]
+                else np.zeros(0, dtype=dtype)
+            )  # numpy cannot map an empty file
             self._offsets.append(np.load(folder / shard["offsets"], mmap_mode="r"))
         self._firsts = np.cumsum([0] + [shard["documents"] for shard in manifest["shards"]])[:-1]
         self._records_per_file = [entry["documents"] for entry in manifest.get("files", [])]
@@ -147,7 +171,7 @@ class TokenCache:
         """[bos] ids [eos] of a record (a view of the mapped file); empty when the record is held out."""
         shard = int(np.searchsorted(self._firsts, record, side="right")) - 1
         offsets, i = self._offsets[shard], record - self._firsts[shard]
-        return self._tokens[shard][offsets[i]:offsets[i + 1]]
+        return self._tokens[shard][offsets[i] : offsets[i + 1]]
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -156,9 +180,11 @@ def _read_manifest(folder: Path) -> dict | None:
 
 
 def _refuse(folder: Path, differences: list[str]) -> ConfigError:
-    return ConfigError(f"the token cache {folder} does not match this config ({'; '.join(differences)}): point "
-                       "data.token_cache at another folder, or rebuild it with python -m dist_llama.data.prepare "
-                       "--force")
+    return ConfigError(
+        f"the token cache {folder} does not match this config ({'; '.join(differences)}): point "
+        "data.token_cache at another folder, or rebuild it with python -m dist_llama.data.prepare "
+        "--force"
+    )
 
 
 # --- Building ------------------------------------------------------------------------------------------------
@@ -178,7 +204,9 @@ def _encode_piece(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.zeros(len(texts), dtype=np.int64)
     arrays = encoder.encode([texts[i] for i in kept])
     lengths[kept] = [len(tokens) for tokens in arrays]
-    tokens = np.concatenate(arrays).astype(_worker["dtype"]) if arrays else np.zeros(0, dtype=_worker["dtype"])
+    tokens = (
+        np.concatenate(arrays).astype(_worker["dtype"]) if arrays else np.zeros(0, dtype=_worker["dtype"])
+    )
     return tokens, lengths
 
 
@@ -190,8 +218,18 @@ def _shards(config: DataConfig, expected: _Expected):
     source = open_hub_source(config, per_node=False)  # the caller is the node's builder already
     where = f"{config.hub_dataset} (split {config.hub_split})"
     rows = len(source.dataset)
-    shards = ((DatasetRows(source.dataset, np.arange(first, min(first + CACHE_SHARD_ROWS, rows)),
-                           config.text_field, where), None) for first in range(0, rows, CACHE_SHARD_ROWS))
+    shards = (
+        (
+            DatasetRows(
+                source.dataset,
+                np.arange(first, min(first + CACHE_SHARD_ROWS, rows)),
+                config.text_field,
+                where,
+            ),
+            None,
+        )
+        for first in range(0, rows, CACHE_SHARD_ROWS)
+    )
     return shards, source.identity
 
 
@@ -235,13 +273,16 @@ def _encoded(shards, encoder: DocumentEncoder, per_mille: int, dtype: str, worke
             yield tags[k], result
 
 
-def _write(tmp: Path, shards, encoder: DocumentEncoder, per_mille: int, dtype: str, workers: int) -> tuple[list, list]:
+def _write(
+    tmp: Path, shards, encoder: DocumentEncoder, per_mille: int, dtype: str, workers: int
+) -> tuple[list, list]:
     """Tokenize every shard into tmp; returns the manifest's shard and file entries."""
     shard_entries, file_entries = [], []
     out, lengths = None, []
     try:
-        for (index, records, path, last), (tokens, piece_lengths) in _encoded(shards, encoder, per_mille, dtype,
-                                                                               workers):
+        for (index, records, path, last), (tokens, piece_lengths) in _encoded(
+            shards, encoder, per_mille, dtype, workers
+        ):
             if out is None:
                 out, lengths = open(tmp / f"tokens-{index:05d}.bin", "wb"), []
             out.write(tokens.tobytes())
@@ -252,14 +293,31 @@ def _write(tmp: Path, shards, encoder: DocumentEncoder, per_mille: int, dtype: s
             out = None
             offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
             np.save(tmp / f"offsets-{index:05d}.npy", offsets)
-            shard_entries.append({"tokens": f"tokens-{index:05d}.bin", "offsets": f"offsets-{index:05d}.npy",
-                                  "documents": len(records), "tokens_count": int(offsets[-1])})
+            shard_entries.append(
+                {
+                    "tokens": f"tokens-{index:05d}.bin",
+                    "offsets": f"offsets-{index:05d}.npy",
+                    "documents": len(records),
+                    "tokens_count": int(offsets[-1]),
+                }
+            )
             if path is not None:
                 stat = path.stat()
-                file_entries.append({"name": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                     "blake2b": _file_hash(path), "documents": len(records)})
-            logger.info("token cache: shard %d done (%s documents, %s tokens)", index, f"{len(records):,}",
-                        f"{int(offsets[-1]):,}")
+                file_entries.append(
+                    {
+                        "name": path.name,
+                        "bytes": stat.st_size,
+                        "mtime_ns": stat.st_mtime_ns,
+                        "blake2b": _file_hash(path),
+                        "documents": len(records),
+                    }
+                )
+            logger.info(
+                "token cache: shard %d done (%s documents, %s tokens)",
+                index,
+                f"{len(records):,}",
+                f"{int(offsets[-1]):,}",
+            )
     finally:
         if out is not None:
             out.close()
@@ -271,7 +329,7 @@ def _remove_stale_partials(folder: Path) -> None:
     prefix = f".{folder.name}.partial-{socket.gethostname()}-"
     for partial in folder.parent.glob(f"{prefix}*"):
         try:
-            os.kill(int(partial.name[len(prefix):]), 0)
+            os.kill(int(partial.name[len(prefix) :]), 0)
         except ProcessLookupError:
             shutil.rmtree(partial, ignore_errors=True)
         except (ValueError, PermissionError):
@@ -288,7 +346,9 @@ def build_token_cache(config, tokenizer, *, workers: int | None = None, force: b
     """
     config: DataConfig = getattr(config, "data", config)
     if not config.token_cache:
-        raise ConfigError("data.token_cache is not set: name the cache folder, e.g. --data.token_cache=cache/owt")
+        raise ConfigError(
+            "data.token_cache is not set: name the cache folder, e.g. --data.token_cache=cache/owt"
+        )
     folder = Path(config.token_cache)
     encoder = DocumentEncoder(tokenizer)
     expected = _Expected(config, encoder)
@@ -300,35 +360,58 @@ def build_token_cache(config, tokenizer, *, workers: int | None = None, force: b
         logger.info("token cache %s is up to date", folder)
         return folder
     if folder.exists() and manifest is None and any(folder.iterdir()):
-        raise ConfigError(f"data.token_cache={folder} is a folder that holds no token cache ({MANIFEST} is missing): "
-                          "point it at an empty or new folder")
+        raise ConfigError(
+            f"data.token_cache={folder} is a folder that holds no token cache ({MANIFEST} is missing): "
+            "point it at an empty or new folder"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(folder)
     tmp = folder.parent / f".{folder.name}.partial-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    workers = workers or rank_cores() * int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # the node's builder: all cores
+    workers = workers or rank_cores() * int(
+        os.environ.get("LOCAL_WORLD_SIZE", 1)
+    )  # the node's builder: all cores
     dtype = "uint16" if encoder.vocab_size <= 1 << 16 else "uint32"
     start = time.perf_counter()
     try:
         shards, identity = _shards(config, expected)
-        logger.info("token cache: tokenizing [%s] into %s with %d process(es)", identity["description"], folder,
-                    workers)
-        shard_entries, file_entries = _write(tmp, shards, encoder, expected.held_out_per_mille, dtype, workers)
+        logger.info(
+            "token cache: tokenizing [%s] into %s with %d process(es)",
+            identity["description"],
+            folder,
+            workers,
+        )
+        shard_entries, file_entries = _write(
+            tmp, shards, encoder, expected.held_out_per_mille, dtype, workers
+        )
         seconds = time.perf_counter() - start
-        manifest = {"format": CACHE_FORMAT, "source": identity, "files": file_entries,
-                    "hub_revision": config.hub_revision if expected.files is None else None,
-                    "tokenizer": expected.tokenizer, "held_out_per_mille": expected.held_out_per_mille,
-                    "dtype": dtype, "documents": sum(entry["documents"] for entry in shard_entries),
-                    "tokens": sum(entry["tokens_count"] for entry in shard_entries), "shards": shard_entries,
-                    "built": datetime.now(timezone.utc).isoformat(timespec="seconds"), "build_s": round(seconds, 3),
-                    "workers": workers}
+        manifest = {
+            "format": CACHE_FORMAT,
+            "source": identity,
+            "files": file_entries,
+            "hub_revision": config.hub_revision if expected.files is None else None,
+            "tokenizer": expected.tokenizer,
+            "held_out_per_mille": expected.held_out_per_mille,
+            "dtype": dtype,
+            "documents": sum(entry["documents"] for entry in shard_entries),
+            "tokens": sum(entry["tokens_count"] for entry in shard_entries),
+            "shards": shard_entries,
+            "built": datetime.now(UTC).isoformat(timespec="seconds"),
+            "build_s": round(seconds, 3),
+            "workers": workers,
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _move_into_place(tmp, folder, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("token cache %s: %s documents, %s tokens in %.1f s", folder, f"{manifest['documents']:,}",
-                f"{manifest['tokens']:,}", seconds)
+    logger.info(
+        "token cache %s: %s documents, %s tokens in %.1f s",
+        folder,
+        f"{manifest['documents']:,}",
+        f"{manifest['tokens']:,}",
+        seconds,
+    )
     return folder
 
 
@@ -355,7 +438,9 @@ def load_token_cache(config: DataConfig, tokenizer) -> TokenCache:
     folder = Path(config.token_cache)
     manifest = _read_manifest(folder)
     if manifest is None:
-        raise FileNotFoundError(f"no token cache in {folder}: build it with python -m dist_llama.data.prepare")
+        raise FileNotFoundError(
+            f"no token cache in {folder}: build it with python -m dist_llama.data.prepare"
+        )
     differences = _Expected(config, DocumentEncoder(tokenizer)).differences(manifest)
     if differences:
         raise _refuse(folder, differences)
@@ -367,6 +452,7 @@ def load_token_cache(config: DataConfig, tokenizer) -> TokenCache:
 def open_token_cache(config: DataConfig, tokenizer) -> TokenCache:
     """load_token_cache, building the cache first where it is missing: once per node (local rank 0 builds while
     the node's other ranks wait, as for a Hub download). A collective in a process group of several ranks."""
+
     def load():
         if _read_manifest(Path(config.token_cache)) is None:
             build_token_cache(config, tokenizer)

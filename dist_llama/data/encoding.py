@@ -38,11 +38,14 @@ class DocumentEncoder:
     def __init__(self, tokenizer):
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         if self.bos is None or self.eos is None:
-            raise ValueError(f"the tokenizer needs bos and eos tokens (bos_token_id={self.bos}, "
-                             f"eos_token_id={self.eos})")
+            raise ValueError(
+                f"the tokenizer needs bos and eos tokens (bos_token_id={self.bos}, eos_token_id={self.eos})"
+            )
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
-            raise TypeError(f"{type(tokenizer).__name__} has no backend_tokenizer: pass a fast (Rust) tokenizer")
+            raise TypeError(
+                f"{type(tokenizer).__name__} has no backend_tokenizer: pass a fast (Rust) tokenizer"
+            )
         # A copy of our own: no truncation or padding left enabled by another caller, and no sharing across threads.
         try:
             from tokenizers import Tokenizer

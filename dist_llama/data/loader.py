@@ -102,14 +102,26 @@ class PackedBatches:
     at a barrier. With data.token_cache the documents' tokens come from the cache: the same batches and state.
     """
 
-    def __init__(self, config: DataConfig, tokenizer, *, global_rows: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0):
+    def __init__(
+        self,
+        config: DataConfig,
+        tokenizer,
+        *,
+        global_rows: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ):
         if global_rows <= 0 or world_size <= 0 or not 0 <= rank < world_size:
-            raise ValueError(f"need global_rows > 0 and 0 <= rank < world_size (got global_rows={global_rows}, "
-                             f"rank={rank}, world_size={world_size})")
+            raise ValueError(
+                f"need global_rows > 0 and 0 <= rank < world_size (got global_rows={global_rows}, "
+                f"rank={rank}, world_size={world_size})"
+            )
         if global_rows % world_size:
-            raise ValueError(f"global_rows={global_rows} (sequences per optimizer step) must be divisible by "
-                             f"world_size={world_size}: every rank holds the same number of lanes")
+            raise ValueError(
+                f"global_rows={global_rows} (sequences per optimizer step) must be divisible by "
+                f"world_size={world_size}: every rank holds the same number of lanes"
+            )
         if seed < 0:
             raise ValueError(f"seed={seed} must be non-negative")
         self.config = config
@@ -134,12 +146,19 @@ class PackedBatches:
         if self._encoder is None:
             tokens = CachedTokenSource(self._source, lanes, **order)
         else:
-            tokens = TokenizingSource(self._source, self._encoder, lanes, seq_len=self.seq_len,
-                                      held_out_per_mille=self._held_out_per_mille, **order)
+            tokens = TokenizingSource(
+                self._source,
+                self._encoder,
+                lanes,
+                seq_len=self.seq_len,
+                held_out_per_mille=self._held_out_per_mille,
+                **order,
+            )
         packer = LanePacker(lanes, tokens, seq_len=self.seq_len)
         if self.config.prefetch_steps > 0:
-            self._producer = _Prefetcher(packer.next_batch, self.config.prefetch_steps,
-                                         f"PackedBatches-rank{self.rank}")
+            self._producer = _Prefetcher(
+                packer.next_batch, self.config.prefetch_steps, f"PackedBatches-rank{self.rank}"
+            )
         else:
             self._producer = _Inline(packer.next_batch)
         self._packer = packer
@@ -162,18 +181,27 @@ class PackedBatches:
 
     def state_dict(self) -> dict:
         """This rank's lanes as of the last batch returned (not as far as the prefetch thread has got)."""
-        return {"version": STATE_VERSION, "global_rows": self.global_rows, "seq_len": self.seq_len,
-                "seed": self.seed, "shuffle": self.config.shuffle, "held_out_per_mille": self._held_out_per_mille,
-                "batches": self.batches_yielded, "source": dict(self._source.identity),
-                "lanes": {lane: dict(state) for lane, state in self._lane_states.items()}}
+        return {
+            "version": STATE_VERSION,
+            "global_rows": self.global_rows,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "shuffle": self.config.shuffle,
+            "held_out_per_mille": self._held_out_per_mille,
+            "batches": self.batches_yielded,
+            "source": dict(self._source.identity),
+            "lanes": {lane: dict(state) for lane, state in self._lane_states.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a merged state saved at any world size (see merge_states)."""
         _check_compatible(state, self.state_dict(), "the saved data state", "this run")
         missing = [lane for lane in self.lanes if str(lane) not in state["lanes"]]
         if missing:
-            raise ValueError(f"the saved data state lacks lanes {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                             f"of rank {self.rank}: pass the merged state of all ranks (merge_states)")
+            raise ValueError(
+                f"the saved data state lacks lanes {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                f"of rank {self.rank}: pass the merged state of all ranks (merge_states)"
+            )
         self.close()
         self._lane_states = {str(lane): _lane_state(state["lanes"][str(lane)]) for lane in self.lanes}
         self.batches_yielded = int(state.get("batches", 0))
@@ -209,31 +237,44 @@ def _lane_state(state: dict) -> dict:
 
 
 # Keys that must agree between a saved state and the run that loads it, or between ranks that merge.
-_STATE_KEYS = {"global_rows": "global batch rows (train.tokens_per_step / data.seq_len)", "seq_len": "data.seq_len",
-               "seed": "the data seed", "shuffle": "data.shuffle",
-               "held_out_per_mille": "the held-out rule (data.val_per_mille, 0 with data.val_paths)"}
+_STATE_KEYS = {
+    "global_rows": "global batch rows (train.tokens_per_step / data.seq_len)",
+    "seq_len": "data.seq_len",
+    "seed": "the data seed",
+    "shuffle": "data.shuffle",
+    "held_out_per_mille": "the held-out rule (data.val_per_mille, 0 with data.val_paths)",
+}
 
 
 def _check_compatible(state: dict, reference: dict, state_name: str, reference_name: str) -> None:
     if not isinstance(state, dict) or not {"lanes", "global_rows", "seq_len"} <= state.keys():
-        raise ValueError(f"{state_name} is not a PackedBatches state (it needs lanes, global_rows and seq_len)")
+        raise ValueError(
+            f"{state_name} is not a PackedBatches state (it needs lanes, global_rows and seq_len)"
+        )
     if state.get("version", STATE_VERSION) != STATE_VERSION:
-        raise ValueError(f"{state_name} has version {state.get('version')}; this code reads version {STATE_VERSION}")
+        raise ValueError(
+            f"{state_name} has version {state.get('version')}; this code reads version {STATE_VERSION}"
+        )
     for key, meaning in _STATE_KEYS.items():
         if key in state and state[key] != reference[key]:
-            raise ValueError(f"{state_name} has {key}={state[key]} but {reference_name} has {key}={reference[key]} "
-                             f"({meaning}): the lanes would not continue the same stream. Use the same setting, or "
-                             "restart the data stream instead of loading this state")
+            raise ValueError(
+                f"{state_name} has {key}={state[key]} but {reference_name} has {key}={reference[key]} "
+                f"({meaning}): the lanes would not continue the same stream. Use the same setting, or "
+                "restart the data stream instead of loading this state"
+            )
     # States saved before sources were recorded carry none: nothing to compare them with.
     saved, current = state.get("source"), reference.get("source")
     if saved is not None and current is not None and _source_mismatch(saved, current):
-        changed = ", ".join(f"{key} {saved.get(key)!r} -> {current.get(key)!r}"
-                            for key in _source_mismatch(saved, current))
-        raise ValueError(f"{state_name} was read from [{saved.get('description')}] but {reference_name} reads "
-                         f"[{current.get('description')}] ({changed}): its lane positions would point at other "
-                         "documents. Point data.paths / data.hub_dataset / data.hub_split / data.hub_revision / "
-                         "data.hub_streaming / data.text_field back at the saved source, or start a new run (another "
-                         "train.name; train.init_from keeps the weights and restarts the data stream)")
+        changed = ", ".join(
+            f"{key} {saved.get(key)!r} -> {current.get(key)!r}" for key in _source_mismatch(saved, current)
+        )
+        raise ValueError(
+            f"{state_name} was read from [{saved.get('description')}] but {reference_name} reads "
+            f"[{current.get('description')}] ({changed}): its lane positions would point at other "
+            "documents. Point data.paths / data.hub_dataset / data.hub_split / data.hub_revision / "
+            "data.hub_streaming / data.text_field back at the saved source, or start a new run (another "
+            "train.name; train.init_from keeps the weights and restarts the data stream)"
+        )
 
 
 def _source_mismatch(saved: dict, current: dict) -> list[str]:
@@ -251,8 +292,10 @@ def merge_states(states: list[dict]) -> dict:
     for i, state in enumerate(states):
         _check_compatible(state, states[0], f"state {i}", "state 0")
         if state.get("batches") != states[0].get("batches"):
-            raise ValueError(f"state {i} is at batch {state.get('batches')} but state 0 at {states[0].get('batches')}: "
-                             "ranks must be saved after the same step")
+            raise ValueError(
+                f"state {i} is at batch {state.get('batches')} but state 0 at {states[0].get('batches')}: "
+                "ranks must be saved after the same step"
+            )
         overlap = merged["lanes"].keys() & state["lanes"].keys()
         if overlap:
             raise ValueError(f"lanes {sorted(overlap, key=int)[:8]} appear in more than one state")

@@ -35,9 +35,11 @@ class Lane:
         if not self.segments and self.resume_offset:
             if (epoch, doc) != self.resume or self.resume_offset >= len(tokens):
                 where = f"token {self.resume_offset} of document {self.resume[1]} of epoch {self.resume[0]}"
-                raise ValueError(f"lane {self.index}: the state points at {where}, but that document is not "
-                                 "there or has fewer tokens: the data or the tokenizer is not the one the "
-                                 "state was saved with")
+                raise ValueError(
+                    f"lane {self.index}: the state points at {where}, but that document is not "
+                    "there or has fewer tokens: the data or the tokenizer is not the one the "
+                    "state was saved with"
+                )
             self.offset = self.resume_offset
             self.available -= self.resume_offset
         self.segments.append((epoch, doc, tokens))
@@ -48,7 +50,7 @@ class Lane:
         filled, offset = 0, self.offset
         for _, _, tokens in self.segments:
             n = min(len(tokens) - offset, len(out) - filled)
-            out[filled:filled + n] = tokens[offset:offset + n]
+            out[filled : filled + n] = tokens[offset : offset + n]
             filled, offset = filled + n, 0
             if filled == len(out):
                 break

@@ -17,8 +17,12 @@ from dist_llama.tokenizer import load_tokenizer
 
 def main(argv: list[str] | None = None) -> None:
     parser = config_argument_parser("data.prepare", __doc__.splitlines()[1].strip())
-    parser.add_argument("--workers", type=int, default=None,
-                        help="tokenizing processes (default: every core this process may use)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="tokenizing processes (default: every core this process may use)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild a cache that does not match the config")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -7,8 +7,8 @@ import glob
 import itertools
 import json
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 FORMATS = (".jsonl.zst", ".jsonl", ".parquet", ".txt")
 
@@ -85,7 +85,9 @@ class _Parquet(Records):
 
         names = pq.read_schema(path).names
         if text_field not in names:
-            raise ValueError(f"{path} has no column {text_field!r} (data.text_field); its columns are {names}")
+            raise ValueError(
+                f"{path} has no column {text_field!r} (data.text_field); its columns are {names}"
+            )
         self.column = pq.read_table(path, columns=[text_field]).column(text_field)
         self.path = path
 
@@ -122,7 +124,9 @@ def iter_documents(paths: Iterable[str | Path], text_field: str = "text") -> Ite
             yield docs.text(i)
 
 
-def read_documents(paths: Iterable[str | Path], text_field: str = "text", limit: int | None = None) -> list[str]:
+def read_documents(
+    paths: Iterable[str | Path], text_field: str = "text", limit: int | None = None
+) -> list[str]:
     """The first `limit` (default: all) documents of `paths`; raises FileNotFoundError when nothing matches."""
     paths = list(paths)
     if not expand_paths([str(p) for p in paths]):

@@ -13,10 +13,10 @@ import hashlib
 import itertools
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -25,7 +25,9 @@ from dist_llama.data.readers import Records, as_text, expand_paths, open_file
 
 logger = logging.getLogger(__name__)
 
-READ_BATCH_DOCS = 256  # records read per call: one random-access read of a Hub dataset, bounded memory for a file
+READ_BATCH_DOCS = (
+    256  # records read per call: one random-access read of a Hub dataset, bounded memory for a file
+)
 HUB_SHUFFLE_BUFFER = 10_000  # rows in the streaming shuffle buffer of a Hub dataset
 HUB_CHUNK_ROWS = 1024
 # How long a node's other ranks wait for local rank 0 to download and convert the Hub dataset (~3 GB of parquet
@@ -52,7 +54,7 @@ class _Chunk:
     def read(self, positions: list[int]) -> Iterator[tuple[int, str]]:
         """(position, text) for `positions`, READ_BATCH_DOCS records per read."""
         for first in range(0, len(positions), READ_BATCH_DOCS):
-            part = positions[first:first + READ_BATCH_DOCS]
+            part = positions[first : first + READ_BATCH_DOCS]
             records = part if self.order is None else self.order[part].tolist()
             yield from zip(part, self.docs.texts(records))
 
@@ -101,10 +103,14 @@ class LocalSource:
         for path in files:
             digest.update(f"{path.name}\0{path.stat().st_size}\n".encode())
         names = files[0].name + (f" .. {files[-1].name}" if len(files) > 1 else "")
-        self.identity = {"kind": "local", "files": len(files), "names_and_sizes": digest.hexdigest(),
-                         "text_field": text_field,
-                         "description": f"local, {len(files)} file(s) {names} (names and sizes {digest.hexdigest()}), "
-                                        f"text field {text_field!r}"}
+        self.identity = {
+            "kind": "local",
+            "files": len(files),
+            "names_and_sizes": digest.hexdigest(),
+            "text_field": text_field,
+            "description": f"local, {len(files)} file(s) {names} (names and sizes {digest.hexdigest()}), "
+            f"text field {text_field!r}",
+        }
 
     def describe(self) -> str:
         return f"local, {len(self.files)} file(s): {self.files[0]}" + (" ..." if len(self.files) > 1 else "")
@@ -191,10 +197,21 @@ class DatasetRows(Records):
 
 
 def _hub_identity(name: str, split: str, revision: str, text_field: str, streaming: bool, **extra) -> dict:
-    access = "streamed" if streaming else f"cached, {extra['documents']:,} rows, fingerprint {extra['fingerprint']}"
-    return {"kind": "hub", "dataset": name, "split": split, "revision": revision, "streaming": streaming,
-            "text_field": text_field, **extra,
-            "description": f"hub, {name}@{revision} (split {split}, {access}), text field {text_field!r}"}
+    access = (
+        "streamed"
+        if streaming
+        else f"cached, {extra['documents']:,} rows, fingerprint {extra['fingerprint']}"
+    )
+    return {
+        "kind": "hub",
+        "dataset": name,
+        "split": split,
+        "revision": revision,
+        "streaming": streaming,
+        "text_field": text_field,
+        **extra,
+        "description": f"hub, {name}@{revision} (split {split}, {access}), text field {text_field!r}",
+    }
 
 
 class _HubSource:
@@ -203,12 +220,21 @@ class _HubSource:
 
     def __init__(self, dataset, name: str, split: str, revision: str, text_field: str):
         if text_field not in dataset.column_names:
-            raise ValueError(f"the Hub dataset {name} (split {split}) has no column {text_field!r} (data.text_field); "
-                             f"its columns are {dataset.column_names}")
+            raise ValueError(
+                f"the Hub dataset {name} (split {split}) has no column {text_field!r} (data.text_field); "
+                f"its columns are {dataset.column_names}"
+            )
         self.dataset = dataset.select_columns([text_field])
         self.name, self.split, self.text_field = name, split, text_field
-        self.identity = _hub_identity(name, split, revision, text_field, streaming=False, documents=len(dataset),
-                                      fingerprint=dataset._fingerprint)
+        self.identity = _hub_identity(
+            name,
+            split,
+            revision,
+            text_field,
+            streaming=False,
+            documents=len(dataset),
+            fingerprint=dataset._fingerprint,
+        )
 
     def describe(self) -> str:
         return self.identity["description"]
@@ -218,7 +244,7 @@ class _HubSource:
         rows = row_order(size, epoch, seed)
         for base in range(start - start % HUB_CHUNK_ROWS, size, HUB_CHUNK_ROWS):
             where = f"{self.name} (split {self.split})"
-            docs = DatasetRows(self.dataset, rows[base:base + HUB_CHUNK_ROWS], self.text_field, where)
+            docs = DatasetRows(self.dataset, rows[base : base + HUB_CHUNK_ROWS], self.text_field, where)
             yield _Chunk(base, docs)
 
 
@@ -258,8 +284,11 @@ class _HubStreamSource:
 def open_hub_source(config: DataConfig, per_node: bool = True):
     """per_node=False: on this process alone (a caller already inside once_per_node, as the token cache's
     build)."""
+
     def load():
-        return _load_hub_dataset(config.hub_dataset, config.hub_split, config.hub_revision, config.hub_streaming)
+        return _load_hub_dataset(
+            config.hub_dataset, config.hub_split, config.hub_revision, config.hub_streaming
+        )
 
     try:
         # A stream is read by every rank anyway; a download is made once per node.
@@ -267,9 +296,11 @@ def open_hub_source(config: DataConfig, per_node: bool = True):
     except Exception as error:  # noqa: BLE001 - any failure here means "no data", said plainly below
         local = f"data.paths={config.paths} match no files and " if config.source == "auto" else ""
         pinned = f", revision {config.hub_revision!r}" if config.hub_revision else ""
-        raise FileNotFoundError(f"{local}the Hub dataset data.hub_dataset={config.hub_dataset!r} (split "
-                                f"{config.hub_split!r}{pinned}) could not be opened: {error}. Point data.paths at "
-                                "local .jsonl/.jsonl.zst/.parquet/.txt files, or make the Hub reachable") from error
+        raise FileNotFoundError(
+            f"{local}the Hub dataset data.hub_dataset={config.hub_dataset!r} (split "
+            f"{config.hub_split!r}{pinned}) could not be opened: {error}. Point data.paths at "
+            "local .jsonl/.jsonl.zst/.parquet/.txt files, or make the Hub reachable"
+        ) from error
     source_class = _HubStreamSource if config.hub_streaming else _HubSource
     return source_class(dataset, config.hub_dataset, config.hub_split, revision, config.text_field)
 
@@ -279,19 +310,26 @@ def local_files(config: DataConfig, purpose: str) -> list[Path] | None:
     files = expand_paths(config.paths)
     if config.source == "local" or (config.source == "auto" and files):
         if not files:
-            raise FileNotFoundError(f"data.source=local but data.paths={config.paths} match no files (relative to "
-                                    f"{os.getcwd()}); fix the globs, or use data.source=hub")
+            raise FileNotFoundError(
+                f"data.source=local but data.paths={config.paths} match no files (relative to "
+                f"{os.getcwd()}); fix the globs, or use data.source=hub"
+            )
         return files
     if config.source not in ("hub", "auto"):
         raise ValueError(f"data.source={config.source!r} is not valid; choose one of local, hub, auto")
     if config.source == "auto" and config.paths:
         # Relative paths in a config resolve against the working directory: run from elsewhere and they match
         # nothing. Training then goes on, on other data, which must not pass unnoticed.
-        logger.warning("data.source=auto: data.paths %s match no files relative to the working directory %s, so "
-                       "the %s data is the Hub dataset %s instead. To train on those files, run from the "
-                       "directory they are relative to or make them absolute; set data.source=local to stop "
-                       "with an error instead of switching", config.paths, os.getcwd(), purpose,
-                       config.hub_dataset)
+        logger.warning(
+            "data.source=auto: data.paths %s match no files relative to the working directory %s, so "
+            "the %s data is the Hub dataset %s instead. To train on those files, run from the "
+            "directory they are relative to or make them absolute; set data.source=local to stop "
+            "with an error instead of switching",
+            config.paths,
+            os.getcwd(),
+            purpose,
+            config.hub_dataset,
+        )
     return None
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 
@@ -59,17 +59,23 @@ class TokenSource:
         if documents == 0:
             raise ValueError(f"the data source ({description}) holds no documents")
         if documents < self.global_rows:
-            raise ValueError(f"the data source has {documents} documents, fewer than the {self.global_rows} "
-                             "lanes (global batch rows): add data or lower train.tokens_per_step")
+            raise ValueError(
+                f"the data source has {documents} documents, fewer than the {self.global_rows} "
+                "lanes (global batch rows): add data or lower train.tokens_per_step"
+            )
 
     @staticmethod
     def _past_the_end(epoch: int, doc: int) -> ValueError:
-        return ValueError(f"the data state points at document {doc} of epoch {epoch}, past the end of the "
-                          "epoch: the data is not the one the state was saved with")
+        return ValueError(
+            f"the data state points at document {doc} of epoch {epoch}, past the end of the "
+            "epoch: the data is not the one the state was saved with"
+        )
 
     def _starved(self, lane: Lane) -> ValueError:
-        return ValueError(f"lane {lane.index} got no training document in a whole epoch: the source has too "
-                          f"few documents for {self.global_rows} lanes")
+        return ValueError(
+            f"lane {lane.index} got no training document in a whole epoch: the source has too "
+            f"few documents for {self.global_rows} lanes"
+        )
 
 
 class CachedTokenSource(TokenSource):
@@ -133,8 +139,17 @@ class TokenizingSource(TokenSource):
     lane is a few windows from running dry, so that tokenizing runs only a little ahead of need.
     """
 
-    def __init__(self, source, encoder: DocumentEncoder, lanes: list[Lane], *, global_rows: int,
-                 seed: int | None, seq_len: int, held_out_per_mille: int):
+    def __init__(
+        self,
+        source,
+        encoder: DocumentEncoder,
+        lanes: list[Lane],
+        *,
+        global_rows: int,
+        seed: int | None,
+        seq_len: int,
+        held_out_per_mille: int,
+    ):
         super().__init__(lanes, global_rows=global_rows, seed=seed)
         self.source, self.encoder, self.seq_len = source, encoder, seq_len
         self.held_out_per_mille = held_out_per_mille
@@ -148,8 +163,9 @@ class TokenizingSource(TokenSource):
         self.documents = self._owned_documents()
         # encode_batch runs on this one worker while our thread parses, unpacks ids and packs windows (which
         # hold the GIL); batches are submitted and unpacked in order, one or two in flight.
-        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1,
-                                                   thread_name_prefix="PackedBatches-tokenizer")
+        self.tokenizer_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="PackedBatches-tokenizer"
+        )
         self.in_flight: deque[tuple[list[tuple[_LaneTexts, int, int, int]], Future]] = deque()
 
     # --- Reading: the text source -> the lanes' queues ----------------------------------------------------
@@ -170,8 +186,10 @@ class TokenizingSource(TokenSource):
                 raise self._past_the_end(epoch, start)
             self._check_size(size, self.source.describe())
             if start == 0 and yielded == 0:
-                raise ValueError(f"a whole epoch of {size} documents gave this rank's lanes no training "
-                                 "document; the source is too small for this many lanes")
+                raise ValueError(
+                    f"a whole epoch of {size} documents gave this rank's lanes no training "
+                    "document; the source is too small for this many lanes"
+                )
             epoch, start = epoch + 1, 0
 
     def _chunk_documents(self, chunk, epoch: int, start: int) -> Iterator[tuple[_LaneTexts, int, str]]:
@@ -179,8 +197,11 @@ class TokenizingSource(TokenSource):
         docs = chunk.base + np.arange(chunk.size)
         mine = (docs >= start) & self.owned[docs % self.global_rows]
         # Only this rank's lanes' documents from each lane's resume point on are read at all.
-        wanted = [j for j in np.flatnonzero(mine).tolist()
-                  if (epoch, chunk.base + j) >= self.queues[(chunk.base + j) % self.global_rows].lane.resume]
+        wanted = [
+            j
+            for j in np.flatnonzero(mine).tolist()
+            if (epoch, chunk.base + j) >= self.queues[(chunk.base + j) % self.global_rows].lane.resume
+        ]
         for j, text in chunk.read(wanted):
             if self.held_out_per_mille and is_held_out(text, self.held_out_per_mille):
                 continue
@@ -230,8 +251,11 @@ class TokenizingSource(TokenSource):
         lane projected to hold the fewest tokens while that is below `horizon`, up to TOKENIZE_BATCH_DOCS
         documents and TOKENIZE_BATCH_BYTES of text."""
         picked = [] if needy is None else [(needy, *needy.texts.popleft())]
-        candidates = [(queue.projected + (len(picked[0][3]) // 4 if queue is needy else 0), index)
-                      for index, queue in self.queues.items() if queue.texts]
+        candidates = [
+            (queue.projected + (len(picked[0][3]) // 4 if queue is needy else 0), index)
+            for index, queue in self.queues.items()
+            if queue.texts
+        ]
         heapq.heapify(candidates)
         size = sum(len(text) for *_, text in picked)
         while candidates and candidates[0][0] < horizon and len(picked) < TOKENIZE_BATCH_DOCS:

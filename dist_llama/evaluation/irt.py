@@ -141,14 +141,17 @@ def fetch_official_params(cache_dir: Path | None = None) -> Path | None:
     except (urllib.error.URLError, OSError) as err:  # URLError, HTTPError, timeouts, resets
         logger.warning(
             "IRT estimates cannot be computed: could not download %s (%s); pass --params with a local copy",
-            OFFICIAL_PARAMS_URL, err,
+            OFFICIAL_PARAMS_URL,
+            err,
         )
         return None
     actual = _sha256_hex(data)
     if actual != OFFICIAL_PARAMS_SHA256:
         logger.warning(
             "IRT estimates cannot be computed: %s has sha256 %s, not the pinned %s",
-            OFFICIAL_PARAMS_URL, actual, OFFICIAL_PARAMS_SHA256,
+            OFFICIAL_PARAMS_URL,
+            actual,
+            OFFICIAL_PARAMS_SHA256,
         )
         return None
 
@@ -222,14 +225,18 @@ def estimate(y: Sequence[float], params: dict, bench: str = IRT_BENCH) -> dict[s
     if scenarios != [bench]:
         # The multi-scenario benches ('lb', 'helm_lite') return one estimate per scenario upstream;
         # nothing here needs them, so refuse rather than return a single misleading number.
-        raise ValueError(f"bench {bench!r} has scenarios {scenarios}; only single-scenario benches are supported")
+        raise ValueError(
+            f"bench {bench!r} has scenarios {scenarios}; only single-scenario benches are supported"
+        )
 
     seen = np.asarray(bench_params["seen_examples"], dtype=np.int64)
     scores = np.asarray(y, dtype=np.float64)
     if scores.ndim != 1:
         raise ValueError(f"y must be a flat sequence of scores, got shape {scores.shape}")
     if len(scores) != len(seen):
-        raise ValueError(f"y must hold one score per anchor item: expected length {len(seen)}, got {len(scores)}")
+        raise ValueError(
+            f"y must hold one score per anchor item: expected length {len(seen)}, got {len(scores)}"
+        )
     if not np.all((scores >= 0) & (scores <= 1)):
         raise ValueError("y must hold scores in [0, 1]")
     if len(np.unique(seen)) != len(seen):
@@ -264,7 +271,9 @@ def estimate(y: Sequence[float], params: dict, bench: str = IRT_BENCH) -> dict[s
 # --- From scored items to estimates ------------------------------------------------------------------
 
 
-def anchor_scores(samples: list[dict], params: dict, metric: str = "acc_norm") -> tuple[list[float] | None, str | None]:
+def anchor_scores(
+    samples: list[dict], params: dict, metric: str = "acc_norm"
+) -> tuple[list[float] | None, str | None]:
     """The tinyMMLU anchor scores in anchor order (y[i] scores seen_examples[i]), or (None, why not).
 
     Items that carry `tb_index` are matched by it, so a run over all of MMLU yields the anchors. Items
@@ -275,11 +284,16 @@ def anchor_scores(samples: list[dict], params: dict, metric: str = "acc_norm") -
         by_index = {int(s["tb_index"]): float(s[metric]) for s in samples}
         covered = sum(i in by_index for i in seen)
         if covered < len(seen):
-            return None, (f"IRT not computed: needs the {len(seen)} tinyMMLU anchor items; the data holds "
-                          f"{covered} of them (matched by tb_index)")
+            return None, (
+                f"IRT not computed: needs the {len(seen)} tinyMMLU anchor items; the data holds "
+                f"{covered} of them (matched by tb_index)"
+            )
         return [by_index[i] for i in seen], None
     if len(samples) != len(seen):
-        return None, f"IRT not computed: needs the {len(seen)} tinyMMLU anchor items; this run scored {len(samples)}"
+        return (
+            None,
+            f"IRT not computed: needs the {len(seen)} tinyMMLU anchor items; this run scored {len(samples)}",
+        )
     return [float(s[metric]) for s in sorted(samples, key=lambda s: int(s["doc_id"]))], None
 
 
@@ -290,8 +304,10 @@ def _irt_precheck(samples: list[dict], from_hub_task: bool) -> str | None:
         return "IRT not computed: no items were scored"
     has_tb_index = all("tb_index" in s for s in samples)
     if not from_hub_task and not has_tb_index:
-        return ("IRT not computed: needs the 100 tinyMMLU anchor items; the local data has no tb_index field "
-                "to find them by")
+        return (
+            "IRT not computed: needs the 100 tinyMMLU anchor items; the local data has no tb_index field "
+            "to find them by"
+        )
     if len(samples) < 100:
         return f"IRT not computed: needs the 100 tinyMMLU anchor items; this run scored only {len(samples)} items"
     if from_hub_task and len(samples) != 100:
@@ -312,8 +328,13 @@ def load_params_file(path: Path) -> dict:
     return params
 
 
-def irt_for_samples(samples: list[dict], from_hub_task: bool, params: dict | None = None,
-                    params_source: str | None = None, metric: str = "acc_norm") -> dict:
+def irt_for_samples(
+    samples: list[dict],
+    from_hub_task: bool,
+    params: dict | None = None,
+    params_source: str | None = None,
+    metric: str = "acc_norm",
+) -> dict:
     """summary.json's IRT fields: "irt" ({irt, pirt, gpirt} or None) and "irt_note" (why None).
 
     params None: the official tinyBenchmarks.pkl, fetched (sha256-checked) only when the items allow IRT.
@@ -324,20 +345,28 @@ def irt_for_samples(samples: list[dict], from_hub_task: bool, params: dict | Non
     if params is None:
         path = fetch_official_params()
         if path is None:
-            return {"irt": None, "irt_note": "IRT not computed: tinyBenchmarks parameter file unavailable (the "
-                                             "official tinyBenchmarks.pkl could not be downloaded and verified; "
-                                             "pass --irt-params FILE)"}
+            return {
+                "irt": None,
+                "irt_note": "IRT not computed: tinyBenchmarks parameter file unavailable (the "
+                "official tinyBenchmarks.pkl could not be downloaded and verified; "
+                "pass --irt-params FILE)",
+            }
         params = load_irt_params(path, expected_sha256=OFFICIAL_PARAMS_SHA256)
         params_source = f"{path} (official, sha256 {OFFICIAL_PARAMS_SHA256})"
     y, note = anchor_scores(samples, params, metric)
     if y is None:
         return {"irt": None, "irt_note": note}
-    return {"irt": estimate(y, params, IRT_BENCH), "irt_note": None, "irt_metric": metric,
-            "irt_params": params_source}
+    return {
+        "irt": estimate(y, params, IRT_BENCH),
+        "irt_note": None,
+        "irt_metric": metric,
+        "irt_params": params_source,
+    }
 
 
-def estimate_from_samples_file(path: str | os.PathLike, params: dict, metric: str = "acc_norm",
-                               bench: str = IRT_BENCH) -> dict:
+def estimate_from_samples_file(
+    path: str | os.PathLike, params: dict, metric: str = "acc_norm", bench: str = IRT_BENCH
+) -> dict:
     """{irt, pirt, gpirt} from a samples jsonl (ours or lm-eval's); raises EvaluationError for unusable items."""
     try:
         samples = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -17,7 +17,13 @@ from dist_llama.evaluation import EvaluationError
 from dist_llama.evaluation.irt import irt_for_samples, load_params_file
 from dist_llama.evaluation.models import check_dtype, checked_model_name, load_model, torch_dtype_for
 from dist_llama.evaluation.stats import accuracy_stats, subject_means
-from dist_llama.evaluation.tasks import HUB_DATASET, HUB_DATASET_CONFIG, check_mmlu_data, spread_subset, write_task
+from dist_llama.evaluation.tasks import (
+    HUB_DATASET,
+    HUB_DATASET_CONFIG,
+    check_mmlu_data,
+    spread_subset,
+    write_task,
+)
 
 
 def _sample_record(sample: dict) -> dict:
@@ -48,11 +54,15 @@ def _fmt_stat(stat: dict | None) -> str:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{summary['task']} on {summary['model']}: {summary['n']} items, "
-             f"{summary['n_subjects'] or 'no'} subjects, {summary['items_per_s']:.2f} items/s"]
+    lines = [
+        f"{summary['task']} on {summary['model']}: {summary['n']} items, "
+        f"{summary['n_subjects'] or 'no'} subjects, {summary['items_per_s']:.2f} items/s"
+    ]
     for metric in ("acc", "acc_norm"):
-        lines.append(f"  {metric:<8} {_fmt_stat(summary[metric])}   subject-balanced "
-                     f"{_fmt_stat(summary[metric + '_macro'])}   (95% CI)")
+        lines.append(
+            f"  {metric:<8} {_fmt_stat(summary[metric])}   subject-balanced "
+            f"{_fmt_stat(summary[metric + '_macro'])}   (95% CI)"
+        )
     if summary["irt"] is not None:
         lines.append("  IRT      " + "  ".join(f"{k} {v:.4f}" for k, v in summary["irt"].items()))
     else:
@@ -60,9 +70,17 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_mmlu(model: str, output_dir: str | Path, data: str | Path | None = None, limit: int | None = None,
-             batch_size: int | str = 4, device: str | None = None, irt_params: str | Path | None = None,
-             dtype: str = "auto", tokenizer: str | None = None) -> dict:
+def run_mmlu(
+    model: str,
+    output_dir: str | Path,
+    data: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int | str = 4,
+    device: str | None = None,
+    irt_params: str | Path | None = None,
+    dtype: str = "auto",
+    tokenizer: str | None = None,
+) -> dict:
     """Evaluate `model` on tinyMMLU (Hub) or a local tinyMMLU-format JSONL; write results, samples, summary.
 
     Returns the summary dict (also written to output_dir/summary.json). irt_params: a tinyBenchmarks pickle;
@@ -89,21 +107,29 @@ def run_mmlu(model: str, output_dir: str | Path, data: str | Path | None = None,
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
-    hf_model, tok = load_model(model, device=device, dtype=torch_dtype_for(dtype, device, auto_means_saved=True),
-                               tokenizer=tokenizer)
-    lm = HFLM(pretrained=hf_model, tokenizer=tok, trust_remote_code=True, batch_size=batch_size, device=device)
+    hf_model, tok = load_model(
+        model, device=device, dtype=torch_dtype_for(dtype, device, auto_means_saved=True), tokenizer=tokenizer
+    )
+    lm = HFLM(
+        pretrained=hf_model, tokenizer=tok, trust_remote_code=True, batch_size=batch_size, device=device
+    )
     task_manager = TaskManager(include_path=str(task_path.parent), include_defaults=False)
     start = time.perf_counter()
     try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=[task_name], task_manager=task_manager, limit=lm_eval_limit,
-                                          log_samples=True)
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=[task_name], task_manager=task_manager, limit=lm_eval_limit, log_samples=True
+        )
     except (ConnectionError, OSError) as err:
         where = f"{HUB_DATASET} from the Hub" if data is None else str(data)
-        raise EvaluationError(f"cannot load the items ({where}): {str(err).splitlines()[0]}; "
-                              "for an offline run pass --data FILE.jsonl") from None
+        raise EvaluationError(
+            f"cannot load the items ({where}): {str(err).splitlines()[0]}; "
+            "for an offline run pass --data FILE.jsonl"
+        ) from None
     seconds = time.perf_counter() - start
 
-    samples = sorted((_sample_record(s) for s in results.pop("samples")[task_name]), key=lambda r: r["doc_id"])
+    samples = sorted(
+        (_sample_record(s) for s in results.pop("samples")[task_name]), key=lambda r: r["doc_id"]
+    )
     results_path = output_dir / "results.json"
     results_path.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
     samples_path = output_dir / f"samples_{task_name}.jsonl"
@@ -115,13 +141,21 @@ def run_mmlu(model: str, output_dir: str | Path, data: str | Path | None = None,
     acc_norm, acc_norm_macro = accuracy_stats(samples, "acc_norm")
     by_subject = {metric: subject_means(samples, metric) for metric in ("acc", "acc_norm")}
     if by_subject["acc"] is not None:
-        (output_dir / "per_subject.json").write_text(json.dumps(
-            {subject: {"n": n, "acc": m, "acc_norm": by_subject["acc_norm"][subject][1]}
-             for subject, (n, m) in by_subject["acc"].items()}, indent=2))
+        (output_dir / "per_subject.json").write_text(
+            json.dumps(
+                {
+                    subject: {"n": n, "acc": m, "acc_norm": by_subject["acc_norm"][subject][1]}
+                    for subject, (n, m) in by_subject["acc"].items()
+                },
+                indent=2,
+            )
+        )
     summary = {
         "task": task_name,
         "model": model,
-        "data": str(data.resolve()) if data is not None else f"hf://{HUB_DATASET} ({HUB_DATASET_CONFIG}, test)",
+        "data": str(data.resolve())
+        if data is not None
+        else f"hf://{HUB_DATASET} ({HUB_DATASET_CONFIG}, test)",
         "n": len(samples),
         "n_subjects": len(by_subject["acc"]) if by_subject["acc"] is not None else None,
         "limit": limit,
@@ -142,4 +176,3 @@ def run_mmlu(model: str, output_dir: str | Path, data: str | Path | None = None,
         summary["macro_note"] = "some items have no 'subject' field, so there is no subject-balanced score"
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-

@@ -18,8 +18,13 @@ from pathlib import Path
 
 from dist_llama.devices import default_device, dtype_name
 from dist_llama.evaluation import EvaluationError
-from dist_llama.evaluation.models import (check_dtype, checked_model_name, consolidate_if_checkpoint, load_model,
-                                         torch_dtype_for)
+from dist_llama.evaluation.models import (
+    check_dtype,
+    checked_model_name,
+    consolidate_if_checkpoint,
+    load_model,
+    torch_dtype_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +73,19 @@ def _document_windows(documents: Iterable[str], tokenizer, seq_len: int, wanted:
     return torch.from_numpy(np.stack(windows).astype(np.int64)), read, longest
 
 
-def loss_by_position(model: str, data: str | Path, seq_len: int = 1024, docs: int | None = 32,
-                     rope_scaling_factor: float | None = None, device: str | None = None, dtype: str = "auto",
-                     batch_size: int = 8, text_field: str = "text", tokenizer: str | None = None,
-                     label: str | None = None) -> dict:
+def loss_by_position(
+    model: str,
+    data: str | Path,
+    seq_len: int = 1024,
+    docs: int | None = 32,
+    rope_scaling_factor: float | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    batch_size: int = 8,
+    text_field: str = "text",
+    tokenizer: str | None = None,
+    label: str | None = None,
+) -> dict:
     """Mean next-token loss per position bucket, and overall, over the first `docs` documents of `data`
     that have at least seq_len + 1 tokens, one window from each document's start (see _document_windows).
 
@@ -87,7 +101,9 @@ def loss_by_position(model: str, data: str | Path, seq_len: int = 1024, docs: in
     if docs is not None and docs <= 0:
         raise EvaluationError(f"--docs must be positive, got {docs}")
     if rope_scaling_factor is not None and not rope_scaling_factor >= 1:
-        raise EvaluationError(f"--rope-scaling-factor must be >= 1 (it divides positions), got {rope_scaling_factor}")
+        raise EvaluationError(
+            f"--rope-scaling-factor must be >= 1 (it divides positions), got {rope_scaling_factor}"
+        )
     if batch_size <= 0:
         raise EvaluationError(f"--batch-size must be positive, got {batch_size}")
     check_dtype(dtype)
@@ -100,21 +116,42 @@ def loss_by_position(model: str, data: str | Path, seq_len: int = 1024, docs: in
 
     with tempfile.TemporaryDirectory(prefix="dist_llama_eval_") as workdir:
         source = consolidate_if_checkpoint(model, workdir, tokenizer)
-        hf_model, tok = load_model(source, device=device, dtype=torch_dtype, rope_scaling_factor=rope_scaling_factor,
-                                   min_positions=seq_len, tokenizer=tokenizer)
+        hf_model, tok = load_model(
+            source,
+            device=device,
+            dtype=torch_dtype,
+            rope_scaling_factor=rope_scaling_factor,
+            min_positions=seq_len,
+            tokenizer=tokenizer,
+        )
     try:
-        windows, n_read, longest = _document_windows(iter_documents([str(data)], text_field), tok, seq_len, docs)
+        windows, n_read, longest = _document_windows(
+            iter_documents([str(data)], text_field), tok, seq_len, docs
+        )
     except ValueError as err:
         raise EvaluationError(f"--data {data}: {err}") from None
     if windows is None:
-        raise EvaluationError(f"--data {data}: none of its {n_read} documents has the seq_len + 1 = {seq_len + 1} "
-                              f"tokens a window needs (the longest has {longest}); give longer documents or "
-                              "lower --seq-len")
-    logger.info("loss by position: %d documents of at least %d tokens (of %d read), one window from each "
-                "document's start", len(windows), seq_len + 1, n_read)
+        raise EvaluationError(
+            f"--data {data}: none of its {n_read} documents has the seq_len + 1 = {seq_len + 1} "
+            f"tokens a window needs (the longest has {longest}); give longer documents or "
+            "lower --seq-len"
+        )
+    logger.info(
+        "loss by position: %d documents of at least %d tokens (of %d read), one window from each "
+        "document's start",
+        len(windows),
+        seq_len + 1,
+        n_read,
+    )
     if docs is not None and len(windows) < docs:
-        logger.warning("only %d of the %d documents in %s have at least %d tokens (asked for %d)",
-                       len(windows), n_read, data, seq_len + 1, docs)
+        logger.warning(
+            "only %d of the %d documents in %s have at least %d tokens (asked for %d)",
+            len(windows),
+            n_read,
+            data,
+            seq_len + 1,
+            docs,
+        )
 
     loss_sum = torch.zeros(seq_len, dtype=torch.float64)
     with torch.no_grad():
@@ -127,8 +164,10 @@ def loss_by_position(model: str, data: str | Path, seq_len: int = 1024, docs: in
     per_position = (loss_sum / len(windows)).tolist()
 
     # {"0-255": mean loss, ...}: keys name inclusive position ranges, in position order.
-    buckets = {f"{start}-{end - 1}": sum(per_position[start:end]) / (end - start)
-               for start, end in bucket_edges(seq_len)}
+    buckets = {
+        f"{start}-{end - 1}": sum(per_position[start:end]) / (end - start)
+        for start, end in bucket_edges(seq_len)
+    }
     overall = sum(per_position) / seq_len
     rope = getattr(hf_model.config, "rope_parameters", None)
     return {
@@ -173,8 +212,12 @@ def plot_loss_by_position(results: list[dict], path: str | Path) -> Path:
         raise EvaluationError("nothing to plot: give at least one ppl JSON")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for result in results:
-        ax.plot(bucket_midpoints(result["buckets"]), list(result["buckets"].values()), marker="o",
-                label=result["label"])
+        ax.plot(
+            bucket_midpoints(result["buckets"]),
+            list(result["buckets"].values()),
+            marker="o",
+            label=result["label"],
+        )
     seq_lens = sorted({r["seq_len"] for r in results})
     ax.set_title(f"Held-out loss by position (window {', '.join(map(str, seq_lens))} tokens)")
     ax.set_xlabel("position in window (bucket midpoint)")
@@ -199,8 +242,10 @@ def read_ppl_result(path: Path) -> dict:
         result = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise EvaluationError(f"{path} is not JSON ({err})") from None
-    if not isinstance(result, dict) or not {"label", "buckets", "seq_len"} <= set(result) \
-            or not isinstance(result["buckets"], dict):
+    if (
+        not isinstance(result, dict)
+        or not {"label", "buckets", "seq_len"} <= set(result)
+        or not isinstance(result["buckets"], dict)
+    ):
         raise EvaluationError(f"{path} is not a ppl result (needs label, seq_len and buckets)")
     return result
-

@@ -1,12 +1,12 @@
 """Accuracy and its 95% confidence intervals (in summary.json as ci95_low / ci95_high).
 
-  micro accuracy  Wilson score interval over the n items:
-                  (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z = 1.96.
-  subject-balanced (macro) accuracy  mean of the k subject accuracies m_s, with a Student-t interval
-                  over them: M -+ t_{0.975, k-1} * sd(m_s) / sqrt(k), clipped to [0, 1]; null when k < 2.
-                  It treats subjects as a sample, so it also counts the spread of difficulty between
-                  subjects: conservative for "these k subjects", but it stays usable when a subject has
-                  one or two items (tinyMMLU), where a within-subject binomial error would be zero.
+micro accuracy  Wilson score interval over the n items:
+                (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z = 1.96.
+subject-balanced (macro) accuracy  mean of the k subject accuracies m_s, with a Student-t interval
+                over them: M -+ t_{0.975, k-1} * sd(m_s) / sqrt(k), clipped to [0, 1]; null when k < 2.
+                It treats subjects as a sample, so it also counts the spread of difficulty between
+                subjects: conservative for "these k subjects", but it stays usable when a subject has
+                one or two items (tinyMMLU), where a within-subject binomial error would be zero.
 """
 
 from __future__ import annotations
@@ -61,7 +61,10 @@ def accuracy_stats(samples: list[dict], metric: str) -> tuple[dict, dict | None]
         return micro, None
     values = [m for _, m in means.values()]
     interval = macro_interval(values) or [None, None]
-    macro = {"value": sum(values) / len(values), "ci95_low": interval[0], "ci95_high": interval[1],
-             "n_subjects": len(values)}
+    macro = {
+        "value": sum(values) / len(values),
+        "ci95_low": interval[0],
+        "ci95_high": interval[1],
+        "n_subjects": len(values),
+    }
     return micro, macro
-

@@ -32,7 +32,10 @@ def task_config(name: str, data: Path | None) -> dict:
         source = {"dataset_path": HUB_DATASET, "dataset_name": HUB_DATASET_CONFIG}
     else:
         # lm-eval resolves relative data_files against the working directory, not the YAML: keep it absolute.
-        source = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(Path(data).resolve())}}}
+        source = {
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(Path(data).resolve())}},
+        }
     return {
         "task": name,
         **source,
@@ -77,8 +80,10 @@ def check_mmlu_data(path: Path) -> int:
                 raise EvaluationError(f"{path}:{line_no} is not valid JSON ({err})") from None
             missing = [k for k in REQUIRED_FIELDS if not isinstance(row, dict) or k not in row]
             if missing:
-                raise EvaluationError(f"{path}:{line_no} lacks tinyMMLU field(s) {missing}; rows need "
-                                      f"{list(REQUIRED_FIELDS)} (and 'subject' for the subject-balanced score)")
+                raise EvaluationError(
+                    f"{path}:{line_no} lacks tinyMMLU field(s) {missing}; rows need "
+                    f"{list(REQUIRED_FIELDS)} (and 'subject' for the subject-balanced score)"
+                )
             n += 1
     if n == 0:
         raise EvaluationError(f"--data {path} holds no rows")
@@ -95,4 +100,3 @@ def spread_subset(path: Path, n_items: int, out: Path) -> Path:
     step = len(rows) / n_items
     out.write_text("".join(rows[int(i * step)] + "\n" for i in range(n_items)), encoding="utf-8")
     return out
-

@@ -42,8 +42,10 @@ class DistLlamaConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         if self.hidden_size != self.num_attention_heads * self.head_dim:
-            raise ValueError(f"hidden_size={self.hidden_size} must equal num_attention_heads * head_dim "
-                             f"({self.num_attention_heads} * {self.head_dim}): model.py has no separate head_dim")
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must equal num_attention_heads * head_dim "
+                f"({self.num_attention_heads} * {self.head_dim}): model.py has no separate head_dim"
+            )
         if self.hidden_act != "silu" or self.attention_bias or self.mlp_bias:
             raise ValueError("dist_llama models use SwiGLU (hidden_act=silu) and bias-free linear layers")
 

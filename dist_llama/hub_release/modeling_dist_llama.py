@@ -31,9 +31,11 @@ def attention_backend(requested: str | None, recorded: str) -> str:
     if requested is None:
         return recorded
     if requested not in ATTENTION_BACKENDS:
-        raise ValueError(f"attn_implementation={requested!r} is not supported by DistLlamaForCausalLM, which runs "
-                         f"model.py's own attention: choose one of {sorted(ATTENTION_BACKENDS)} (sdpa: torch's "
-                         "scaled_dot_product_attention; eager: the plain-torch reference)")
+        raise ValueError(
+            f"attn_implementation={requested!r} is not supported by DistLlamaForCausalLM, which runs "
+            f"model.py's own attention: choose one of {sorted(ATTENTION_BACKENDS)} (sdpa: torch's "
+            "scaled_dot_product_attention; eager: the plain-torch reference)"
+        )
     return ATTENTION_BACKENDS[requested]
 
 
@@ -96,8 +98,9 @@ class DistLlamaForCausalLM(DistLlamaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
-                                    every_n_layers: int = 1):
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
+    ):
         """transformers' activation checkpointing (gradient_checkpointing_enable, Trainer's
         gradient_checkpointing=True): every n-th block recomputes its activations in backward, with
         gradient_checkpointing_func (transformers passes non-reentrant torch.utils.checkpoint, as training's
@@ -143,7 +146,9 @@ class DistLlamaForCausalLM(DistLlamaPreTrainedModel, GenerationMixin):
         positions, attn_mask = _positions_and_mask(input_ids, attention_mask, position_ids, past)
         kv_caches = None
         if cache is not None:
-            kv_caches = [lambda k, v, i=i: cache.update(k, v, i) for i in range(self.transformer.args.n_layers)]
+            kv_caches = [
+                lambda k, v, i=i: cache.update(k, v, i) for i in range(self.transformer.args.n_layers)
+            ]
 
         logits = self.transformer(input_ids, positions=positions, attn_mask=attn_mask, kv_caches=kv_caches)
         if isinstance(logits_to_keep, int):
@@ -153,7 +158,9 @@ class DistLlamaForCausalLM(DistLlamaPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:  # transformers' convention: labels are the inputs, shifted inside
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
 
@@ -168,7 +175,9 @@ def _positions_and_mask(input_ids, attention_mask, position_ids, past: int):
     seq = input_ids.shape[1]
     device = input_ids.device
     if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must be (batch, past + seq) of 0/1, got shape {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must be (batch, past + seq) of 0/1, got shape {tuple(attention_mask.shape)}"
+        )
     padded = attention_mask is not None and not bool(attention_mask[:, : past + seq].all())
     if position_ids is None:
         if padded:

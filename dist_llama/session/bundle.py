@@ -39,10 +39,17 @@ def _folder_bytes(folder: Path) -> int:
 def checkout_bytes() -> int:
     """Bytes of the checkout's files that travel with the bundle: tracked, plus untracked and not ignored."""
     try:
-        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                                capture_output=True, check=True, timeout=60).stdout
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
     except (OSError, subprocess.SubprocessError) as error:
-        raise BadInput(f"cannot list the checkout's files with git ({error}); the bundle size limit counts them") from None
+        raise BadInput(
+            f"cannot list the checkout's files with git ({error}); the bundle size limit counts them"
+        ) from None
     paths = {REPO / name for name in listed.decode().split("\0") if name}
     return sum(p.stat().st_size for p in paths if p.is_file())
 
@@ -60,12 +67,26 @@ def _write_parquet(texts: list[str], target: Path, compression_level: int) -> No
 
     # Measured on shard-00000 (12,283 documents): zstd 19 in large pages without a dictionary is 8,756,117
     # bytes against 8,748,620 for its .jsonl.zst, and the GPU machine's pyarrow reads it without zstandard.
-    pq.write_table(pa.table({"text": texts}), target, compression="zstd", compression_level=compression_level,
-                   use_dictionary=False, data_page_size=64 * MIB)
+    pq.write_table(
+        pa.table({"text": texts}),
+        target,
+        compression="zstd",
+        compression_level=compression_level,
+        use_dictionary=False,
+        data_page_size=64 * MIB,
+    )
 
 
-def build_bundle(out: Path, train_data: list[str], held_out: str, tinymmlu: str, mmlu: str, mmlu_items: int,
-                 limit_mib: float = BUNDLE_LIMIT_MIB, compression_level: int = 19) -> dict:
+def build_bundle(
+    out: Path,
+    train_data: list[str],
+    held_out: str,
+    tinymmlu: str,
+    mmlu: str,
+    mmlu_items: int,
+    limit_mib: float = BUNDLE_LIMIT_MIB,
+    compression_level: int = 19,
+) -> dict:
     """The data half of the bundle in `out` (wheels are put in out/wheels by launch/prepare_gpu_bundle.sh):
     the tokenizer folder, training shards as parquet, the held-out documents, tinyMMLU and spread MMLU items;
     then manifest.json. Training shards that would take the total over limit_mib are left out, and said so."""
@@ -81,15 +102,17 @@ def build_bundle(out: Path, train_data: list[str], held_out: str, tinymmlu: str,
         raise BadInput(f"--train-data {' '.join(train_data)} matches no files")
     spread_rows = _write_fixed_parts(out, held_out, tinymmlu, mmlu, mmlu_items, compression_level)
     repo_bytes = checkout_bytes()
-    kept, dropped, shard_sources = _fit_training_shards(out, sources, previous, repo_bytes, limit_mib,
-                                                        compression_level)
+    kept, dropped, shard_sources = _fit_training_shards(
+        out, sources, previous, repo_bytes, limit_mib, compression_level
+    )
     manifest = _manifest(out, kept, dropped, shard_sources, spread_rows, repo_bytes)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def _write_fixed_parts(out: Path, held_out: str, tinymmlu: str, mmlu: str, mmlu_items: int,
-                       compression_level: int) -> list[dict]:
+def _write_fixed_parts(
+    out: Path, held_out: str, tinymmlu: str, mmlu: str, mmlu_items: int, compression_level: int
+) -> list[dict]:
     """Everything but the training shards: tokenizer, held-out documents, item files. Returns the spread items."""
     from dist_llama.data import read_documents
     from dist_llama.evaluation.tasks import check_mmlu_data, spread_subset
@@ -111,8 +134,9 @@ def _write_fixed_parts(out: Path, held_out: str, tinymmlu: str, mmlu: str, mmlu_
     return rows
 
 
-def _fit_training_shards(out: Path, sources: list[Path], previous: dict, repo_bytes: int, limit_mib: float,
-                         compression_level: int) -> tuple[list[str], list[str], dict]:
+def _fit_training_shards(
+    out: Path, sources: list[Path], previous: dict, repo_bytes: int, limit_mib: float, compression_level: int
+) -> tuple[list[str], list[str], dict]:
     """Training shards as parquet, in order, while the total stays under limit_mib; a shard converted by an
     earlier build of the same source is kept. Returns (kept file names, dropped sources, their stamps)."""
     from dist_llama.data import read_documents
@@ -120,8 +144,11 @@ def _fit_training_shards(out: Path, sources: list[Path], previous: dict, repo_by
     train_dir = out / "train"
     train_dir.mkdir(exist_ok=True)
     kept, dropped, shard_sources = [], [], {}
-    fixed = repo_bytes + sum(_folder_bytes(out / part) for part in ("wheels", "tokenizer", "items")) \
+    fixed = (
+        repo_bytes
+        + sum(_folder_bytes(out / part) for part in ("wheels", "tokenizer", "items"))
         + (out / "held_out.parquet").stat().st_size
+    )
     total = fixed
     for source in sources:
         target = train_dir / (source.name.split(".")[0] + ".parquet")
@@ -140,15 +167,26 @@ def _fit_training_shards(out: Path, sources: list[Path], previous: dict, repo_by
     for stale in set(p.name for p in train_dir.glob("*.parquet")) - set(kept):
         (train_dir / stale).unlink()
     if not kept:
-        raise BadInput(f"not even one training shard fits: the rest of the bundle and the checkout take "
-                       f"{fixed / MIB:.1f} MiB of the {limit_mib:g} MiB limit")
+        raise BadInput(
+            f"not even one training shard fits: the rest of the bundle and the checkout take "
+            f"{fixed / MIB:.1f} MiB of the {limit_mib:g} MiB limit"
+        )
     return kept, dropped, shard_sources
 
 
-def _manifest(out: Path, kept: list[str], dropped: list[str], shard_sources: dict, spread_rows: list[dict],
-              repo_bytes: int) -> dict:
-    files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
+def _manifest(
+    out: Path,
+    kept: list[str],
+    dropped: list[str],
+    shard_sources: dict,
+    spread_rows: list[dict],
+    repo_bytes: int,
+) -> dict:
+    files = {
+        str(p.relative_to(out)): p.stat().st_size
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "tokenizer": "tokenizer",
@@ -172,13 +210,20 @@ def load_manifest(bundle: Path) -> dict:
     """The bundle's manifest, with every listed file present at its recorded size; BadInput otherwise."""
     manifest = read_json(bundle / MANIFEST)
     if manifest is None:
-        raise BadInput(f"bundle folder {bundle} not found or has no {MANIFEST}: build it with "
-                       "launch/prepare_gpu_bundle.sh (and name it in the machine's carry)")
-    wrong = [name for name, size in manifest["files"].items()
-             if not (bundle / name).is_file() or (bundle / name).stat().st_size != size]
+        raise BadInput(
+            f"bundle folder {bundle} not found or has no {MANIFEST}: build it with "
+            "launch/prepare_gpu_bundle.sh (and name it in the machine's carry)"
+        )
+    wrong = [
+        name
+        for name, size in manifest["files"].items()
+        if not (bundle / name).is_file() or (bundle / name).stat().st_size != size
+    ]
     if wrong:
-        raise BadInput(f"bundle {bundle} is incomplete: {len(wrong)} file(s) missing or changed, e.g. {wrong[0]}; "
-                       "rebuild it with launch/prepare_gpu_bundle.sh")
+        raise BadInput(
+            f"bundle {bundle} is incomplete: {len(wrong)} file(s) missing or changed, e.g. {wrong[0]}; "
+            "rebuild it with launch/prepare_gpu_bundle.sh"
+        )
     return manifest
 
 
@@ -194,5 +239,9 @@ def unpack_bundle(bundle: Path, manifest: dict, inputs: Path) -> None:
 def data_overrides(bundle: Path, manifest: dict, inputs: Path) -> list[str]:
     """The training config's data from the bundle: local shards, held-out file, saved tokenizer."""
     shards = ",".join(str(bundle / name) for name in manifest["train"])
-    return ["--data.source=local", f"--data.paths=[{shards}]", f"--data.val_paths=[{bundle / manifest['held_out']}]",
-            f"--data.tokenizer={inputs / manifest['tokenizer']}"]
+    return [
+        "--data.source=local",
+        f"--data.paths=[{shards}]",
+        f"--data.val_paths=[{bundle / manifest['held_out']}]",
+        f"--data.tokenizer={inputs / manifest['tokenizer']}",
+    ]

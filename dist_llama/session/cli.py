@@ -13,8 +13,15 @@ import tempfile
 from pathlib import Path
 
 from dist_llama.session import REPO, BadInput, read_json
-from dist_llama.session.bundle import (BUNDLE_LIMIT_MIB, DEFAULT_BUNDLE, MANIFEST, MIB, build_bundle,
-                                       load_manifest, unpack_bundle)
+from dist_llama.session.bundle import (
+    BUNDLE_LIMIT_MIB,
+    DEFAULT_BUNDLE,
+    MANIFEST,
+    MIB,
+    build_bundle,
+    load_manifest,
+    unpack_bundle,
+)
 from dist_llama.session.context import Context, resolve_config_path
 from dist_llama.session.deadline import GPU, REHEARSAL, STAGES, stage_times
 from dist_llama.session.preflight import preflight_report
@@ -37,32 +44,50 @@ def run_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Install, preflight, bench, train, release, evaluate and report inside one deadline.",
-        epilog="Any --section.key=value after the options overrides the training config.")
+        epilog="Any --section.key=value after the options overrides the training config.",
+    )
     parser.add_argument("--out", required=True, help="folder for the few files that must come back")
-    parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE),
-                        help="the offline bundle (default: gpu_bundle/)")
-    parser.add_argument("--work", default=None,
-                        help="working folder for runs and weights (default: a new temp folder)")
-    parser.add_argument("--deadline-s", type=float, default=None,
-                        help=f"seconds for everything (default {GPU.deadline_s:g}; "
-                             f"rehearsal {REHEARSAL.deadline_s:g})")
-    parser.add_argument("--rehearse", action="store_true",
-                        help="the same stages on the CPU with configs/debug.yaml")
-    parser.add_argument("--config", default=None,
-                        help=f"training config (default {GPU.config}; rehearsal {REHEARSAL.config})")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="training processes (GPUs); >1 launches torchrun")
-    parser.add_argument("--compile-limit-s", type=float, default=None,
-                        help=f"a compiled training run that has not planned its time budget by then runs "
-                             f"eager (default {GPU.compile_limit_s:g}; "
-                             f"rehearsal {REHEARSAL.compile_limit_s:g})")
-    parser.add_argument("--skip", type=_stages_list, default=[],
-                        help=f"comma-separated stages to leave out: {', '.join(STAGES)}")
+    parser.add_argument(
+        "--bundle", default=str(DEFAULT_BUNDLE), help="the offline bundle (default: gpu_bundle/)"
+    )
+    parser.add_argument(
+        "--work", default=None, help="working folder for runs and weights (default: a new temp folder)"
+    )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help=f"seconds for everything (default {GPU.deadline_s:g}; rehearsal {REHEARSAL.deadline_s:g})",
+    )
+    parser.add_argument(
+        "--rehearse", action="store_true", help="the same stages on the CPU with configs/debug.yaml"
+    )
+    parser.add_argument(
+        "--config", default=None, help=f"training config (default {GPU.config}; rehearsal {REHEARSAL.config})"
+    )
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="training processes (GPUs); >1 launches torchrun"
+    )
+    parser.add_argument(
+        "--compile-limit-s",
+        type=float,
+        default=None,
+        help=f"a compiled training run that has not planned its time budget by then runs "
+        f"eager (default {GPU.compile_limit_s:g}; "
+        f"rehearsal {REHEARSAL.compile_limit_s:g})",
+    )
+    parser.add_argument(
+        "--skip",
+        type=_stages_list,
+        default=[],
+        help=f"comma-separated stages to leave out: {', '.join(STAGES)}",
+    )
     args, overrides = parser.parse_known_args(argv)
     strays = [item for item in overrides if not re.fullmatch(r"--\w+\.\w+=.*", item)]
     if strays:
-        parser.exit(2, f"error: unrecognized argument {strays[0]!r}; "
-                       "overrides look like --section.key=value\n")
+        parser.exit(
+            2, f"error: unrecognized argument {strays[0]!r}; overrides look like --section.key=value\n"
+        )
     if args.nproc < 1:
         parser.exit(2, "error: --nproc must be at least 1\n")
     mode = REHEARSAL if args.rehearse else GPU
@@ -80,21 +105,38 @@ def run_main(argv: list[str]) -> int:
 def bundle_main(argv: list[str]) -> int:
     shared = REPO.parent / "shared" / "data"
     parser = argparse.ArgumentParser(
-        prog=f"{PROG} bundle", description="Write the data half of the offline bundle and its manifest.")
+        prog=f"{PROG} bundle", description="Write the data half of the offline bundle and its manifest."
+    )
     parser.add_argument("--out", default=str(DEFAULT_BUNDLE))
     parser.add_argument("--train-data", nargs="+", default=[str(shared / "owt/train/*.jsonl.zst")])
     parser.add_argument("--held-out", default=str(shared / "owt/tiny.jsonl"))
     parser.add_argument("--tinymmlu", default=str(shared / "tinymmlu/tinymmlu.jsonl"))
     parser.add_argument("--mmlu", default=str(shared / "tinymmlu/mmlu_test.jsonl"))
-    parser.add_argument("--mmlu-items", type=int, default=1400,
-                        help="MMLU items spread over every subject (1,400 gives about +-2.6 points at 95%%)")
-    parser.add_argument("--limit-mib", type=float, default=BUNDLE_LIMIT_MIB,
-                        help="refuse above this many MiB for the bundle plus the checkout's files")
+    parser.add_argument(
+        "--mmlu-items",
+        type=int,
+        default=1400,
+        help="MMLU items spread over every subject (1,400 gives about +-2.6 points at 95%%)",
+    )
+    parser.add_argument(
+        "--limit-mib",
+        type=float,
+        default=BUNDLE_LIMIT_MIB,
+        help="refuse above this many MiB for the bundle plus the checkout's files",
+    )
     parser.add_argument("--compression-level", type=int, default=19, help="zstd level of the parquet files")
     args = parser.parse_args(argv)
     try:
-        manifest = build_bundle(Path(args.out), args.train_data, args.held_out, args.tinymmlu, args.mmlu,
-                                args.mmlu_items, args.limit_mib, args.compression_level)
+        manifest = build_bundle(
+            Path(args.out),
+            args.train_data,
+            args.held_out,
+            args.tinymmlu,
+            args.mmlu,
+            args.mmlu_items,
+            args.limit_mib,
+            args.compression_level,
+        )
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -110,22 +152,28 @@ def _bundle_sizes(out: str, manifest: dict, limit_mib: float) -> str:
     wheels = sum(manifest["files"][w] for w in manifest["wheels"])
     shards = sum(manifest["files"][t] for t in manifest["train"])
     total = manifest["bundle_bytes"] + manifest["checkout_bytes"]
-    return (f"bundle {out}: {manifest['bundle_bytes'] / MIB:.2f} MiB ({len(manifest['wheels'])} wheels "
-            f"{wheels / MIB:.2f} MiB, {len(manifest['train'])} training shards {shards / MIB:.2f} MiB, "
-            f"{manifest['mmlu_spread_items']} MMLU items over {manifest['mmlu_spread_subjects']} subjects) "
-            f"+ checkout {manifest['checkout_bytes'] / MIB:.2f} MiB = {total / MIB:.2f} MiB "
-            f"of {limit_mib:g} MiB")
+    return (
+        f"bundle {out}: {manifest['bundle_bytes'] / MIB:.2f} MiB ({len(manifest['wheels'])} wheels "
+        f"{wheels / MIB:.2f} MiB, {len(manifest['train'])} training shards {shards / MIB:.2f} MiB, "
+        f"{manifest['mmlu_spread_items']} MMLU items over {manifest['mmlu_spread_subjects']} subjects) "
+        f"+ checkout {manifest['checkout_bytes'] / MIB:.2f} MiB = {total / MIB:.2f} MiB "
+        f"of {limit_mib:g} MiB"
+    )
 
 
 def install_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} install",
-        description="Install the bundle's wheels as the session does, then import them.")
+        description="Install the bundle's wheels as the session does, then import them.",
+    )
     parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
     parser.add_argument("--target", required=True)
-    parser.add_argument("--modules", nargs="*", default=list(INSTALL_CHECK_MODULES),
-                        help="modules that must import afterwards (those needing torch cannot be checked "
-                             "without it)")
+    parser.add_argument(
+        "--modules",
+        nargs="*",
+        default=list(INSTALL_CHECK_MODULES),
+        help="modules that must import afterwards (those needing torch cannot be checked without it)",
+    )
     args = parser.parse_args(argv)
     bundle, target = Path(args.bundle).resolve(), Path(args.target).resolve()
     try:
@@ -134,18 +182,22 @@ def install_main(argv: list[str]) -> int:
     except (BadInput, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"installed {len(installed)} wheels into {target}; {len(present)} already present: "
-          f"{', '.join(present)}")
+    print(
+        f"installed {len(installed)} wheels into {target}; {len(present)} already present: "
+        f"{', '.join(present)}"
+    )
     return check_install(bundle, manifest, target, args.modules)
 
 
 def preflight_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} preflight",
-        description="Report this machine, the bundle and the resolved config as JSON.")
+        description="Report this machine, the bundle and the resolved config as JSON.",
+    )
     parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
-    parser.add_argument("--inputs", default=None,
-                        help="folder with the bundle unpacked (default: unpack to a temp folder)")
+    parser.add_argument(
+        "--inputs", default=None, help="folder with the bundle unpacked (default: unpack to a temp folder)"
+    )
     parser.add_argument("--config", default=GPU.config)
     parser.add_argument("--report", required=True, help="JSON file to write")
     parser.add_argument("--require-gpu", action="store_true")
@@ -154,8 +206,9 @@ def preflight_main(argv: list[str]) -> int:
     inputs = Path(args.inputs) if args.inputs else Path(tempfile.mkdtemp(prefix="dist_llama_inputs_"))
     if args.inputs is None and (manifest := read_json(bundle / MANIFEST)) is not None:
         unpack_bundle(bundle, manifest, inputs)
-    report, problems = preflight_report(bundle, inputs, resolve_config_path(args.config), overrides,
-                                        args.require_gpu)
+    report, problems = preflight_report(
+        bundle, inputs, resolve_config_path(args.config), overrides, args.require_gpu
+    )
     report["problems"] = problems
     Path(args.report).write_text(json.dumps(report, indent=1, default=str))
     versions = ", ".join(f"{name} {version}" for name, version in report.get("packages", {}).items())
@@ -171,7 +224,8 @@ def plan_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} plan",
         description="Print the planned seconds of every stage as JSON: each stage at its planned time, "
-                    "training gets the rest.")
+        "training gets the rest.",
+    )
     parser.add_argument("--rehearse", action="store_true", help="the CPU rehearsal's plan")
     parser.add_argument("--deadline-s", type=float, default=None)
     args = parser.parse_args(argv)
@@ -181,8 +235,13 @@ def plan_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"bundle": bundle_main, "install": install_main, "preflight": preflight_main,
-                "plan": plan_main, "run": run_main}
+    commands = {
+        "bundle": bundle_main,
+        "install": install_main,
+        "preflight": preflight_main,
+        "plan": plan_main,
+        "run": run_main,
+    }
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return run_main(argv)

@@ -57,12 +57,19 @@ class Context:
         """The session's context from `python -m dist_llama.session` arguments; OSError when the work folder
         cannot be made."""
         deadline_s = args.deadline_s if args.deadline_s is not None else mode.deadline_s
-        work = (Path(args.work).resolve() if args.work
-                else Path(tempfile.mkdtemp(prefix="dist_llama_session_")))
-        return cls(mode=mode, deadline=Deadline(mode, deadline_s, frozenset(args.skip)),
-                   config=resolve_config_path(args.config or mode.config), user_overrides=tuple(overrides),
-                   nproc=args.nproc, bundle=Path(args.bundle).resolve(), out=Path(args.out).resolve(),
-                   work=work)
+        work = (
+            Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="dist_llama_session_"))
+        )
+        return cls(
+            mode=mode,
+            deadline=Deadline(mode, deadline_s, frozenset(args.skip)),
+            config=resolve_config_path(args.config or mode.config),
+            user_overrides=tuple(overrides),
+            nproc=args.nproc,
+            bundle=Path(args.bundle).resolve(),
+            out=Path(args.out).resolve(),
+            work=work,
+        )
 
     # Folders -----------------------------------------------------------------------------------------
 
@@ -103,25 +110,51 @@ class Context:
         paths = ([str(self.site)] if self.site_installed else []) + [str(REPO)]
         paths += [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         env["PYTHONPATH"] = os.pathsep.join(paths)
-        env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(self.work / "hf"),
-                    "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-                    "TQDM_DISABLE": "1",  # progress bars would fill the logs with carriage returns
-                    # Training's compile fills this cache, so the bench's compile of the same blocks is
-                    # warm.
-                    "TORCHINDUCTOR_CACHE_DIR": str(self.work / "inductor_cache")})
+        env.update(
+            {
+                "HF_HUB_OFFLINE": "1",
+                "HF_DATASETS_OFFLINE": "1",
+                "HF_HOME": str(self.work / "hf"),
+                "MPLBACKEND": "Agg",
+                "PYTHONUNBUFFERED": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "TQDM_DISABLE": "1",  # progress bars would fill the logs with carriage returns
+                # Training's compile fills this cache, so the bench's compile of the same blocks is
+                # warm.
+                "TORCHINDUCTOR_CACHE_DIR": str(self.work / "inductor_cache"),
+            }
+        )
         return env
 
-    def run(self, label: str, command: list[str], timeout: float, env: dict | None = None,
-            cwd: Path | None = None, **watch) -> Child:
+    def run(
+        self,
+        label: str,
+        command: list[str],
+        timeout: float,
+        env: dict | None = None,
+        cwd: Path | None = None,
+        **watch,
+    ) -> Child:
         """A child process with its log in logs/LABEL.log; `watch`: run_child's started/start_within."""
-        return run_child(self.logs / f"{label}.log", command, timeout, env or self.env(), cwd or REPO,
-                         **watch)
+        return run_child(
+            self.logs / f"{label}.log", command, timeout, env or self.env(), cwd or REPO, **watch
+        )
 
     def trainer(self, overrides: list[str]) -> list[str]:
-        launcher = (python("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}")
-                    if self.nproc > 1 else python())
-        return [*launcher, "-m", "dist_llama.train", "--config", self.config, *self.base_overrides(),
-                *overrides]
+        launcher = (
+            python("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}")
+            if self.nproc > 1
+            else python()
+        )
+        return [
+            *launcher,
+            "-m",
+            "dist_llama.train",
+            "--config",
+            self.config,
+            *self.base_overrides(),
+            *overrides,
+        ]
 
 
 @dataclass

@@ -55,35 +55,86 @@ class Mode:
 # ~40 s (one consolidation, then a load, a stock-Llama comparison and generation in a fresh process), evaluate
 # ~75 s (three processes: tinyMMLU, loss by position, the spread MMLU items), report ~10 s. Training gets the
 # rest: 370 s of 540 (69%), its own start-up, token cache and compile included.
-GPU = Mode(name="gpu", config="configs/speedrun.yaml", deadline_s=540, require_gpu=True,
-           bench_args=("--preset", "main", "--seq-len", "1024", "--batch", "16", "--dtype", "bf16",
-                       "--compile", "--repeats", "10", "--warmup", "3", "--device", "cuda"),
-           planned={"install": 15, "preflight": 25, "release": 40, "evaluate": 75, "bench": 0,
-                    "report": 10},
-           limits={"install": (5, 120), "preflight": (15, 120), "train": (60, 0), "release": (20, 100),
-                   "evaluate": (20, 200), "bench": (30, 75), "report": (5, 45)},
-           train_grace_s=30, compile_limit_s=200)
+GPU = Mode(
+    name="gpu",
+    config="configs/speedrun.yaml",
+    deadline_s=540,
+    require_gpu=True,
+    bench_args=(
+        "--preset",
+        "main",
+        "--seq-len",
+        "1024",
+        "--batch",
+        "16",
+        "--dtype",
+        "bf16",
+        "--compile",
+        "--repeats",
+        "10",
+        "--warmup",
+        "3",
+        "--device",
+        "cuda",
+    ),
+    planned={"install": 15, "preflight": 25, "release": 40, "evaluate": 75, "bench": 0, "report": 10},
+    limits={
+        "install": (5, 120),
+        "preflight": (15, 120),
+        "train": (60, 0),
+        "release": (20, 100),
+        "evaluate": (20, 200),
+        "bench": (30, 75),
+        "report": (5, 45),
+    },
+    train_grace_s=30,
+    compile_limit_s=200,
+)
 # This machine's CPU, the debug model: the same stages and files in under five minutes. The planned times are
 # this machine's, from `launch/gpu_session.sh --rehearse` (README: One command on a GPU). The bench leaves out
 # compile: on this CPU it costs ~30 s per graph and gains nothing for a tiny model (STACK_NOTES.md).
-REHEARSAL = Mode(name="rehearse", config="configs/debug.yaml", deadline_s=290, require_gpu=False,
-                 bench_args=("--preset", "debug", "--seq-len", "128", "--batch", "8", "--repeats", "3",
-                             "--warmup", "1", "--device", "cpu"),
-                 # Seen 2026-12-03 (all stages ok in 218 s): install 0, preflight 8, release 10, evaluate 25,
-                 # report 3; planned with room for a loaded CI machine.
-                 planned={"install": 5, "preflight": 15, "release": 20, "evaluate": 45, "bench": 0,
-                          "report": 10},
-                 limits={"install": (0, 60), "preflight": (10, 90), "train": (50, 0), "release": (15, 60),
-                         "evaluate": (15, 100), "bench": (10, 40), "report": (5, 30)},
-                 train_grace_s=20, compile_limit_s=120,
-                 # A shared 2-core CPU's step time varies twofold with the load: plan with a quarter free.
-                 train_overrides=("--train.device=cpu", "--train.budget_safety=0.25"),
-                 # The debug model scores ~13 items/s here: 1,400 would take two minutes.
-                 mmlu_spread_limit=100,
-                 # On 2 cores the cache of the bundle's ~39M tokens takes longer than the whole training
-                 # stage (seen: 2 shards of 5 in 26 s); the GPU machine's 16 cores build it in seconds.
-                 # On the fly here.
-                 token_cache=False)
+REHEARSAL = Mode(
+    name="rehearse",
+    config="configs/debug.yaml",
+    deadline_s=290,
+    require_gpu=False,
+    bench_args=(
+        "--preset",
+        "debug",
+        "--seq-len",
+        "128",
+        "--batch",
+        "8",
+        "--repeats",
+        "3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+    ),
+    # Seen 2026-12-03 (all stages ok in 218 s): install 0, preflight 8, release 10, evaluate 25,
+    # report 3; planned with room for a loaded CI machine.
+    planned={"install": 5, "preflight": 15, "release": 20, "evaluate": 45, "bench": 0, "report": 10},
+    limits={
+        "install": (0, 60),
+        "preflight": (10, 90),
+        "train": (50, 0),
+        "release": (15, 60),
+        "evaluate": (15, 100),
+        "bench": (10, 40),
+        "report": (5, 30),
+    },
+    train_grace_s=20,
+    compile_limit_s=120,
+    # A shared 2-core CPU's step time varies twofold with the load: plan with a quarter free.
+    train_overrides=("--train.device=cpu", "--train.budget_safety=0.25"),
+    # The debug model scores ~13 items/s here: 1,400 would take two minutes.
+    mmlu_spread_limit=100,
+    # On 2 cores the cache of the bundle's ~39M tokens takes longer than the whole training
+    # stage (seen: 2 shards of 5 in 26 s); the GPU machine's 16 cores build it in seconds.
+    # On the fly here.
+    token_cache=False,
+)
 
 
 def stage_times(mode: Mode, deadline_s: float | None = None) -> dict:
@@ -92,8 +143,13 @@ def stage_times(mode: Mode, deadline_s: float | None = None) -> dict:
     deadline = mode.deadline_s if deadline_s is None else deadline_s
     stages = {stage: float(mode.planned.get(stage, 0)) for stage in STAGES}
     stages["train"] = deadline - sum(stages.values()) - FINISH_S
-    return {"mode": mode.name, "deadline_s": deadline, "stages": stages, "finish_s": FINISH_S,
-            "train_share": round(stages["train"] / deadline, 3)}
+    return {
+        "mode": mode.name,
+        "deadline_s": deadline,
+        "stages": stages,
+        "finish_s": FINISH_S,
+        "train_share": round(stages["train"] / deadline, 3),
+    }
 
 
 class Deadline:
@@ -121,7 +177,7 @@ class Deadline:
 
     def minimum_after(self, stage: str) -> float:
         """Seconds to keep for the stages after `stage` that will run: their least worth starting."""
-        later = STAGES[STAGES.index(stage) + 1:]
+        later = STAGES[STAGES.index(stage) + 1 :]
         return FINISH_S + sum(self.least(s) for s in later if s not in self.skip and s not in UNRESERVED)
 
     def allowance(self, stage: str) -> float:

@@ -14,21 +14,29 @@ PACKED_FILE_LIMIT_BYTES = 4 * MIB  # a single file larger than this is a weight 
 
 def pack(out: Path, work: Path, runs: list[Path], logs: Path) -> list[str]:
     """Every small file of the session into OUT/session.tar.gz (<= 16 MiB; logs go first if it is over)."""
-    chosen: list[tuple[Path, str]] = [(out / "summary.md", "summary.md"), (out / "summary.json", "summary.json")]
+    chosen: list[tuple[Path, str]] = [
+        (out / "summary.md", "summary.md"),
+        (out / "summary.json", "summary.json"),
+    ]
     for name in ("preflight.json", "bench.json", "release_check.json"):
         chosen.append((work / name, name))
     for run_dir in runs:
         for path in sorted(run_dir.rglob("*")):
             relative = path.relative_to(run_dir)
-            if relative.parts[0] in ("checkpoints",) or path.name.endswith((".safetensors", "tokenizer.json")):
+            if relative.parts[0] in ("checkpoints",) or path.name.endswith(
+                (".safetensors", "tokenizer.json")
+            ):
                 continue
             if relative.parts[0] == "release" and path.suffix == ".py":
                 continue  # the model code is the checkout's, which the summary names by commit
             chosen.append((path, f"runs/{run_dir.name}/{relative}"))
     packed_logs = [(path, f"logs/{path.name}") for path in sorted(logs.glob("*.log"))]
     for candidate in (chosen + packed_logs, chosen):
-        files = [(path, name) for path, name in candidate
-                 if path.is_file() and path.stat().st_size <= PACKED_FILE_LIMIT_BYTES]
+        files = [
+            (path, name)
+            for path, name in candidate
+            if path.is_file() and path.stat().st_size <= PACKED_FILE_LIMIT_BYTES
+        ]
         with tarfile.open(out / PACK_NAME, "w:gz") as tar:
             for path, name in files:
                 tar.add(path, arcname=f"session/{name}")

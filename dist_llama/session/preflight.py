@@ -13,24 +13,49 @@ from dist_llama.session import BadInput
 from dist_llama.session.bundle import data_overrides, load_manifest
 from dist_llama.session.wheels import import_errors, unmet_requirements
 
-TRAINING_MODULES = ("torch", "transformers", "tokenizers", "safetensors", "yaml", "numpy", "pyarrow", "tensorboard",
-                    "psutil")
+TRAINING_MODULES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "yaml",
+    "numpy",
+    "pyarrow",
+    "tensorboard",
+    "psutil",
+)
 EVALUATION_MODULES = ("lm_eval", "lm_eval.models.huggingface", "datasets", "evaluate", "accelerate", "scipy")
 REPORT_MODULES = ("matplotlib",)
-REPORTED_PACKAGES = ("torch", "transformers", "huggingface_hub", "tokenizers", "safetensors", "accelerate", "numpy",
-                     "pyarrow", "pandas", "fsspec", "lm_eval", "datasets")
+REPORTED_PACKAGES = (
+    "torch",
+    "transformers",
+    "huggingface_hub",
+    "tokenizers",
+    "safetensors",
+    "accelerate",
+    "numpy",
+    "pyarrow",
+    "pandas",
+    "fsspec",
+    "lm_eval",
+    "datasets",
+)
 
 
-def preflight_report(bundle: Path, inputs: Path, config_path: str, overrides: list[str],
-                     require_gpu: bool) -> tuple[dict, list[str]]:
+def preflight_report(
+    bundle: Path, inputs: Path, config_path: str, overrides: list[str], require_gpu: bool
+) -> tuple[dict, list[str]]:
     """(facts about this machine and the inputs, problems that stop the session)."""
     import platform
 
     report: dict = {"python": platform.python_version(), "executable": sys.executable}
     errors = import_errors(TRAINING_MODULES + EVALUATION_MODULES + REPORT_MODULES)
     report["import_errors"] = errors
-    problems = [f"{name} does not import ({error}); training needs it" for name, error in errors.items()
-                if name in TRAINING_MODULES]
+    problems = [
+        f"{name} does not import ({error}); training needs it"
+        for name, error in errors.items()
+        if name in TRAINING_MODULES
+    ]
     if problems:
         return report, problems
     problems += _machine(report, require_gpu)
@@ -58,16 +83,25 @@ def _machine(report: dict, require_gpu: bool) -> list[str]:
     report["cuda"] = torch.version.cuda
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
-        report["gpu"] = {"name": torch.cuda.get_device_name(), "count": torch.cuda.device_count(),
-                         "free_gib": free / 2**30, "total_gib": total / 2**30,
-                         "capability": ".".join(map(str, torch.cuda.get_device_capability()))}
+        report["gpu"] = {
+            "name": torch.cuda.get_device_name(),
+            "count": torch.cuda.device_count(),
+            "free_gib": free / 2**30,
+            "total_gib": total / 2**30,
+            "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        }
         return []
     report["gpu"] = None
-    return ["no GPU visible (torch.cuda.is_available() is False); use --rehearse to run on the CPU"] if require_gpu else []
+    return (
+        ["no GPU visible (torch.cuda.is_available() is False); use --rehearse to run on the CPU"]
+        if require_gpu
+        else []
+    )
 
 
-def _inputs(report: dict, bundle: Path, manifest: dict, inputs: Path, config_path: str,
-            overrides: list[str]) -> list[str]:
+def _inputs(
+    report: dict, bundle: Path, manifest: dict, inputs: Path, config_path: str, overrides: list[str]
+) -> list[str]:
     """The bundle's tokenizer, data and items, and the resolved config, into report; the problems found."""
     import pyarrow.parquet as pq
 
@@ -77,15 +111,26 @@ def _inputs(report: dict, bundle: Path, manifest: dict, inputs: Path, config_pat
     problems = []
     try:
         tokenizer = load_tokenizer(str(inputs / manifest["tokenizer"]))
-        report["tokenizer"] = {"vocab": len(tokenizer), "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+        report["tokenizer"] = {
+            "vocab": len(tokenizer),
+            "bos": tokenizer.bos_token_id,
+            "eos": tokenizer.eos_token_id,
+        }
     except (OSError, ValueError) as error:
         problems.append(f"the bundle's tokenizer does not load: {error}")
-    report["data"] = {name: pq.ParquetFile(bundle / name).metadata.num_rows
-                      for name in [*manifest["train"], manifest["held_out"]]}
-    report["mmlu_spread"] = {"items": manifest["mmlu_spread_items"], "subjects": manifest["mmlu_spread_subjects"]}
+    report["data"] = {
+        name: pq.ParquetFile(bundle / name).metadata.num_rows
+        for name in [*manifest["train"], manifest["held_out"]]
+    }
+    report["mmlu_spread"] = {
+        "items": manifest["mmlu_spread_items"],
+        "subjects": manifest["mmlu_spread_subjects"],
+    }
     report["dropped_training_shards"] = manifest["dropped_training_shards"]
     try:
-        report["config"] = to_dict(load_config(config_path, [*data_overrides(bundle, manifest, inputs), *overrides]))
+        report["config"] = to_dict(
+            load_config(config_path, [*data_overrides(bundle, manifest, inputs), *overrides])
+        )
     except ConfigError as error:
         problems.append(f"config error: {error}")
     return problems

@@ -51,13 +51,22 @@ def last_error_line(log: Path) -> str:
     except OSError:
         return "no log"
     tail = lines[1:][-60:]  # the first line is the command
-    errors = [line for line in tail if re.search(r"error|exception|traceback|failed|killed", line, re.IGNORECASE)]
+    errors = [
+        line for line in tail if re.search(r"error|exception|traceback|failed|killed", line, re.IGNORECASE)
+    ]
     line = (errors or tail or ["no output"])[-1]
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def run_child(log: Path, command: list[str], timeout: float, env: dict, cwd: Path,
-              started: Callable[[], bool] | None = None, start_within: float = math.inf) -> Child:
+def run_child(
+    log: Path,
+    command: list[str],
+    timeout: float,
+    env: dict,
+    cwd: Path,
+    started: Callable[[], bool] | None = None,
+    start_within: float = math.inf,
+) -> Child:
     """Run command with its output in log (the command first, the exit last), stopped after timeout seconds,
     or after start_within seconds when `started()` is still False then (a compile that hangs, say)."""
     start = time.monotonic()
@@ -65,8 +74,9 @@ def run_child(log: Path, command: list[str], timeout: float, env: dict, cwd: Pat
     with log.open("w") as handle:
         handle.write(f"$ {shlex.join(command)}\n")
         handle.flush()
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             ending = _wait(process, start, timeout, started, start_within)
         except Interrupted:
@@ -75,15 +85,25 @@ def run_child(log: Path, command: list[str], timeout: float, env: dict, cwd: Pat
         if ending != "exit":
             stop_process_group(process)
     seconds = time.monotonic() - start
-    said = {"exit": f"exit {process.returncode}", "timeout": "stopped at the time limit",
-            "stalled": f"stopped: no sign of progress after {start_within:.0f} s"}[ending]
+    said = {
+        "exit": f"exit {process.returncode}",
+        "timeout": "stopped at the time limit",
+        "stalled": f"stopped: no sign of progress after {start_within:.0f} s",
+    }[ending]
     with log.open("a") as handle:
         handle.write(f"# {said} after {seconds:.1f} s (limit {timeout:.0f} s)\n")
-    return Child(process.returncode, ending == "timeout", seconds, log, start_within if ending == "stalled" else None)
+    return Child(
+        process.returncode, ending == "timeout", seconds, log, start_within if ending == "stalled" else None
+    )
 
 
-def _wait(process: subprocess.Popen, start: float, timeout: float, started: Callable[[], bool] | None,
-          start_within: float) -> str:
+def _wait(
+    process: subprocess.Popen,
+    start: float,
+    timeout: float,
+    started: Callable[[], bool] | None,
+    start_within: float,
+) -> str:
     """'exit', 'timeout', or 'stalled' (started() still False start_within seconds after start)."""
     if started is not None and start_within < timeout:
         try:

@@ -30,23 +30,41 @@ def main(report_path, custom, device, prompts, generation, tolerance):
     prompts, generation, tolerance = json.loads(prompts), json.loads(generation), float(tolerance)
     report = {"dist_llama_importable": importlib.util.find_spec("dist_llama") is not None, "device": device}
     if report["dist_llama_importable"]:
-        finish(report, report_path,
-               "dist_llama is importable in the isolated process; the check would not prove the folder stands alone")
+        finish(
+            report,
+            report_path,
+            "dist_llama is importable in the isolated process; the check would not prove the folder stands alone",
+        )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(custom, trust_remote_code=True, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        custom, trust_remote_code=True, output_loading_info=True
+    )
     fields = json.loads(open(f"{custom}/config.json").read())
-    llama_config = LlamaConfig(**{key: value for key, value in fields.items() if key not in CUSTOM_CONFIG_KEYS})
-    llama, llama_info = LlamaForCausalLM.from_pretrained(custom, config=llama_config, output_loading_info=True)
+    llama_config = LlamaConfig(
+        **{key: value for key, value in fields.items() if key not in CUSTOM_CONFIG_KEYS}
+    )
+    llama, llama_info = LlamaForCausalLM.from_pretrained(
+        custom, config=llama_config, output_loading_info=True
+    )
     model, llama = model.to(device).eval(), llama.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(custom, trust_remote_code=True)
-    report.update({"class": type(model).__name__, "module": type(model).__module__, "dtype": str(model.dtype),
-                   "loading_info": {k: sorted(map(str, v)) for k, v in info.items() if v},
-                   "stock_loading_info": {k: sorted(map(str, v)) for k, v in llama_info.items() if v}})
+    report.update(
+        {
+            "class": type(model).__name__,
+            "module": type(model).__module__,
+            "dtype": str(model.dtype),
+            "loading_info": {k: sorted(map(str, v)) for k, v in info.items() if v},
+            "stock_loading_info": {k: sorted(map(str, v)) for k, v in llama_info.items() if v},
+        }
+    )
     if report["loading_info"] or report["stock_loading_info"]:
-        finish(report, report_path,
-               f"weights did not load cleanly: {report['loading_info'] or report['stock_loading_info']}")
+        finish(
+            report,
+            report_path,
+            f"weights did not load cleanly: {report['loading_info'] or report['stock_loading_info']}",
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     worst, largest, report["generations"] = 0.0, 0.0, []
     with torch.no_grad():
@@ -55,22 +73,43 @@ def main(report_path, custom, device, prompts, generation, tolerance):
             ours, theirs = model(**inputs).logits.float(), llama(**inputs).logits.float()
             worst = max(worst, (ours - theirs).abs().max().item())
             largest = max(largest, theirs.abs().max().item())
-            greedy = model.generate(**inputs, max_new_tokens=generation["max_new_tokens"], do_sample=False,
-                                    pad_token_id=pad)
-            stock_greedy = llama.generate(**inputs, max_new_tokens=generation["max_new_tokens"], do_sample=False,
-                                          pad_token_id=pad)
+            greedy = model.generate(
+                **inputs, max_new_tokens=generation["max_new_tokens"], do_sample=False, pad_token_id=pad
+            )
+            stock_greedy = llama.generate(
+                **inputs, max_new_tokens=generation["max_new_tokens"], do_sample=False, pad_token_id=pad
+            )
             torch.manual_seed(generation["seed"])
-            sampled = model.generate(**inputs, max_new_tokens=generation["max_new_tokens"], do_sample=True,
-                                     temperature=generation["temperature"], top_p=generation["top_p"], pad_token_id=pad)
-            report["generations"].append({
-                "prompt": prompt, "greedy": tokenizer.decode(greedy[0], skip_special_tokens=True),
-                "sampled": tokenizer.decode(sampled[0], skip_special_tokens=True),
-                "greedy_equals_stock_llama": torch.equal(greedy, stock_greedy)})
-    report.update({"max_abs_logit_diff": worst, "max_abs_logit": largest, "relative_tolerance": tolerance,
-                   "sampling": generation})
+            sampled = model.generate(
+                **inputs,
+                max_new_tokens=generation["max_new_tokens"],
+                do_sample=True,
+                temperature=generation["temperature"],
+                top_p=generation["top_p"],
+                pad_token_id=pad,
+            )
+            report["generations"].append(
+                {
+                    "prompt": prompt,
+                    "greedy": tokenizer.decode(greedy[0], skip_special_tokens=True),
+                    "sampled": tokenizer.decode(sampled[0], skip_special_tokens=True),
+                    "greedy_equals_stock_llama": torch.equal(greedy, stock_greedy),
+                }
+            )
+    report.update(
+        {
+            "max_abs_logit_diff": worst,
+            "max_abs_logit": largest,
+            "relative_tolerance": tolerance,
+            "sampling": generation,
+        }
+    )
     if worst > tolerance * max(1.0, largest):
-        finish(report, report_path,
-               f"logits differ from stock LlamaForCausalLM by {worst:.3g} (> {tolerance:g} x max(1, {largest:.3g}))")
+        finish(
+            report,
+            report_path,
+            f"logits differ from stock LlamaForCausalLM by {worst:.3g} (> {tolerance:g} x max(1, {largest:.3g}))",
+        )
     finish(report, report_path)
 
 

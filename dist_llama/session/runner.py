@@ -37,8 +37,11 @@ class Runner:
         context = self.context
         context.out.mkdir(parents=True, exist_ok=True)
         context.logs.mkdir(parents=True, exist_ok=True)
-        print(f"session: mode {context.mode.name}, deadline {context.deadline.seconds:.0f} s, bundle "
-              f"{context.bundle}, work {context.work}, out {context.out}", flush=True)
+        print(
+            f"session: mode {context.mode.name}, deadline {context.deadline.seconds:.0f} s, bundle "
+            f"{context.bundle}, work {context.work}, out {context.out}",
+            flush=True,
+        )
         try:
             self._check_inputs()
             self._run_stages()
@@ -64,11 +67,15 @@ class Runner:
         context = self.context
         least = context.deadline.too_short_to_start()
         if least is not None:
-            raise BadInput(f"--deadline-s {context.deadline.seconds:g} is too short: install and preflight "
-                           f"alone need at least {least:.0f} s here ({context.mode.name})")
+            raise BadInput(
+                f"--deadline-s {context.deadline.seconds:g} is too short: install and preflight "
+                f"alone need at least {least:.0f} s here ({context.mode.name})"
+            )
         if context.work.exists() and any(p for p in context.work.iterdir() if p.name != "logs"):
-            raise BadInput(f"--work {context.work} is not empty: give a new folder (a finished run there "
-                           "would be resumed)")
+            raise BadInput(
+                f"--work {context.work} is not empty: give a new folder (a finished run there "
+                "would be resumed)"
+            )
         self.context = dataclasses.replace(context, manifest=load_manifest(context.bundle))
         unpack_bundle(context.bundle, self.context.manifest, context.inputs)
 
@@ -84,8 +91,9 @@ class Runner:
                 continue
             allowance = deadline.allowance(stage)
             if not deadline.worth_starting(stage, allowance):
-                outcome.detail = (f"skipped for time: {allowance:.0f} s allowed, "
-                                  f"{deadline.least(stage):.0f} s needed")
+                outcome.detail = (
+                    f"skipped for time: {allowance:.0f} s allowed, {deadline.least(stage):.0f} s needed"
+                )
                 self._say(f"{stage}: {outcome.detail}")
                 continue
             self._say(f"{stage}: running" + ("" if stage == "train" else f" (at most {allowance:.0f} s)"))
@@ -130,8 +138,9 @@ class Runner:
         """summary.json, summary.md, the report's plots and session.tar.gz into OUT; the table printed
         last."""
         context = self.context
-        summary = session_summary(context, list(self.outcomes.values()), self.preflight, self.runs,
-                                  self.bad_input)
+        summary = session_summary(
+            context, list(self.outcomes.values()), self.preflight, self.runs, self.bad_input
+        )
         (context.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         (context.out / "summary.md").write_text(summary_markdown(summary))
         run_dir = reported_run(self.runs)
@@ -140,8 +149,11 @@ class Runner:
                 shutil.copyfile(run_dir / "report" / plot, context.out / plot)
         try:
             packed = pack(context.out, context.work, list(self.runs), context.logs)
-            print(f"packed {len(packed)} files into {context.out / PACK_NAME} "
-                  f"({(context.out / PACK_NAME).stat().st_size / MIB:.2f} MiB)", flush=True)
+            print(
+                f"packed {len(packed)} files into {context.out / PACK_NAME} "
+                f"({(context.out / PACK_NAME).stat().st_size / MIB:.2f} MiB)",
+                flush=True,
+            )
         except OSError as error:
             print(f"error: packing the run's files failed: {error}", file=sys.stderr, flush=True)
         print(final_table(summary), flush=True)

@@ -16,8 +16,15 @@ import time
 from pathlib import Path
 
 from dist_llama.session import read_json
-from dist_llama.session.context import (Context, Outcome, PreflightFacts, TrainingInterrupted, python,
-                                        reported_run, trained_run)
+from dist_llama.session.context import (
+    Context,
+    Outcome,
+    PreflightFacts,
+    TrainingInterrupted,
+    python,
+    reported_run,
+    trained_run,
+)
 from dist_llama.session.processes import Child, Interrupted
 from dist_llama.session.wheels import install_wheels
 
@@ -36,43 +43,70 @@ def install(context: Context, allowance: float) -> Outcome:
     puts that folder on every later child's import path (Context.site_installed)."""
     if not context.manifest["wheels"]:
         if not context.mode.require_gpu:
-            return Outcome("install", "skipped", detail="the bundle holds no wheels: this machine's packages "
-                           "are used (launch/prepare_gpu_bundle.sh puts them in)")
-        return Outcome("install", "failed", detail=f"the bundle {context.bundle} holds no wheels; lm-eval "
-                       "will be missing (build the bundle with launch/prepare_gpu_bundle.sh)")
+            return Outcome(
+                "install",
+                "skipped",
+                detail="the bundle holds no wheels: this machine's packages "
+                "are used (launch/prepare_gpu_bundle.sh puts them in)",
+            )
+        return Outcome(
+            "install",
+            "failed",
+            detail=f"the bundle {context.bundle} holds no wheels; lm-eval "
+            "will be missing (build the bundle with launch/prepare_gpu_bundle.sh)",
+        )
     try:
         installed, present = install_wheels(context.bundle, context.manifest, context.site, timeout=allowance)
     except (RuntimeError, OSError, subprocess.SubprocessError) as error:
         return Outcome("install", "failed", detail=str(error).splitlines()[0])
-    return Outcome("install", "ok", detail=f"{len(installed)} wheels installed into {context.site}, "
-                   f"{len(present)} already present")
+    return Outcome(
+        "install",
+        "ok",
+        detail=f"{len(installed)} wheels installed into {context.site}, {len(present)} already present",
+    )
 
 
 def preflight(context: Context, allowance: float) -> tuple[Outcome, PreflightFacts]:
     """The environment report in its own process: the machine, the packages, the bundle, the resolved config.
     No smoke run: the training run itself falls back to eager when its compile fails or hangs (train)."""
     report_path = context.work / "preflight.json"
-    command = python("-m", "dist_llama.session", "preflight", "--bundle", str(context.bundle), "--inputs",
-                     str(context.inputs), "--config", context.config, "--report", str(report_path),
-                     *(["--require-gpu"] if context.mode.require_gpu else []), *context.session_overrides())
+    command = python(
+        "-m",
+        "dist_llama.session",
+        "preflight",
+        "--bundle",
+        str(context.bundle),
+        "--inputs",
+        str(context.inputs),
+        "--config",
+        context.config,
+        "--report",
+        str(report_path),
+        *(["--require-gpu"] if context.mode.require_gpu else []),
+        *context.session_overrides(),
+    )
     check = context.run("preflight", command, allowance)
     report = read_json(report_path) or {}
     problems = report.get("problems", [])
     if not check.ok or problems:
         reason = problems[0] if problems else check.why()
         stops_session = any(p.startswith(("no GPU visible", "config error")) for p in problems)
-        return (Outcome("preflight", "failed", detail=reason),
-                PreflightFacts(report, bad_input=reason if stops_session else None))
+        return (
+            Outcome("preflight", "failed", detail=reason),
+            PreflightFacts(report, bad_input=reason if stops_session else None),
+        )
     return Outcome("preflight", "ok", detail=_preflight_detail(report)), PreflightFacts(report)
 
 
 def _preflight_detail(report: dict) -> str:
     """The GPU and the versions that matter, then what does not import and what packages want but lack."""
     gpu = report.get("gpu") or {}
-    facts = (f"{gpu['name']}, {gpu['free_gib']:.0f}/{gpu['total_gib']:.0f} GiB free" if gpu else "CPU")
+    facts = f"{gpu['name']}, {gpu['free_gib']:.0f}/{gpu['total_gib']:.0f} GiB free" if gpu else "CPU"
     packages = report.get("packages", {})
-    facts += f", torch {packages.get('torch')} (CUDA {report.get('cuda')}), transformers " \
-             f"{packages.get('transformers')}, pyarrow {packages.get('pyarrow')}"
+    facts += (
+        f", torch {packages.get('torch')} (CUDA {report.get('cuda')}), transformers "
+        f"{packages.get('transformers')}, pyarrow {packages.get('pyarrow')}"
+    )
     notes = [f"{name} does not import" for name in report.get("import_errors", {})]
     notes += [f"{package} wants {', '.join(wants)}" for package, wants in report.get("unmet", {}).items()]
     return "; ".join([facts, *notes])
@@ -92,8 +126,10 @@ def train(context: Context, preflight: PreflightFacts, allowance: float) -> tupl
         for attempt, (run_name, extra) in enumerate(attempts):
             budget = context.deadline.training_budget()
             if budget < context.deadline.least("train"):
-                notes.append(f"{budget:.0f} s left for training, less than the "
-                             f"{context.deadline.least('train'):.0f} s worth starting")
+                notes.append(
+                    f"{budget:.0f} s left for training, less than the "
+                    f"{context.deadline.least('train'):.0f} s worth starting"
+                )
                 break
             run_dir = context.work / "runs" / run_name
             runs.append(run_dir)
@@ -102,8 +138,10 @@ def train(context: Context, preflight: PreflightFacts, allowance: float) -> tupl
             if child.ok:
                 notes.append(f"{run_name}: budget {budget:.0f} s, final checkpoint {checkpoints[-1].name}")
                 return Outcome("train", "ok", detail="; ".join(notes)), tuple(runs)
-            notes.append(f"{run_name}: {child.why()}" + (f" (latest checkpoint {checkpoints[-1].name})"
-                                                           if checkpoints else ""))
+            notes.append(
+                f"{run_name}: {child.why()}"
+                + (f" (latest checkpoint {checkpoints[-1].name})" if checkpoints else "")
+            )
             if attempt == 0 and compiled and not child.timed_out:
                 attempts.append((f"{name}_eager", ["--parallel.compile=false"]))
     except Interrupted:
@@ -114,12 +152,19 @@ def train(context: Context, preflight: PreflightFacts, allowance: float) -> tupl
 def _training_run(context: Context, run_dir: Path, budget: float, extra: list[str], watch: bool) -> Child:
     """One training attempt as the new run run_dir, given `budget` seconds; when `watch`, it is stopped if it
     has not planned its budget within the mode's compile_limit_s."""
-    overrides = [*extra, f"--train.run_root={context.work / 'runs'}", f"--train.name={run_dir.name}",
-                 f"--train.time_budget_s={budget:.0f}"]
-    return context.run(f"train_{run_dir.name}", context.trainer(overrides),
-                       context.deadline.training_timeout(budget),
-                       started=(lambda: has_planned(run_dir)) if watch else None,
-                       start_within=context.mode.compile_limit_s)
+    overrides = [
+        *extra,
+        f"--train.run_root={context.work / 'runs'}",
+        f"--train.name={run_dir.name}",
+        f"--train.time_budget_s={budget:.0f}",
+    ]
+    return context.run(
+        f"train_{run_dir.name}",
+        context.trainer(overrides),
+        context.deadline.training_timeout(budget),
+        started=(lambda: has_planned(run_dir)) if watch else None,
+        start_within=context.mode.compile_limit_s,
+    )
 
 
 def has_planned(run_dir: Path) -> bool:
@@ -140,23 +185,31 @@ def release(context: Context, runs: tuple[Path, ...], allowance: float) -> tuple
         return Outcome("release", "skipped", detail="no training checkpoint to release"), None
     deadline = time.monotonic() + allowance
     folder = run_dir / "release"
-    child = context.run("consolidate", python("-m", "dist_llama.consolidate", "--checkpoint", str(run_dir),
-                                              "--out", str(folder)), allowance)
+    child = context.run(
+        "consolidate",
+        python("-m", "dist_llama.consolidate", "--checkpoint", str(run_dir), "--out", str(folder)),
+        allowance,
+    )
     if not child.ok:
         return Outcome("release", "failed", detail=f"consolidate: {child.why()}"), None
     report_path = context.work / "release_check.json"
     isolated = context.work / "isolated"
     isolated.mkdir(exist_ok=True)
     command = _isolated_check_command(isolated, folder, report_path, context.device)
-    child = context.run("release_check", command, deadline - time.monotonic(), env=_isolated_env(context),
-                        cwd=isolated)
+    child = context.run(
+        "release_check", command, deadline - time.monotonic(), env=_isolated_env(context), cwd=isolated
+    )
     result = read_json(report_path)
     if result is None or not child.ok:
         reason = (result or {}).get("problem") or child.why()
         return Outcome("release", "failed", detail=f"isolated load: {reason}"), folder
-    return Outcome("release", "ok", detail=f"{result['class']} loads without dist_llama; logits vs stock "
-                   f"Llama max |diff| {result['max_abs_logit_diff']:.2e}; {len(result['generations'])} "
-                   "prompts generated"), folder
+    return Outcome(
+        "release",
+        "ok",
+        detail=f"{result['class']} loads without dist_llama; logits vs stock "
+        f"Llama max |diff| {result['max_abs_logit_diff']:.2e}; {len(result['generations'])} "
+        "prompts generated",
+    ), folder
 
 
 def _isolated_check_command(folder: Path, release_folder: Path, report: Path, device: str) -> list[str]:
@@ -165,8 +218,17 @@ def _isolated_check_command(folder: Path, release_folder: Path, report: Path, de
     # isolated folder, which becomes sys.path[0].
     script = folder / RELEASE_CHECK_SCRIPT.name
     shutil.copyfile(RELEASE_CHECK_SCRIPT, script)
-    return [sys.executable, "-S", str(script), str(report), str(release_folder), device,
-            json.dumps(list(PROMPTS)), json.dumps(GENERATION), str(PARITY_RELATIVE_TOLERANCE)]
+    return [
+        sys.executable,
+        "-S",
+        str(script),
+        str(report),
+        str(release_folder),
+        device,
+        json.dumps(list(PROMPTS)),
+        json.dumps(GENERATION),
+        str(PARITY_RELATIVE_TOLERANCE),
+    ]
 
 
 def _isolated_env(context: Context) -> dict:
@@ -180,8 +242,9 @@ def _isolated_env(context: Context) -> dict:
     return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
-def evaluate(context: Context, preflight: PreflightFacts, release_folder: Path | None,
-             allowance: float) -> Outcome:
+def evaluate(
+    context: Context, preflight: PreflightFacts, release_folder: Path | None, allowance: float
+) -> Outcome:
     """tinyMMLU, loss by position and the spread MMLU items, each in its own process while time is left."""
     if release_folder is None or not (release_folder / "config.json").is_file():
         return Outcome("evaluate", "skipped", detail="no release folder to evaluate")
@@ -202,8 +265,9 @@ def evaluate(context: Context, preflight: PreflightFacts, release_folder: Path |
     return Outcome("evaluate", status, detail="; ".join([*(f"{d} ok" for d in done), *problems]))
 
 
-def _evaluation_steps(context: Context, preflight: PreflightFacts,
-                      release_folder: Path) -> list[tuple[str, list[str], bool]]:
+def _evaluation_steps(
+    context: Context, preflight: PreflightFacts, release_folder: Path
+) -> list[tuple[str, list[str], bool]]:
     """(label, `python -m dist_llama.evaluate` arguments, needs lm-eval) of each evaluation, in order."""
     run_dir = release_folder.parent
     items = {name: context.inputs / relative for name, relative in context.manifest["items"].items()}
@@ -212,15 +276,40 @@ def _evaluation_steps(context: Context, preflight: PreflightFacts,
     irt = preflight.resolved("eval", "irt_params")
     batch_size = preflight.resolved("eval", "batch_size", 8)
     common = ["--model", str(release_folder), "--batch-size", str(batch_size), "--device", context.device]
-    tinymmlu = ["mmlu", "--data", str(items["tinymmlu"]), "--output", str(run_dir / "eval"), *common,
-                *(["--limit", str(limit)] if limit else []), *(["--irt-params", str(irt)] if irt else [])]
+    tinymmlu = [
+        "mmlu",
+        "--data",
+        str(items["tinymmlu"]),
+        "--output",
+        str(run_dir / "eval"),
+        *common,
+        *(["--limit", str(limit)] if limit else []),
+        *(["--irt-params", str(irt)] if irt else []),
+    ]
     held_out = context.bundle / context.manifest["held_out"]
-    ppl = ["ppl", "--data", str(held_out), "--output", str(run_dir / "eval"),
-           "--seq-len", str(preflight.resolved("data", "seq_len", 1024)),
-           "--docs", str(preflight.resolved("eval", "ppl_docs", 32)), "--label", run_dir.name, *common]
-    mmlu_spread = ["mmlu", "--data", str(items["mmlu_spread"]),
-                   "--output", str(run_dir / "eval" / "mmlu_spread"), *common,
-                   *(["--limit", str(spread_limit)] if spread_limit else [])]
+    ppl = [
+        "ppl",
+        "--data",
+        str(held_out),
+        "--output",
+        str(run_dir / "eval"),
+        "--seq-len",
+        str(preflight.resolved("data", "seq_len", 1024)),
+        "--docs",
+        str(preflight.resolved("eval", "ppl_docs", 32)),
+        "--label",
+        run_dir.name,
+        *common,
+    ]
+    mmlu_spread = [
+        "mmlu",
+        "--data",
+        str(items["mmlu_spread"]),
+        "--output",
+        str(run_dir / "eval" / "mmlu_spread"),
+        *common,
+        *(["--limit", str(spread_limit)] if spread_limit else []),
+    ]
     return [("tinymmlu", tinymmlu, True), ("ppl", ppl, False), ("mmlu_spread", mmlu_spread, True)]
 
 
@@ -228,14 +317,18 @@ def bench(context: Context, allowance: float) -> Outcome:
     """The model's step (ours vs transformers' Llama, and ours compiled), then the training loader's
     tokens/s with what is left of the allowance."""
     result = context.work / "bench.json"
-    child = context.run("bench", python("benchmarks/bench_model_step.py", *context.mode.bench_args, "--json",
-                                        str(result)), allowance)
+    child = context.run(
+        "bench",
+        python("benchmarks/bench_model_step.py", *context.mode.bench_args, "--json", str(result)),
+        allowance,
+    )
     measured = read_json(result)
     if measured is None:
         return Outcome("bench", "failed", detail=child.why())
-    detail = ", ".join(f"{name} {m['tokens_per_s']:,.0f} tok/s"
-                       + (f" (MFU {100 * m['mfu']:.1f}%)" if m.get("mfu") else "")
-                       for name, m in measured["models"].items())
+    detail = ", ".join(
+        f"{name} {m['tokens_per_s']:,.0f} tok/s" + (f" (MFU {100 * m['mfu']:.1f}%)" if m.get("mfu") else "")
+        for name, m in measured["models"].items()
+    )
     if not child.ok:
         return Outcome("bench", "failed", detail=f"{child.why()}; kept: {detail}")
     loader = _bench_loader(context, allowance - child.seconds)
@@ -247,8 +340,16 @@ def _bench_loader(context: Context, seconds: float) -> dict:
     """The training loader's tokens/s (from the token cache when the session builds one), beside the
     model's: a lent GPU then shows which of the two limits training."""
     result = context.work / "bench_loader.json"
-    command = python("benchmarks/bench_loader.py", "--config", context.config, *context.base_overrides(),
-                     "--seconds", "3", "--json", str(result))
+    command = python(
+        "benchmarks/bench_loader.py",
+        "--config",
+        context.config,
+        *context.base_overrides(),
+        "--seconds",
+        "3",
+        "--json",
+        str(result),
+    )
     child = context.run("bench_loader", command, seconds)
     measured = read_json(result)
     if measured is None:

@@ -11,20 +11,35 @@ from dist_llama.session import read_json
 from dist_llama.session.context import Context, Outcome, PreflightFacts, reported_run
 from dist_llama.session.deadline import stage_times
 
-BUNDLE_FACTS = ("created", "train", "dropped_training_shards", "mmlu_spread_items", "mmlu_spread_subjects",
-                "bundle_bytes")
+BUNDLE_FACTS = (
+    "created",
+    "train",
+    "dropped_training_shards",
+    "mmlu_spread_items",
+    "mmlu_spread_subjects",
+    "bundle_bytes",
+)
 
 
-def session_summary(context: Context, outcomes: list[Outcome], preflight: PreflightFacts,
-                    runs: tuple[Path, ...], bad_input: str | None) -> dict:
+def session_summary(
+    context: Context,
+    outcomes: list[Outcome],
+    preflight: PreflightFacts,
+    runs: tuple[Path, ...],
+    bad_input: str | None,
+) -> dict:
     """summary.json: the session's settings, every stage's outcome beside its planned time, and what the
     stages left in the work folder (the preflight's facts, the bench, the reported run's numbers)."""
     run_dir = reported_run(runs)
     report = read_json(run_dir / "report" / "summary.json") if run_dir else None
     return {
-        "mode": context.mode.name, "deadline_s": context.deadline.seconds,
-        "elapsed_s": round(context.deadline.elapsed(), 1), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": context.config, "overrides": list(context.user_overrides), "bad_input": bad_input,
+        "mode": context.mode.name,
+        "deadline_s": context.deadline.seconds,
+        "elapsed_s": round(context.deadline.elapsed(), 1),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": context.config,
+        "overrides": list(context.user_overrides),
+        "bad_input": bad_input,
         "work": str(context.work),
         "stages": [o.as_dict() for o in outcomes],
         "stage_plan": stage_times(context.mode, context.deadline.seconds)["stages"],
@@ -42,9 +57,11 @@ def session_summary(context: Context, outcomes: list[Outcome], preflight: Prefli
 def _evaluation_results(run_dir: Path | None) -> dict:
     if run_dir is None:
         return {}
-    return {"tinymmlu": read_json(run_dir / "eval" / "summary.json"),
-            "mmlu_spread": read_json(run_dir / "eval" / "mmlu_spread" / "summary.json"),
-            "ppl": [read_json(p) for p in sorted((run_dir / "eval").glob("ppl_*.json"))]}
+    return {
+        "tinymmlu": read_json(run_dir / "eval" / "summary.json"),
+        "mmlu_spread": read_json(run_dir / "eval" / "mmlu_spread" / "summary.json"),
+        "ppl": [read_json(p) for p in sorted((run_dir / "eval").glob("ppl_*.json"))],
+    }
 
 
 def trainer_budget_record(run_dir: Path) -> dict | None:
@@ -79,15 +96,22 @@ def _accuracy(summary: dict | None) -> str:
 
 
 def summary_markdown(summary: dict) -> str:
-    lines = [f"# GPU session ({summary['mode']}), {summary['date']}", "",
-             f"Config `{summary['config']}` {' '.join(summary['overrides'])}; deadline "
-             f"{summary['deadline_s']:g} s, used {summary['elapsed_s']:g} s.", ""]
+    lines = [
+        f"# GPU session ({summary['mode']}), {summary['date']}",
+        "",
+        f"Config `{summary['config']}` {' '.join(summary['overrides'])}; deadline "
+        f"{summary['deadline_s']:g} s, used {summary['elapsed_s']:g} s.",
+        "",
+    ]
     if summary["bad_input"]:
         lines += [f"**Stopped: {summary['bad_input']}**", ""]
     planned = summary.get("stage_plan") or {}
     lines += ["| stage | status | seconds | planned | detail |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']:.0f} | {_fmt(planned.get(s['stage']), 0)} | "
-              f"{s['detail'].replace('|', chr(92) + '|')} |" for s in summary["stages"]]
+    lines += [
+        f"| {s['stage']} | {s['status']} | {s['seconds']:.0f} | {_fmt(planned.get(s['stage']), 0)} | "
+        f"{s['detail'].replace('|', chr(92) + '|')} |"
+        for s in summary["stages"]
+    ]
     for section in (_machine, _bench, _training, _evaluation, _release):
         lines += section(summary)
     failed = [s for s in summary["stages"] if s["status"] != "ok"]
@@ -101,24 +125,41 @@ def _machine(summary: dict) -> list[str]:
     if not preflight.get("packages"):
         return []
     gpu = preflight.get("gpu")
-    device = (f"{gpu['name']} (x{gpu['count']}, compute capability {gpu['capability']}), "
-              f"{gpu['free_gib']:.1f} of {gpu['total_gib']:.1f} GiB free" if gpu else "no GPU (CPU)")
-    return ["", "## Machine", "", f"{device}; Python {preflight['python']}; CUDA {preflight.get('cuda')}; "
-            + ", ".join(f"{k} {v}" for k, v in preflight["packages"].items())]
+    device = (
+        f"{gpu['name']} (x{gpu['count']}, compute capability {gpu['capability']}), "
+        f"{gpu['free_gib']:.1f} of {gpu['total_gib']:.1f} GiB free"
+        if gpu
+        else "no GPU (CPU)"
+    )
+    return [
+        "",
+        "## Machine",
+        "",
+        f"{device}; Python {preflight['python']}; CUDA {preflight.get('cuda')}; "
+        + ", ".join(f"{k} {v}" for k, v in preflight["packages"].items()),
+    ]
 
 
 def _bench(summary: dict) -> list[str]:
     bench = summary.get("bench")
     if not bench:
         return []
-    lines = ["", "## Model step: ours vs transformers' Llama (`benchmarks/bench_model_step.py`)", "",
-             f"{bench['preset']} preset, {bench['batch']} x {bench['seq_len']} tokens, {bench['dtype']}, "
-             f"{bench['device']}, torch {bench['torch']}, {bench['repeats']} repeats (medians).", "",
-             "| model | s/step | tokens/s | MFU | step peak GiB |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "",
+        "## Model step: ours vs transformers' Llama (`benchmarks/bench_model_step.py`)",
+        "",
+        f"{bench['preset']} preset, {bench['batch']} x {bench['seq_len']} tokens, {bench['dtype']}, "
+        f"{bench['device']}, torch {bench['torch']}, {bench['repeats']} repeats (medians).",
+        "",
+        "| model | s/step | tokens/s | MFU | step peak GiB |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, m in bench["models"].items():
         mfu = f"{100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "n/a"
-        lines.append(f"| {name} | {m['median_s_per_step']:.4f} | {m['tokens_per_s']:,.0f} | {mfu} | "
-                     f"{_fmt(m.get('step_peak_gib'), 2)} |")
+        lines.append(
+            f"| {name} | {m['median_s_per_step']:.4f} | {m['tokens_per_s']:,.0f} | {mfu} | "
+            f"{_fmt(m.get('step_peak_gib'), 2)} |"
+        )
     return lines + [""] + [f"- {key}: {value:.3f}" for key, value in bench["ratios"].items()]
 
 
@@ -138,14 +179,20 @@ def _evaluation(summary: dict) -> list[str]:
     evaluation = summary.get("eval") or {}
     if not (evaluation.get("tinymmlu") or evaluation.get("mmlu_spread") or evaluation.get("ppl")):
         return []
-    lines = ["", "## Evaluation (accuracy with its 95% Wilson interval)", "",
-             f"- tinyMMLU (100 items): {_accuracy(evaluation.get('tinymmlu'))}",
-             f"- MMLU spread over all subjects: {_accuracy(evaluation.get('mmlu_spread'))}"]
+    lines = [
+        "",
+        "## Evaluation (accuracy with its 95% Wilson interval)",
+        "",
+        f"- tinyMMLU (100 items): {_accuracy(evaluation.get('tinymmlu'))}",
+        f"- MMLU spread over all subjects: {_accuracy(evaluation.get('mmlu_spread'))}",
+    ]
     for result in evaluation.get("ppl") or []:
         if result:
             buckets = ", ".join(f"{k}: {v:.4f}" for k, v in result["buckets"].items())
-            lines.append(f"- held-out loss by position, window {result['seq_len']} ({result['label']}, "
-                         f"{result['n_windows']} documents): {buckets}; all {result['loss']:.4f}")
+            lines.append(
+                f"- held-out loss by position, window {result['seq_len']} ({result['label']}, "
+                f"{result['n_windows']} documents): {buckets}; all {result['loss']:.4f}"
+            )
     return lines
 
 
@@ -153,14 +200,21 @@ def _release(summary: dict) -> list[str]:
     release = summary.get("release")
     if not (release and release.get("generations")):
         return []
-    lines = ["", "## Release check and generations", "",
-             f"Loaded as `{release['class']}` with trust_remote_code where dist_llama is not importable; "
-             f"logits vs stock LlamaForCausalLM: max |diff| {release['max_abs_logit_diff']:.3g} (max |logit| "
-             f"{release['max_abs_logit']:.3g}). Sampling: {json.dumps(release['sampling'])}.", ""]
+    lines = [
+        "",
+        "## Release check and generations",
+        "",
+        f"Loaded as `{release['class']}` with trust_remote_code where dist_llama is not importable; "
+        f"logits vs stock LlamaForCausalLM: max |diff| {release['max_abs_logit_diff']:.3g} (max |logit| "
+        f"{release['max_abs_logit']:.3g}). Sampling: {json.dumps(release['sampling'])}.",
+        "",
+    ]
     for item in release["generations"]:
-        lines += [f"- greedy: {json.dumps(item['greedy'], ensure_ascii=False)} (stock Llama greedy equal: "
-                  f"{item['greedy_equals_stock_llama']})",
-                  f"  sampled: {json.dumps(item['sampled'], ensure_ascii=False)}"]
+        lines += [
+            f"- greedy: {json.dumps(item['greedy'], ensure_ascii=False)} (stock Llama greedy equal: "
+            f"{item['greedy_equals_stock_llama']})",
+            f"  sampled: {json.dumps(item['sampled'], ensure_ascii=False)}",
+        ]
     return lines
 
 
@@ -170,11 +224,18 @@ def final_table(summary: dict) -> str:
     train = summary.get("train") or {}
     if train:
         mfu = train.get("median_mfu")
-        rows.append(("result", "train", "", f"{_fmt(train.get('steps'))} steps, "
-                     f"{_fmt(train.get('tokens_seen'))} tokens, "
-                     f"val loss {_fmt(train.get('final_val_loss'))}, "
-                     f"{_fmt(train.get('median_tokens_per_s'), 0)} tok/s"
-                     + (f", MFU {100 * mfu:.1f}%" if mfu else "")))
+        rows.append(
+            (
+                "result",
+                "train",
+                "",
+                f"{_fmt(train.get('steps'))} steps, "
+                f"{_fmt(train.get('tokens_seen'))} tokens, "
+                f"val loss {_fmt(train.get('final_val_loss'))}, "
+                f"{_fmt(train.get('median_tokens_per_s'), 0)} tok/s"
+                + (f", MFU {100 * mfu:.1f}%" if mfu else ""),
+            )
+        )
     evaluation = summary.get("eval") or {}
     for key, label in (("tinymmlu", "tinyMMLU"), ("mmlu_spread", "MMLU")):
         if evaluation.get(key):
@@ -182,7 +243,7 @@ def final_table(summary: dict) -> str:
     width = 110
     lines = [f"{'stage':<10} {'status':<8} {'time':>6}  detail"]
     for stage, status, seconds, detail in rows:
-        detail = detail if len(detail) <= width else detail[:width - 3] + "..."
+        detail = detail if len(detail) <= width else detail[: width - 3] + "..."
         lines.append(f"{stage:<10} {status:<8} {seconds:>6}  {detail}")
     where = "summary.md" if not summary["bad_input"] else f"summary.md (stopped: {summary['bad_input']})"
     lines.append(f"total {summary['elapsed_s']:.0f} s of {summary['deadline_s']:g} s; summary in {where}")
