@@ -1,6 +1,7 @@
 """The training loader's throughput for a config: one rank's PackedBatches, timed over whole batches.
 
-    python benchmarks/bench_loader.py --config configs/speedrun.yaml [--seconds 5] [--json OUT] [--section.key=value ...]
+    python benchmarks/bench_loader.py --config configs/speedrun.yaml [--seconds 5] [--json OUT]
+        [--section.key=value ...]
 
 The batches are those the trainer would take (data.* of the config, its global batch as one rank's rows):
 from data.token_cache when the config names one, else tokenized on the fly. The first batch (opening the

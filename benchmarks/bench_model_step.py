@@ -12,7 +12,8 @@ Both models are cast whole to --dtype (pure bf16 weights and AdamW state with `-
 training's fp32 master weights): this compares the model code, not the training recipe.
 
     python benchmarks/bench_model_step.py --preset debug --seq-len 256 --batch 8 --repeats 10
-    python benchmarks/bench_model_step.py --preset main --seq-len 1024 --batch 16 --dtype bf16 --compile --json bench.json
+    python benchmarks/bench_model_step.py --preset main --seq-len 1024 --batch 16 --dtype bf16 --compile
+        --json bench.json
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def timed(step, device) -> float:
 
 
 def step_peak_gib(step, device) -> float | None:
-    """Peak memory of one step above what was allocated before it (CUDA only: the CPU has no per-step peak)."""
+    """Peak memory of one step above what was allocated before it (CUDA only: the CPU has no per-step
+    peak)."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize()
@@ -166,8 +168,9 @@ def main(argv: list[str] | None = None) -> None:
         "ratios": {},
     }
     print(
-        f"preset={args.preset} seq_len={args.seq_len} batch={args.batch} dtype={args.dtype} device={record['device']} "
-        f"threads={record['threads']} torch={torch.__version__} repeats={args.repeats}",
+        f"preset={args.preset} seq_len={args.seq_len} batch={args.batch} dtype={args.dtype} "
+        f"device={record['device']} threads={record['threads']} torch={torch.__version__} "
+        f"repeats={args.repeats}",
         flush=True,
     )
 

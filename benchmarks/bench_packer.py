@@ -1,9 +1,10 @@
 """Packer throughput against the bare tokenizer: is tokenization the only real cost of PackedBatches?
 
-Both sides tokenize the same documents (the first --docs of --paths, unshuffled, no held-out rule) with the same
-tokenizer settings and documents per encode_batch call:
-  bare    backend_tokenizer.encode_batch(texts) over texts already in memory, counting len + 2 (bos, eos), timed
-          twice: reading each Encoding's .ids (the Python list any user of the ids pays for) and without;
+Both sides tokenize the same documents (the first --docs of --paths, unshuffled, no held-out rule) with the
+same tokenizer settings and documents per encode_batch call:
+  bare    backend_tokenizer.encode_batch(texts) over texts already in memory, counting len + 2 (bos, eos),
+          timed twice: reading each Encoding's .ids (the Python list any user of the ids pays for) and
+          without;
   packer  PackedBatches from its construction: copying the tokenizer, reading and decompressing the file (the
           documents rewritten as one .jsonl.zst), JSON parsing, tokenizing on its thread, packing windows. It
           counts the tokens it yields (rows * seq_len per batch) and stops at the bare run's count. Its steady
@@ -11,15 +12,16 @@ tokenizer settings and documents per encode_batch call:
           are left out.
 Runs alternate, --repeats times, and the median ratios are printed. Target: >= 0.9.
 
---longest N takes the N longest documents of --paths instead of the first --docs. --tokenizer mistral-no-presplit
-is the offline build without its pre-tokenizer: the Hub's tokenizer.json as it is downloaded, before
-load_tokenizer adds the cut before each "▁" run (BPE then runs over each whole document). --join-bytes N joins
-the documents into documents of at least N bytes. Several tokenizers run in turn within each repeat, so that they
-share the machine's load.
+--longest N takes the N longest documents of --paths instead of the first --docs. --tokenizer
+mistral-no-presplit is the offline build without its pre-tokenizer: the Hub's tokenizer.json as it is
+downloaded, before load_tokenizer adds the cut before each "▁" run (BPE then runs over each whole document).
+--join-bytes N joins the documents into documents of at least N bytes. Several tokenizers run in turn within
+each repeat, so that they share the machine's load.
 
     python benchmarks/bench_packer.py [--paths ../shared/data/owt/train/shard-00000.jsonl.zst] [--docs 4000]
     python benchmarks/bench_packer.py --longest 1000 --tokenizer mistral-no-presplit mistral
-    python benchmarks/bench_packer.py --docs 3000 --join-bytes 2000000 --bare-only --tokenizer mistral-no-presplit mistral
+    python benchmarks/bench_packer.py --docs 3000 --join-bytes 2000000 --bare-only
+        --tokenizer mistral-no-presplit mistral
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def load_tokenizer(name: str):
 
 
 def join_documents(texts: list[str], min_bytes: int) -> list[str]:
-    """Consecutive documents joined by blank lines into documents of at least `min_bytes` (the last may be shorter)."""
+    """Consecutive documents joined by blank lines into documents of at least `min_bytes` (the last may be
+    shorter)."""
     joined, current, size = [], [], 0
     for text in texts:
         current.append(text)
@@ -199,13 +202,14 @@ def main() -> None:
                 only_tokens, only_s = bare(tokenizer, texts, args.batch_docs, with_ids=False)
                 tag = f"[{repeat}]" if len(tokenizers) == 1 else f"[{repeat} {name}]"
                 print(
-                    f"{tag} bare encode_batch + .ids: {ids_tokens / ids_s:>9,.0f} tokens/s   encode_batch only: "
-                    f"{only_tokens / only_s:>9,.0f} tokens/s   ({ids_tokens:,} tokens)"
+                    f"{tag} bare encode_batch + .ids: {ids_tokens / ids_s:>9,.0f} tokens/s   "
+                    f"encode_batch only: {only_tokens / only_s:>9,.0f} tokens/s   ({ids_tokens:,} tokens)"
                 )
                 results[name]["bare encode+ids tok/s"].append(ids_tokens / ids_s)
                 if args.bare_only:
                     continue
-                # The packer yields every token once as a target; stop once it has yielded as many as bare made.
+                # The packer yields every token once as a target; stop once it has yielded as many as bare
+                # made.
                 run = packer(config, tokenizer, args.rows, ids_tokens)
                 ids_rate, only_rate, rate = (
                     ids_tokens / ids_s,
@@ -223,8 +227,8 @@ def main() -> None:
                 )
     for name, result in results.items():
         print(
-            f"{name}: medians of {args.repeats} ({args.rows} rows x {args.seq_len}, {args.batch_docs} documents per "
-            "encode_batch; ratio target >= 0.9):"
+            f"{name}: medians of {args.repeats} ({args.rows} rows x {args.seq_len}, "
+            f"{args.batch_docs} documents per encode_batch; ratio target >= 0.9):"
         )
         for key, values in result.items():
             if not values:  # --bare-only

@@ -78,7 +78,8 @@ def bench_loss(args) -> None:
                 json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
             )
     print(
-        f"main preset, batch {args.batch} x {args.seq_len} tokens, fp32 on CPU, {args.repeats} repeats (median)"
+        f"main preset, batch {args.batch} x {args.seq_len} tokens, fp32 on CPU, "
+        f"{args.repeats} repeats (median)"
     )
     print("| loss | step time (s) | peak memory above start (MiB) | loss value |")
     print("|---|---:|---:|---:|")
@@ -110,7 +111,8 @@ def bench_head(args) -> None:
             times[name].append(time.perf_counter() - start)
             hidden.grad = weight.grad = None
     print(
-        f"loss alone: {args.tokens} tokens x {args_main.dim} -> {args_main.vocab_size}, fp32 on CPU, {args.repeats} repeats"
+        f"loss alone: {args.tokens} tokens x {args_main.dim} -> {args_main.vocab_size}, fp32 on CPU, "
+        f"{args.repeats} repeats"
     )
     print("| loss | forward + backward (s), each repeat | median |")
     print("|---|---|---:|")
@@ -135,8 +137,8 @@ def bench_optimizer(args) -> None:
                 times[name].append(time.perf_counter() - start)
     count = sum(p.numel() for p in hidden)
     print(
-        f"main preset: the hidden matrices of {len(layers)} of {model.args.n_layers} blocks ({len(hidden)} matrices, "
-        f"{count / 1e6:.1f}M parameters), CPU, {args.repeats} steps (median)"
+        f"main preset: the hidden matrices of {len(layers)} of {model.args.n_layers} blocks "
+        f"({len(hidden)} matrices, {count / 1e6:.1f}M parameters), CPU, {args.repeats} steps (median)"
     )
     print("| optimizer | step time (s) |")
     print("|---|---:|")

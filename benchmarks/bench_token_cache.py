@@ -1,20 +1,21 @@
-"""The token cache: what its build costs against the bare tokenizer, what the loader gives from it against the
-on-the-fly packer, and whether a training loop's thread is slowed by either running beside it.
+"""The token cache: what its build costs against the bare tokenizer, what the loader gives from it against
+the on-the-fly packer, and whether a training loop's thread is slowed by either running beside it.
 
-    build    the first --docs documents of --paths (rewritten to a temporary .jsonl.zst, as bench_packer.py does):
-             the bare tokenizer (bench_packer.py's: encode_batch + ids over texts in memory, --batch-docs a call)
-             against build_token_cache with 1 process (this one) and with 2 (spawned): tokens/s, the build's time
-             from the file (read, parse, tokenize, write) to the manifest.
+    build    the first --docs documents of --paths (rewritten to a temporary .jsonl.zst, as bench_packer.py
+             does): the bare tokenizer (bench_packer.py's: encode_batch + ids over texts in memory,
+             --batch-docs a call) against build_token_cache with 1 process (this one) and with 2 (spawned):
+             tokens/s, the build's time from the file (read, parse, tokenize, write) to the manifest.
     loader   PackedBatches (one rank, --rows lanes x --seq-len) from that cache and tokenizing on the fly, the
-             process pinned to one core (os.sched_setaffinity) unless --cores: steady-state tokens/s (bench_packer.py's
-             packer(): from 10% to 90% of the tokens taken).
-    beside   a fixed CPU matmul loop (torch, one thread) standing in for the training loop's thread: each step is
-             --matmuls products of 512 x 512, then one batch is taken from the loader (prefetching on its own thread,
-             as in training). The matmul time per step (next() left out) with no loader, with the cache, and with the
-             on-the-fly packer (each variant first in turn across repeats); ratios to no loader.
+             process pinned to one core (os.sched_setaffinity) unless --cores: steady-state tokens/s
+             (bench_packer.py's packer(): from 10% to 90% of the tokens taken).
+    beside   a fixed CPU matmul loop (torch, one thread) standing in for the training loop's thread: each step
+             is --matmuls products of 512 x 512, then one batch is taken from the loader (prefetching on its
+             own thread, as in training). The matmul time per step (next() left out) with no loader, with the
+             cache, and with the on-the-fly packer (each variant first in turn across repeats); ratios to no
+             loader.
 
-Every part runs --repeats times, the variants alternating within a repeat so that they share the machine's load;
-the load average (`uptime`) is printed before and after.
+Every part runs --repeats times, the variants alternating within a repeat so that they share the machine's
+load; the load average (`uptime`) is printed before and after.
 
     python benchmarks/bench_token_cache.py --docs 2000 --repeats 2
 """
@@ -62,7 +63,8 @@ def build(config: DataConfig, tokenizer, folder: Path, workers: int) -> float:
 
 
 def matmul_per_step(batches, steps: int, matmuls: int) -> float:
-    """Median seconds of one step's matmuls, a batch taken from `batches` (None: no loader) after each step."""
+    """Median seconds of one step's matmuls, a batch taken from `batches` (None: no loader) after each
+    step."""
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     times = []
     for _ in range(steps):
@@ -76,7 +78,7 @@ def matmul_per_step(batches, steps: int, matmuls: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--paths", nargs="+", default=DEFAULT_PATHS)
     parser.add_argument("--docs", type=int, default=2000, help="the first documents of --paths; 0: all")
     parser.add_argument("--repeats", type=int, default=2)
@@ -102,8 +104,8 @@ def main() -> None:
     tokenizer = load_tokenizer(source="offline")
     texts = data.read_documents(args.paths, limit=args.docs or None)
     print(
-        f"{len(texts)} documents, {sum(len(t.encode()) for t in texts) / 1e6:.1f} MB of text from {args.paths}; "
-        f"{os.cpu_count()} CPUs, RAYON_NUM_THREADS={os.environ['RAYON_NUM_THREADS']}"
+        f"{len(texts)} documents, {sum(len(t.encode()) for t in texts) / 1e6:.1f} MB of text "
+        f"from {args.paths}; {os.cpu_count()} CPUs, RAYON_NUM_THREADS={os.environ['RAYON_NUM_THREADS']}"
     )
     print(f"before: {uptime()}")
     results: dict[str, list[float]] = {}
@@ -169,9 +171,8 @@ def main() -> None:
     print(f"after: {uptime()}")
     print(f"medians of {args.repeats}:")
     for key, values in results.items():
-        print(
-            f"  {key:<40} {statistics.median(values):>14,.3f}   (runs: {', '.join(f'{v:,.3f}' for v in values)})"
-        )
+        runs = ", ".join(f"{v:,.3f}" for v in values)
+        print(f"  {key:<40} {statistics.median(values):>14,.3f}   (runs: {runs})")
     ratios = {
         "cache build 1 process / bare": ("cache build, 1 process", "bare tokenizer (1 thread)"),
         "cache build 2 processes / bare": ("cache build, 2 processes", "bare tokenizer (1 thread)"),
@@ -182,9 +183,8 @@ def main() -> None:
     for name, (top, bottom) in ratios.items():
         if top in results:
             per_run = [a / b for a, b in zip(results[top], results[bottom])]
-            print(
-                f"  {name:<40} {statistics.median(per_run):>8.3f}   (runs: {', '.join(f'{r:.3f}' for r in per_run)})"
-            )
+            runs = ", ".join(f"{r:.3f}" for r in per_run)
+            print(f"  {name:<40} {statistics.median(per_run):>8.3f}   (runs: {runs})")
 
 
 if __name__ == "__main__":

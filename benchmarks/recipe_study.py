@@ -1,4 +1,5 @@
-"""The optimizer/schedule study behind configs/speedrun.yaml: one small model, equal tokens, one change at a time.
+"""The optimizer/schedule study behind configs/speedrun.yaml: one small model, equal tokens, one change at a
+time.
 
 Every run trains the same model from the same seed on the same local shards, and is scored on the same
 held-out documents (tiny.jsonl shares none with the shards). Runs already finished are read, not redone,
@@ -43,7 +44,8 @@ RUNS = {
     "muon_wsd_lr0.01": ["--optim.name=muon", "--optim.muon_lr=0.01", "--optim.lr=3e-3", *WSD],
     "muon_wsd_lr0.04": ["--optim.name=muon", "--optim.muon_lr=0.04", "--optim.lr=3e-3", *WSD],
 }
-# What a 2-core CPU affords in about an hour: the three recipes and one step of the sweep around each optimizer.
+# What a 2-core CPU affords in about an hour: the three recipes and one step of the sweep around each
+# optimizer.
 DEFAULT_RUNS = ["adamw_cosine", "adamw_cosine_lr6e-3", "adamw_wsd", "muon_wsd", "muon_wsd_lr0.04"]
 
 
@@ -84,7 +86,8 @@ def write_results(names: list[str], args) -> None:
     import matplotlib.pyplot as plt
 
     rows = [
-        "| run | changes from debug.yaml + the study model | final held-out loss | best held-out loss | final train loss |",
+        "| run | changes from debug.yaml + the study model | final held-out loss | best held-out loss "
+        "| final train loss |",
         "|---|---|---:|---:|---:|",
     ]
     figure, axis = plt.subplots(figsize=(7, 4.2))
@@ -114,7 +117,7 @@ def write_results(names: list[str], args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
     parser.add_argument("--steps", type=int, default=120)

@@ -97,11 +97,12 @@ def model_card(
     sections = [
         "---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: text-generation\n"
         "tags:\n- llama\n- dist_llama\n- pretrained-from-scratch\n---\n",
-        f"# {repo_name}\n\nA {_millions(counts['total'])}-parameter LLaMA-architecture language model pretrained "
-        "from scratch with dist_llama (PyTorch FSDP2). A base model: it continues text, "
+        f"# {repo_name}\n\nA {_millions(counts['total'])}-parameter LLaMA-architecture language model "
+        "pretrained from scratch with dist_llama (PyTorch FSDP2). A base model: it continues text, "
         "it does not follow instructions.\n",
         f"## Architecture\n\nPre-norm decoder (RMSNorm), rotary position embeddings (half rotation, as in "
-        f"transformers' Llama), grouped-query attention, SwiGLU feed-forward, no biases.\n\n{_table(architecture)}\n",
+        f"transformers' Llama), grouped-query attention, SwiGLU feed-forward, no biases.\n\n"
+        f"{_table(architecture)}\n",
         "## Parameters\n\n"
         + _table(
             [
@@ -112,7 +113,8 @@ def model_card(
             ]
         )
         + "\n",
-        f"## Training\n\n{_table(training)}\n\nThe resolved run configuration is in `training_config.yaml`.\n",
+        f"## Training\n\n{_table(training)}\n\n"
+        "The resolved run configuration is in `training_config.yaml`.\n",
     ]
     if eval_summary:
         # Scalars only: a list (e.g. a confidence interval) has no one-cell reading.

@@ -123,7 +123,8 @@ def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: i
 
 
 def _release_config_class():
-    """DistLlamaConfig from dist_llama/hub_release/ (it imports only transformers, so it loads from its path)."""
+    """DistLlamaConfig from dist_llama/hub_release/ (it imports only transformers, so it loads from its
+    path)."""
     import importlib.util
 
     path = RELEASE_CODE / "configuration_dist_llama.py"

@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(json.dumps(result, indent=2))
             buckets = "  ".join(f"{name}: {loss:.4f}" for name, loss in result["buckets"].items())
             print(
-                f"{result['label']}: loss {result['loss']:.4f} over {result['n_windows']} windows (documents of "
-                f"at least {result['seq_len'] + 1} tokens: {result['docs_qualified']} of {result['docs_read']} "
-                f"read) | {buckets}"
+                f"{result['label']}: loss {result['loss']:.4f} over {result['n_windows']} windows "
+                f"(documents of at least {result['seq_len'] + 1} tokens: "
+                f"{result['docs_qualified']} of {result['docs_read']} read) | {buckets}"
             )
             if args.plot:
                 plot_loss_by_position([result], args.plot)

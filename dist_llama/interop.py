@@ -10,7 +10,8 @@ from .model import ModelArgs, RopeScaling  # relative: the release folder carrie
 
 
 def llama_config_dict(args: ModelArgs) -> dict:
-    """Keyword arguments for transformers.LlamaConfig (transformers 5 form: rope settings in rope_parameters)."""
+    """Keyword arguments for transformers.LlamaConfig (transformers 5 form: rope settings in
+    rope_parameters)."""
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.rope_scaling is not None:
         rope = {

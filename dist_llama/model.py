@@ -327,12 +327,14 @@ class Transformer(nn.Module):
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of next-token prediction; labels are already shifted (the packer yields inputs/labels)."""
+    """Cross-entropy of next-token prediction; labels are already shifted (the packer yields
+    inputs/labels)."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction=reduction)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T` over (tokens, dim) hidden states, a chunk of tokens at a time.
+    """Summed cross-entropy of `hidden @ weight.T` over (tokens, dim) hidden states, a chunk of tokens at a
+    time.
 
     The plain loss materialises the whole micro-batch's fp32 logits (16 x 1024 x 32000 x 4 bytes = 2 GiB,
     kept for backward). Here each chunk's logits exist only while its loss and gradients are computed:

@@ -1,4 +1,5 @@
-"""`python -m dist_llama.pipeline --config configs/X.yaml [overrides]`: train -> consolidate -> evaluate -> report.
+"""`python -m dist_llama.pipeline --config configs/X.yaml [overrides]`:
+train -> consolidate -> evaluate -> report.
 
 Every stage records what it produced, and from what, in run_dir/pipeline.json. Run the command again
 and it skips the stages whose inputs have not changed and picks up an interrupted training run from
@@ -93,7 +94,8 @@ def run_logged(command: list[str], log_path: Path, stage: str) -> None:
 
 
 def run_training(config: Config, config_path: str | None, overrides: list[str], nproc: int) -> Path:
-    """Train (resuming if a checkpoint exists) unless the run already finished; returns its final checkpoint."""
+    """Train (resuming if a checkpoint exists) unless the run already finished; returns its final
+    checkpoint."""
     done = finished_checkpoint(config)
     if done is not None:
         log.info("train: %s already finished (%s)", config.train.name, done.name)

@@ -32,8 +32,10 @@ with torch.no_grad():
     logits = model(ids).logits
 assert logits.shape == (1, ids.shape[1], config.vocab_size), logits.shape
 assert bool(torch.isfinite(logits).all()), "non-finite logits"
-print(json.dumps({"model_class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
-                  "dtype": str(model.dtype), "vocab_size": config.vocab_size, "tokenizer_size": len(tokenizer)}))
+print(json.dumps({"model_class": type(model).__name__,
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "dtype": str(model.dtype), "vocab_size": config.vocab_size,
+                  "tokenizer_size": len(tokenizer)}))
 """
 
 

@@ -24,7 +24,8 @@ from dist_llama.cli import CommandParser, user_errors  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Train and val records; a resumed run re-logs the steps after its checkpoint, so the last record wins."""
+    """Train and val records; a resumed run re-logs the steps after its checkpoint, so the last record
+    wins."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory (made by dist_llama.train)?")

@@ -289,7 +289,8 @@ def load_tokenizer(
         logger.info("tokenizer: loaded from folder %s", source)
     else:
         raise ValueError(
-            f"unknown tokenizer source {source!r}; choose one of {', '.join(SOURCES)} or a saved tokenizer folder"
+            f"unknown tokenizer source {source!r}; choose one of {', '.join(SOURCES)} "
+            "or a saved tokenizer folder"
         )
 
     check_tokenizer(tok, VOCAB_SIZE)

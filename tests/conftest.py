@@ -18,7 +18,8 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory, shared_data) -> tuple[Path, Path]:
-    """Training and held-out .jsonl files for the tiny distributed runs: 300 and 20 documents of tiny.jsonl."""
+    """Training and held-out .jsonl files for the tiny distributed runs: 300 and 20 documents of
+    tiny.jsonl."""
     folder = tmp_path_factory.mktemp("corpus")
     lines = (shared_data / "owt/tiny.jsonl").read_text().splitlines()
     (folder / "train.jsonl").write_text("\n".join(lines[:300]) + "\n")

@@ -1,6 +1,7 @@
 """One rank of a two-rank, one-node gloo group that loads through sources.once_per_node, for test_data.py.
 
-A module of its own so that a spawned rank imports torch and dist_llama.data only, not the test file's imports.
+A module of its own so that a spawned rank imports torch and dist_llama.data only, not the test file's
+imports.
 """
 
 import json
@@ -38,7 +39,8 @@ def run(rank: int, store: str, log: str, results: str) -> None:
 
 
 def build_cache(rank: int, store: str, docs: str, folder: str, log: str) -> None:
-    """open_token_cache on one rank of a two-rank node; logs builds and whether its batches equal on-the-fly ones."""
+    """open_token_cache on one rank of a two-rank node; logs builds and whether its batches equal on-the-fly
+    ones."""
     import dataclasses
 
     import torch

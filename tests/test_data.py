@@ -309,7 +309,8 @@ def test_epoch_wraps_and_increments(tmp_path, tokenizer):
             next(batches)
             lanes = batches.state_dict()["lanes"]
             for lane in (0, 1):
-                # Lane l owns documents l and l + 2; its position after `step` windows is step * seq_len tokens.
+                # Lane l owns documents l and l + 2; its position after `step` windows is step * seq_len
+                # tokens.
                 lengths = [len(encode(tokenizer, docs[d])) for d in (lane, lane + 2)]
                 epoch, within = divmod(step * 4, sum(lengths))
                 doc, offset = (lane, within) if within < lengths[0] else (lane + 2, within - lengths[0])
@@ -435,8 +436,8 @@ def test_thread_errors_reach_the_consumer_and_other_lanes_skip_without_parsing(t
 def test_a_tokenizer_batch_is_bounded_by_bytes_so_megabyte_documents_start_at_once(
     tmp_path, tokenizer, monkeypatch
 ):
-    # Counted in documents alone, the first batch would take one 2 MB document per lane, and the next one all the
-    # others: minutes of tokenizing for one batch of a real corpus of such documents.
+    # Counted in documents alone, the first batch would take one 2 MB document per lane, and the next one all
+    # the others: minutes of tokenizing for one batch of a real corpus of such documents.
     rng = random.Random(11)
     docs = [" ".join(rng.choice(WORDS) for _ in range(420_000))[:2_000_000] for _ in range(8)]
     write_jsonl(tmp_path / "long.jsonl", docs)
@@ -578,9 +579,10 @@ def test_clear_errors(tmp_path, tokenizer, monkeypatch):
 
 
 class LocalHub:
-    """`datasets.load_dataset_builder` pointed at parquet shards in a folder instead of the Hub; everything after
-    it (conversion to Arrow in a cache, memory-mapping, streaming) is the real code. `revisions` maps a revision
-    to its folder (None: the default branch). `reads` collects every row index read through Dataset[...]."""
+    """`datasets.load_dataset_builder` pointed at parquet shards in a folder instead of the Hub; everything
+    after it (conversion to Arrow in a cache, memory-mapping, streaming) is the real code. `revisions` maps a
+    revision to its folder (None: the default branch). `reads` collects every row index read through
+    Dataset[...]."""
 
     def __init__(self, root, monkeypatch):
         self.root, self.calls, self.reads = root, [], []

@@ -1,4 +1,5 @@
-"""Tests for dist_llama.evaluation and its command line: tinyMMLU through lm-eval, IRT, loss by position, plots, CLI errors.
+"""Tests for dist_llama.evaluation and its command line: tinyMMLU through lm-eval, IRT, loss by position,
+plots, CLI errors.
 
 All on CPU with tiny random models and local data. The Hub is off (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE,
 in this process and in subprocesses), and the tinyBenchmarks parameter download is replaced by a stub
@@ -571,7 +572,8 @@ def test_ppl_of_a_checkpoint_matches_its_release(custom_release, owt_tiny):
 
 
 def test_stock_lm_eval_cli_on_our_release(custom_release, custom_release_mmlu, tmp_path):
-    """The reference command (lm_eval --model hf ... --log_samples --trust_remote_code), with our task folder."""
+    """The reference command (lm_eval --model hf ... --log_samples --trust_remote_code), with our task
+    folder."""
     release = custom_release[1]
     out, _ = custom_release_mmlu
     cli_out = tmp_path / "cli"

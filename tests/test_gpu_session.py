@@ -1,4 +1,5 @@
-"""The one-call GPU session, rehearsed on the CPU: the bundle, every stage, the summary, the pack, bad input."""
+"""The one-call GPU session, rehearsed on the CPU: the bundle, every stage, the summary, the pack, bad
+input."""
 
 from __future__ import annotations
 
@@ -408,7 +409,11 @@ def test_a_child_that_does_not_start_in_time_is_stopped_and_one_that_does_runs_o
     from dist_llama.session.processes import run_child
 
     marker = tmp_path / "started"
-    script = f"import pathlib, sys, time\nif sys.argv[1] == 'start': pathlib.Path({str(marker)!r}).touch()\ntime.sleep(3)"
+    script = (
+        "import pathlib, sys, time\n"
+        f"if sys.argv[1] == 'start': pathlib.Path({str(marker)!r}).touch()\n"
+        "time.sleep(3)"
+    )
     stalled = run_child(
         tmp_path / "a.log",
         [sys.executable, "-c", script, "hang"],
@@ -506,7 +511,8 @@ def test_unmet_requirements_name_the_package_and_what_was_found(tmp_path, monkey
 
 def test_training_builds_the_token_cache_then_reads_it(bundle, tmp_path):
     """The GPU mode's route (Mode.token_cache), taken here by naming the cache: the training run tokenizes the
-    bundle's parquet shards once, with every core, and reads token ids from the folder; a second run reuses it."""
+    bundle's parquet shards once, with every core, and reads token ids from the folder; a second run reuses
+    it."""
     out, work = tmp_path / "out", tmp_path / "work"
     result = session(
         "--rehearse",

@@ -1,4 +1,5 @@
-"""Tests for dist_llama.evaluation.irt: reference vectors from upstream tinyBenchmarks, safe loading, input checks."""
+"""Tests for dist_llama.evaluation.irt: reference vectors from upstream tinyBenchmarks, safe loading, input
+checks."""
 
 import hashlib
 import io

@@ -1,4 +1,5 @@
-"""The pipeline end to end on a tiny run: stages, skipping finished ones, resuming, the PI route, the report."""
+"""The pipeline end to end on a tiny run: stages, skipping finished ones, resuming, the PI route, the
+report."""
 
 from __future__ import annotations
 

@@ -91,7 +91,8 @@ out, prompts, new_tokens, folders = sys.argv[1], json.loads(sys.argv[2]), int(sy
 tensors, report = {}, {"dist_llama_importable": dist_llama_importable}
 for index, folder in enumerate(folders):
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True,
+                                                       output_loading_info=True)
     model.eval()
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     report[folder] = {"model_type": config.model_type, "class": type(model).__name__,
@@ -108,7 +109,8 @@ for index, folder in enumerate(folders):
         for row, prompt in enumerate(prompts):
             alone = tok(prompt, return_tensors="pt")
             tensors[f"{index}.alone.{row}.logits"] = model(**alone).logits
-            tensors[f"{index}.alone.{row}"] = model.generate(**alone, max_new_tokens=new_tokens, do_sample=False)
+            tensors[f"{index}.alone.{row}"] = model.generate(**alone, max_new_tokens=new_tokens,
+                                                             do_sample=False)
         tok.pad_token, tok.padding_side = tok.unk_token, "left"
         batch = tok(prompts, return_tensors="pt", padding=True)
         tensors[f"{index}.batch.mask"] = batch.attention_mask
@@ -706,7 +708,8 @@ def test_release_wrapper_composes_the_trained_transformer(releases):
     assert list(model.state_dict()) == list(expected)
     twin = copy.deepcopy(model)
     assert twin.transformer.model is twin.model and twin.model is not model.model
-    # A head put in place on the wrapper (resize_token_embeddings, peft's modules_to_save) is the one that runs.
+    # A head put in place on the wrapper (resize_token_embeddings, peft's modules_to_save) is the one that
+    # runs.
     head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
     torch.nn.init.zeros_(head.weight)
     model.set_output_embeddings(head)

@@ -1,6 +1,6 @@
-"""Tests for the token cache (dist_llama.data.cache): the same batches and data state as tokenizing on the fly, a
-checkpoint of either resumed by the other at another world size, the held-out documents left out, one build per
-node, refusal of a cache that does not match the config, and builds that die.
+"""Tests for the token cache (dist_llama.data.cache): the same batches and data state as tokenizing on the
+fly, a checkpoint of either resumed by the other at another world size, the held-out documents left out, one
+build per node, refusal of a cache that does not match the config, and builds that die.
 
 The small tokenizer, the documents and the Hub stand-in are test_data.py's.
 """
@@ -21,6 +21,7 @@ from test_data import (
     config,
     encode,
     global_windows,
+    hub,  # noqa: F401 (a fixture)
     hub_config,
     make_docs,
     tokenizer,  # noqa: F401 (fixtures)
@@ -177,8 +178,8 @@ def test_a_build_that_dies_leaves_no_cache_and_is_run_again(tmp_path, tokenizer,
         cache.build_token_cache(cfg, tokenizer, workers=1)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["data"], "nothing of the dead build is left"
 
-    # A build killed outright leaves its temporary folder, which the cache's name never points at; a later build
-    # on the same host removes it.
+    # A build killed outright leaves its temporary folder, which the cache's name never points at; a later
+    # build on the same host removes it.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tmp_path / f".cache.partial-{socket.gethostname()}-{dead.pid}"

@@ -5,8 +5,9 @@ A cache folder (data.token_cache) holds
     manifest.json       what the tokens were made from (below) and the shards
     tokens-NNNNN.bin    each document as the lanes take it, [bos] ids [eos], back to back (uint16 when the
                         vocabulary fits, else uint32); read with numpy.memmap
-    offsets-NNNNN.npy   int64, one more than the shard's documents: document i is tokens[offsets[i]:offsets[i + 1]],
-                        empty for a document the hash rule holds out (held-out text is never tokenized into it)
+    offsets-NNNNN.npy   int64, one more than the shard's documents: document i is
+                        tokens[offsets[i]:offsets[i + 1]], empty for a document the hash rule holds out
+                        (held-out text is never tokenized into it)
 
 Documents are numbered in the source's own order: the sorted files and each file's records in order (one
 shard per file), or a Hub dataset's rows (CACHE_SHARD_ROWS rows a shard). TokenCache reads a record's tokens,
@@ -15,12 +16,13 @@ token_sources.CachedTokenSource hands the tokens to the lanes of the same packer
 feeds, and the data state records the same source identity. So a run from the cache and a run that tokenizes
 on the fly give the same batches, bit for bit, and either resumes the other's checkpoints.
 
-The manifest records the format version, the source (its identity as the data state records it; for local files
-also each file's name, bytes, blake2b and documents; for a Hub dataset the requested revision besides the resolved
-one and the fingerprint), the text field, the tokenizer's identity (a hash of what decides the ids, with bos and
-eos), and the held-out rule. A cache that disagrees with the config on any of them is refused in one line naming
-each difference. A build writes into a temporary folder beside the cache and renames it into place when
-complete, so a partly written cache is never read, and a build that died is simply run again.
+The manifest records the format version, the source (its identity as the data state records it; for local
+files also each file's name, bytes, blake2b and documents; for a Hub dataset the requested revision besides
+the resolved one and the fingerprint), the text field, the tokenizer's identity (a hash of what decides the
+ids, with bos and eos), and the held-out rule. A cache that disagrees with the config on any of them is
+refused in one line naming each difference. A build writes into a temporary folder beside the cache and
+renames it into place when complete, so a partly written cache is never read, and a build that died is simply
+run again.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 CACHE_SHARD_ROWS = 1 << 17  # Hub rows per shard (local files are a shard each)
-# Documents handed to a build process at a time: large enough that sending them costs little beside tokenizing,
-# small enough that every process stays busy to the end of a shard and memory stays bounded.
+# Documents handed to a build process at a time: large enough that sending them costs little beside
+# tokenizing, small enough that every process stays busy to the end of a shard and memory stays bounded.
 BUILD_PIECE_DOCS = 256
 BUILD_PIECE_BYTES = 4 << 20
 
@@ -72,7 +74,8 @@ def _file_hash(path: Path) -> str:
 
 
 def _held_out_rule(config: DataConfig) -> int:
-    """The per-mille the training stream holds out by hash, as PackedBatches applies it (0 with data.val_paths)."""
+    """The per-mille the training stream holds out by hash, as PackedBatches applies it (0 with
+    data.val_paths)."""
     return 0 if held_out_files(config) else config.val_per_mille
 
 
@@ -129,7 +132,8 @@ class _Expected:
                 )
             else:
                 for entry, path in zip(manifest["files"], self.files):
-                    # The same name, size and modification time are taken as the same file; else its bytes decide.
+                    # The same name, size and modification time are taken as the same file; else its bytes
+                    # decide.
                     if path.stat().st_mtime_ns != entry["mtime_ns"] and _file_hash(path) != entry["blake2b"]:
                         found.append(
                             f"the content of {path.name} (blake2b {entry['blake2b']} -> {_file_hash(path)})"
@@ -159,7 +163,10 @@ class TokenCache:
         self._records_per_file = [entry["documents"] for entry in manifest.get("files", [])]
 
     def describe(self) -> str:
-        return f"token cache {self.folder} ({self.manifest['tokens']:,} tokens) of [{self.identity['description']}]"
+        return (
+            f"token cache {self.folder} ({self.manifest['tokens']:,} tokens) "
+            f"of [{self.identity['description']}]"
+        )
 
     def epoch_order(self, epoch: int, seed: int | None) -> np.ndarray:
         """Position in epoch `epoch` -> record number, as the text source orders that epoch."""
@@ -187,7 +194,7 @@ def _refuse(folder: Path, differences: list[str]) -> ConfigError:
     )
 
 
-# --- Building ------------------------------------------------------------------------------------------------
+# --- Building -----------------------------------------------------------------------------------------------
 
 _worker: dict = {}
 
@@ -234,8 +241,8 @@ def _shards(config: DataConfig, expected: _Expected):
 
 
 def _texts_of(shards):
-    """((shard, records, file, last piece of the shard?), texts) for every shard, BUILD_PIECE_DOCS documents and
-    about BUILD_PIECE_BYTES of text at a time; an empty shard gives one empty piece."""
+    """((shard, records, file, last piece of the shard?), texts) for every shard, BUILD_PIECE_DOCS documents
+    and about BUILD_PIECE_BYTES of text at a time; an empty shard gives one empty piece."""
     for index, (records, path) in enumerate(shards):
         count = len(records)
         if not count:
@@ -253,7 +260,8 @@ def _texts_of(shards):
 
 
 def _encoded(shards, encoder: DocumentEncoder, per_mille: int, dtype: str, workers: int):
-    """(tag, (tokens, lengths)) for each piece of _texts_of, in order, from `workers` processes (1: this one)."""
+    """(tag, (tokens, lengths)) for each piece of _texts_of, in order, from `workers` processes (1: this
+    one)."""
     initargs = (encoder, per_mille, dtype)
     if workers <= 1:
         _start_worker(*initargs)
@@ -325,7 +333,8 @@ def _write(
 
 
 def _remove_stale_partials(folder: Path) -> None:
-    """Folders left by builds on this host that died (a build on another host of a shared disk is left alone)."""
+    """Folders left by builds on this host that died (a build on another host of a shared disk is left
+    alone)."""
     prefix = f".{folder.name}.partial-{socket.gethostname()}-"
     for partial in folder.parent.glob(f"{prefix}*"):
         try:
@@ -337,12 +346,12 @@ def _remove_stale_partials(folder: Path) -> None:
 
 
 def build_token_cache(config, tokenizer, *, workers: int | None = None, force: bool = False) -> Path:
-    """Tokenize the training documents of `config` (a Config or its DataConfig) into data.token_cache; returns the
-    folder.
+    """Tokenize the training documents of `config` (a Config or its DataConfig) into data.token_cache; returns
+    the folder.
 
-    `workers` processes tokenize (default: every core this process may use). A cache already there that matches
-    the config is kept as it is; one that does not is refused (ConfigError) unless `force`, which replaces it.
-    Not a collective: in a process group, open_token_cache is the call that builds once per node.
+    `workers` processes tokenize (default: every core this process may use). A cache already there that
+    matches the config is kept as it is; one that does not is refused (ConfigError) unless `force`, which
+    replaces it. Not a collective: in a process group, open_token_cache is the call that builds once per node.
     """
     config: DataConfig = getattr(config, "data", config)
     if not config.token_cache:
@@ -450,8 +459,9 @@ def load_token_cache(config: DataConfig, tokenizer) -> TokenCache:
 
 
 def open_token_cache(config: DataConfig, tokenizer) -> TokenCache:
-    """load_token_cache, building the cache first where it is missing: once per node (local rank 0 builds while
-    the node's other ranks wait, as for a Hub download). A collective in a process group of several ranks."""
+    """load_token_cache, building the cache first where it is missing: once per node (local rank 0 builds
+    while the node's other ranks wait, as for a Hub download). A collective in a process group of several
+    ranks."""
 
     def load():
         if _read_manifest(Path(config.token_cache)) is None:

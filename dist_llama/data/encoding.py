@@ -1,5 +1,6 @@
-"""Tokenizing: documents -> [bos] ids [eos] token arrays, the layout every lane, the token cache and the held-out
-stream use; the tokenizer's identity (what the token cache records) and the cores its Rust threads may use."""
+"""Tokenizing: documents -> [bos] ids [eos] token arrays, the layout every lane, the token cache and the
+held-out stream use; the tokenizer's identity (what the token cache records) and the cores its Rust threads
+may use."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 def rank_cores() -> int:
-    """The cores this process may run on, shared with the other ranks of its node (torchrun's LOCAL_WORLD_SIZE)."""
+    """The cores this process may run on, shared with the other ranks of its node (torchrun's
+    LOCAL_WORLD_SIZE)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -23,8 +25,8 @@ def rank_cores() -> int:
 
 
 def limit_tokenizer_threads(threads: int) -> None:
-    """Size the Rust tokenizer's thread pool (RAYON_NUM_THREADS), unless the user set it. The pool is made on the
-    first parallel encode of the process and keeps its size, so this must come before any."""
+    """Size the Rust tokenizer's thread pool (RAYON_NUM_THREADS), unless the user set it. The pool is made on
+    the first parallel encode of the process and keeps its size, so this must come before any."""
     if "RAYON_NUM_THREADS" not in os.environ:
         os.environ["RAYON_NUM_THREADS"] = str(threads)
 
@@ -46,7 +48,8 @@ class DocumentEncoder:
             raise TypeError(
                 f"{type(tokenizer).__name__} has no backend_tokenizer: pass a fast (Rust) tokenizer"
             )
-        # A copy of our own: no truncation or padding left enabled by another caller, and no sharing across threads.
+        # A copy of our own: no truncation or padding left enabled by another caller, and no sharing across
+        # threads.
         try:
             from tokenizers import Tokenizer
 
@@ -79,8 +82,8 @@ class DocumentEncoder:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def identity(self) -> dict:
-        """What decides the ids: a hash of the normalizer, pre-tokenizer, model (vocabulary and merges) and added
-        tokens, with bos and eos. The decoder, padding and truncation are left out."""
+        """What decides the ids: a hash of the normalizer, pre-tokenizer, model (vocabulary and merges) and
+        added tokens, with bos and eos. The decoder, padding and truncation are left out."""
         spec = json.loads(self.backend.to_str())
         decisive = {key: spec.get(key) for key in ("normalizer", "pre_tokenizer", "model", "added_tokens")}
         digest = hashlib.blake2b(json.dumps(decisive, sort_keys=True).encode(), digest_size=16).hexdigest()

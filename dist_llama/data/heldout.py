@@ -78,18 +78,21 @@ def token_stream(documents: list[str], tokenizer) -> np.ndarray:
 
 
 def cut_windows(stream: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tensor:
-    """Windows of seq_len + 1 tokens beginning at `starts` (any shape), as int64: inputs and shifted labels."""
+    """Windows of seq_len + 1 tokens beginning at `starts` (any shape), as int64: inputs and shifted
+    labels."""
     return torch.from_numpy(stream[starts[..., None] + np.arange(seq_len + 1)].astype(np.int64))
 
 
 def validation_batches(
     config: DataConfig, tokenizer, *, rows: int, n_batches: int, rank: int = 0, world_size: int = 1
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """n_batches global batches of `rows` rows from the held-out set; this rank keeps rows l % world_size == rank.
+    """n_batches global batches of `rows` rows from the held-out set; this rank keeps rows
+    l % world_size == rank.
 
-    The held-out documents are packed as one stream ([bos] doc [eos] ..., windows of seq_len + 1 overlapping by
-    one token) and row l of batch b is window b * rows + l. A held-out set shorter than that is recycled from
-    its start (with a warning): the loss is then averaged over repeated windows rather than failing the run.
+    The held-out documents are packed as one stream ([bos] doc [eos] ..., windows of seq_len + 1 overlapping
+    by one token) and row l of batch b is window b * rows + l. A held-out set shorter than that is recycled
+    from its start (with a warning): the loss is then averaged over repeated windows rather than failing the
+    run.
     """
     if rows <= 0 or n_batches <= 0 or rows % world_size or not 0 <= rank < world_size:
         raise ValueError(

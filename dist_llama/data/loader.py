@@ -93,13 +93,15 @@ class _Inline:
 
 
 class PackedBatches:
-    """This rank's share of an endless stream of packed global batches; see the package docstring (dist_llama.data).
+    """This rank's share of an endless stream of packed global batches; see the package docstring
+    (dist_llama.data).
 
     Each `next()` gives (inputs, labels), LongTensors of shape (global_rows // world_size, seq_len): the rows
     of the lanes l with l % world_size == rank, in increasing l. `labels` is `inputs` shifted by one token.
-    With a cached Hub dataset or a token cache still to build, and a process group of several ranks, every rank
-    must build it (and likewise call validation_batches): local rank 0 downloads or builds while the others wait
-    at a barrier. With data.token_cache the documents' tokens come from the cache: the same batches and state.
+    With a cached Hub dataset or a token cache still to build, and a process group of several ranks, every
+    rank must build it (and likewise call validation_batches): local rank 0 downloads or builds while the
+    others wait at a barrier. With data.token_cache the documents' tokens come from the cache: the same
+    batches and state.
     """
 
     def __init__(
@@ -176,7 +178,8 @@ class PackedBatches:
 
     @property
     def epoch(self) -> float:
-        """The lowest epoch among this rank's lanes (lanes drift apart, so they may cross a wrap at different steps)."""
+        """The lowest epoch among this rank's lanes (lanes drift apart, so they may cross a wrap at different
+        steps)."""
         return float(min(state["epoch"] for state in self._lane_states.values()))
 
     def state_dict(self) -> dict:

@@ -1,4 +1,5 @@
-"""`python -m dist_llama.data.prepare --config configs/X.yaml [--workers N] [--force] [--section.key=value ...]`:
+"""`python -m dist_llama.data.prepare --config configs/X.yaml [--workers N] [--force]
+    [--section.key=value ...]`:
 tokenize the config's training documents once, with every core, into data.token_cache (see cache.py).
 
 Training builds a missing cache by itself (once per node); this command builds it beforehand, on one machine,
@@ -16,7 +17,7 @@ from dist_llama.tokenizer import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = config_argument_parser("data.prepare", __doc__.splitlines()[1].strip())
+    parser = config_argument_parser("data.prepare", __doc__.splitlines()[2].strip())
     parser.add_argument(
         "--workers",
         type=int,

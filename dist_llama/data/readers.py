@@ -127,7 +127,8 @@ def iter_documents(paths: Iterable[str | Path], text_field: str = "text") -> Ite
 def read_documents(
     paths: Iterable[str | Path], text_field: str = "text", limit: int | None = None
 ) -> list[str]:
-    """The first `limit` (default: all) documents of `paths`; raises FileNotFoundError when nothing matches."""
+    """The first `limit` (default: all) documents of `paths`; raises FileNotFoundError when nothing
+    matches."""
     paths = list(paths)
     if not expand_paths([str(p) for p in paths]):
         raise FileNotFoundError(f"no data files match {paths}")

@@ -30,9 +30,9 @@ READ_BATCH_DOCS = (
 )
 HUB_SHUFFLE_BUFFER = 10_000  # rows in the streaming shuffle buffer of a Hub dataset
 HUB_CHUNK_ROWS = 1024
-# How long a node's other ranks wait for local rank 0 to download and convert the Hub dataset (~3 GB of parquet
-# for the default one) or to build the token cache: longer than a process group's default timeout (10 min for
-# NCCL) on a slow link.
+# How long a node's other ranks wait for local rank 0 to download and convert the Hub dataset (~3 GB of
+# parquet for the default one) or to build the token cache: longer than a process group's default timeout
+# (10 min for NCCL) on a slow link.
 HUB_DOWNLOAD_TIMEOUT = timedelta(hours=2)
 
 
@@ -60,13 +60,13 @@ class _Chunk:
 
 
 def _rng(*key: int) -> np.random.Generator:
-    # Keys are tagged (1 for the file order, 2 for a file's documents, 3 for a Hub dataset's rows): SeedSequence
-    # gives [s, e] and [s, e, 0] the same stream, so bare variable-length keys could collide.
+    # Keys are tagged (1 for the file order, 2 for a file's documents, 3 for a Hub dataset's rows):
+    # SeedSequence gives [s, e] and [s, e, 0] the same stream, so bare variable-length keys could collide.
     return np.random.default_rng(list(key))
 
 
-# The epoch orders. Both the readers below and the token cache (cache.py) number an epoch's documents with these,
-# so that a lane's documents are the same ones whether they are read as text or as cached tokens.
+# The epoch orders. Both the readers below and the token cache (cache.py) number an epoch's documents with
+# these, so that a lane's documents are the same ones whether they are read as text or as cached tokens.
 
 
 def _file_order(files: int, epoch: int, seed: int | None):
@@ -152,7 +152,8 @@ def once_per_node(load):
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return load()
-    # A gloo group of its own: the default group's timeout is too short for a download, and NCCL needs tensors.
+    # A gloo group of its own: the default group's timeout is too short for a download, and NCCL needs
+    # tensors.
     group = dist.new_group(backend="gloo", timeout=HUB_DOWNLOAD_TIMEOUT)
     first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
     result, error, failure = None, None, None
@@ -215,8 +216,9 @@ def _hub_identity(name: str, split: str, revision: str, text_field: str, streami
 
 
 class _HubSource:
-    """A Hub dataset in the local `datasets` cache: every row by its index, so a rank reads only its own lanes'
-    rows and a resume starts at its resume point. The epoch order is a seeded permutation of all rows."""
+    """A Hub dataset in the local `datasets` cache: every row by its index, so a rank reads only its own
+    lanes' rows and a resume starts at its resume point. The epoch order is a seeded permutation of all
+    rows."""
 
     def __init__(self, dataset, name: str, split: str, revision: str, text_field: str):
         if text_field not in dataset.column_names:

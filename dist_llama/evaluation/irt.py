@@ -127,7 +127,8 @@ def load_irt_params(path: str | os.PathLike, expected_sha256: str | None = None)
 
 
 def fetch_official_params(cache_dir: Path | None = None) -> Path | None:
-    """Path of a sha256-verified copy of the official tinyBenchmarks.pkl (downloaded once), or None if unobtainable."""
+    """Path of a sha256-verified copy of the official tinyBenchmarks.pkl (downloaded once), or None if
+    unobtainable."""
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
     target = cache_dir / OFFICIAL_PARAMS_FILENAME
     if target.is_file():
@@ -217,7 +218,8 @@ def _balance_weights(n_items: int, subscenarios_position: dict) -> np.ndarray:
 
 
 def estimate(y: Sequence[float], params: dict, bench: str = IRT_BENCH) -> dict[str, float]:
-    """tinyBenchmarks' {'irt', 'pirt', 'gpirt'} for `bench` from anchor scores y (y[i] scores seen_examples[i])."""
+    """tinyBenchmarks' {'irt', 'pirt', 'gpirt'} for `bench` from anchor scores y (y[i] scores
+    seen_examples[i])."""
     if bench not in params:
         raise KeyError(f"bench {bench!r} not in the parameter file; available benches: {sorted(params)}")
     bench_params = params[bench]
@@ -309,7 +311,10 @@ def _irt_precheck(samples: list[dict], from_hub_task: bool) -> str | None:
             "to find them by"
         )
     if len(samples) < 100:
-        return f"IRT not computed: needs the 100 tinyMMLU anchor items; this run scored only {len(samples)} items"
+        return (
+            "IRT not computed: needs the 100 tinyMMLU anchor items; "
+            f"this run scored only {len(samples)} items"
+        )
     if from_hub_task and len(samples) != 100:
         return f"IRT not computed: tinyMMLU should have 100 items, this run scored {len(samples)}"
     return None
@@ -367,7 +372,8 @@ def irt_for_samples(
 def estimate_from_samples_file(
     path: str | os.PathLike, params: dict, metric: str = "acc_norm", bench: str = IRT_BENCH
 ) -> dict:
-    """{irt, pirt, gpirt} from a samples jsonl (ours or lm-eval's); raises EvaluationError for unusable items."""
+    """{irt, pirt, gpirt} from a samples jsonl (ours or lm-eval's); raises EvaluationError for unusable
+    items."""
     try:
         samples = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         if samples and all("tb_index" in s for s in samples):

@@ -24,7 +24,8 @@ def check_dtype(name: str) -> None:
 
 
 def torch_dtype_for(name: str, device: str, auto_means_saved: bool):
-    """The dtype to load with: `auto` is the saved dtype when auto_means_saved, else devices.resolve_dtype's."""
+    """The dtype to load with: `auto` is the saved dtype when auto_means_saved, else
+    devices.resolve_dtype's."""
     return "auto" if name == "auto" and auto_means_saved else resolve_dtype(name, device)
 
 

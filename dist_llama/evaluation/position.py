@@ -32,7 +32,8 @@ N_BUCKETS = 4
 
 
 def bucket_edges(seq_len: int, n_buckets: int = N_BUCKETS) -> list[tuple[int, int]]:
-    """[start, end) position ranges of n_buckets near-equal buckets (seq_len / n_buckets each when it divides)."""
+    """[start, end) position ranges of n_buckets near-equal buckets (seq_len / n_buckets each when it
+    divides)."""
     cuts = [round(i * seq_len / n_buckets) for i in range(n_buckets + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
 

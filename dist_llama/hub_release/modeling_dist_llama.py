@@ -27,7 +27,8 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 
 def attention_backend(requested: str | None, recorded: str) -> str:
-    """model.py's backend for a requested attn_implementation; None (nothing requested) keeps the release's."""
+    """model.py's backend for a requested attn_implementation; None (nothing requested) keeps the
+    release's."""
     if requested is None:
         return recorded
     if requested not in ATTENTION_BACKENDS:

@@ -1,4 +1,5 @@
-"""One stage's child process: run it with its log and time limit, stop its whole process group, say why it failed."""
+"""One stage's child process: run it with its log and time limit, stop its whole process group, say why it
+failed."""
 
 from __future__ import annotations
 

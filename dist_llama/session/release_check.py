@@ -33,7 +33,8 @@ def main(report_path, custom, device, prompts, generation, tolerance):
         finish(
             report,
             report_path,
-            "dist_llama is importable in the isolated process; the check would not prove the folder stands alone",
+            "dist_llama is importable in the isolated process; "
+            "the check would not prove the folder stands alone",
         )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -108,7 +109,8 @@ def main(report_path, custom, device, prompts, generation, tolerance):
         finish(
             report,
             report_path,
-            f"logits differ from stock LlamaForCausalLM by {worst:.3g} (> {tolerance:g} x max(1, {largest:.3g}))",
+            f"logits differ from stock LlamaForCausalLM by {worst:.3g} "
+            f"(> {tolerance:g} x max(1, {largest:.3g}))",
         )
     finish(report, report_path)
 
