@@ -3,15 +3,17 @@
 `StepBoundary.after(step)` returns a `Todo`:
 - validate: every train.eval_every steps and at the last step;
 - save: every checkpoint.every steps, at the last step, and before a stop;
-- plan: the time budget (`train.time_budget_s`) ends its measurement here. After warm-up steps it timed a few
-  steps; now one evaluation and one checkpoint are timed too (validate and save), and `StepBoundary.plan` sets
-  the step count that fits (`plan_steps`). The plan is kept in every later checkpoint, so a resume keeps it;
+- plan: the time budget (`train.time_budget_s`) ends its measurement here. After warm-up steps it timed a
+  few steps; now one evaluation and one checkpoint are timed too (validate and save), and
+  `StepBoundary.plan` sets the step count that fits (`plan_steps`). The plan is kept in every later
+  checkpoint, so a resume keeps it;
 - stop: a stop signal (`train.stop_signals`, e.g. Slurm's `--signal=USR1@120` before the time limit, or the
-  SIGTERM of a preemption; the handler only sets a flag) or the job's time limit (`train.time_limit_margin_s`,
-  read once from Slurm, so a missed signal still leaves time to save). `StopRequest.reason` is one collective:
-  every rank learns whether any rank asks to stop, so all of them write the same last checkpoint and stop.
-The run carries the Todo out (train.py). StepBoundary does no I/O and runs no model: its collectives come in as
-functions, so its rules are tested without processes.
+  SIGTERM of a preemption; the handler only sets a flag) or the job's time limit
+  (`train.time_limit_margin_s`, read once from Slurm, so a missed signal still leaves time to save).
+  `StopRequest.reason` is one collective: every rank learns whether any rank asks to stop, so all of them
+  write the same last checkpoint and stop.
+The run carries the Todo out (train.py). StepBoundary does no I/O and runs no model: its collectives come in
+as functions, so its rules are tested without processes.
 """
 
 from __future__ import annotations
@@ -88,8 +90,8 @@ class StepBoundary:
         )
 
     def plan(self, step: int, eval_s: float, checkpoint_s: float, is_main: bool) -> dict:
-        """Rank 0 plans from the measured costs; every rank takes its plan and checks it (so a budget too small
-        stops all of them). Returns the plan."""
+        """Rank 0 plans from the measured costs; every rank takes its plan and checks it (so a budget too
+        small stops all of them). Returns the plan."""
         step_s = self.budget.step_s(self.clock())
         made = (
             plan_steps(self.train, self.save_every, step, step_s, eval_s, checkpoint_s) if is_main else None
@@ -247,7 +249,8 @@ class StopRequest:
                     left,
                     train.time_limit_margin_s,
                 )
-        # Python takes signal handlers in the main thread only; a trainer run from another thread (a notebook's
+        # Python takes signal handlers in the main thread only; a trainer run from another thread (a
+        # notebook's
         # worker, say) stops on the time limit alone.
         handled = train.stop_signals if threading.current_thread() is threading.main_thread() else []
         request = cls(tuple(handled), end_time, env.device)
@@ -260,7 +263,8 @@ class StopRequest:
         self.received = signal.Signals(signum).name
 
     def reason(self) -> str | None:
-        """One collective: 'signal SIGUSR1' / 'time limit' if any rank asks to stop, the same on every rank."""
+        """One collective: 'signal SIGUSR1' / 'time limit' if any rank asks to stop, the same on every
+        rank."""
         local = 0
         if self.received:
             local = 1

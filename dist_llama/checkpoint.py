@@ -1,12 +1,11 @@
 """Sharded training checkpoints with torch.distributed.checkpoint (DCP).
 
-Layout of run_dir/checkpoints/step_00000100/: DCP's `.metadata` and `__R_0.distcp` shards (model and
-optimizer through the state-dict APIs, so wrapper prefixes never reach the files), and `meta.json`: a
-CheckpointMeta (step, tokens seen, the resolved config, the time budget's plan, the data-loader state of every
-lane, RNG states, and a sha256 of every file), versioned by its `format`. A checkpoint is written under `step_X.tmp` and renamed when complete, so an interrupted write is
-never picked; the checksums catch files damaged afterwards. DCP reshards on load: a checkpoint from N
-ranks resumes on M ranks.
-"""
+Layout of run_dir/checkpoints/step_00000100/: DCP's `.metadata` and `__R_0.distcp` shards (model and optimizer
+through the state-dict APIs, so wrapper prefixes never reach the files), and `meta.json`: a CheckpointMeta
+(step, tokens seen, the resolved config, the time budget's plan, the data-loader state of every lane, RNG
+states, and a sha256 of every file), versioned by its `format`. A checkpoint is written under `step_X.tmp` and
+renamed when complete, so an interrupted write is never picked; the checksums catch files damaged afterwards.
+DCP reshards on load: a checkpoint from N ranks resumes on M ranks."""
 
 from __future__ import annotations
 
@@ -38,9 +37,9 @@ log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
 PREFIX = "step_"
-# The shape of meta.json. 0: written before it was versioned (the same fields, no `format`), read as 1.
-# A change of its fields raises this, and CheckpointMeta.from_json learns to read the older shape.
-META_FORMAT = 1
+# The shape of meta.json. 0: written before it was versioned (the same fields as 1, no `format`). A change of
+# its fields raises this, and CheckpointMeta.from_json learns to read the older shapes.
+META_FORMAT = 2  # 2: fp16's loss scaler and overflow count; 1 read as 2 without them
 
 
 class CheckpointError(RuntimeError):
@@ -49,13 +48,17 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class CheckpointMeta:
-    """What meta.json holds beside the DCP shards. The trainer fills the run's part; Checkpointer.save adds the
-    data lanes, RNG states, world size and file checksums, which every rank contributes."""
+    """What meta.json holds beside the DCP shards. The trainer fills the run's part; Checkpointer.save adds
+    the data lanes, RNG states, world size and file checksums, which every rank contributes."""
 
     step: int
     tokens_seen: int
     config: dict  # the resolved run config (config.to_dict)
     bad_steps: int = 0
+    overflow_steps: int = 0  # fp16 steps skipped for an overflow
+    loss_scaler: dict | None = (
+        None  # fp16's loss scaler state (scale, growth count), so a resume continues it
+    )
     final_loss: float | None = None  # the last logged training loss
     val_loss: float | None = None
     budget_plan: dict | None = None  # the time budget's plan, kept by a resume
@@ -248,7 +251,8 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def find_resume(self, resume: str) -> Path | None:
-        """The checkpoint to resume from: `none`, `auto` (latest intact, falling back past damaged ones), or a path."""
+        """The checkpoint to resume from: `none`, `auto` (latest intact, falling back past damaged ones), or a
+        path."""
         if resume == "none":
             return None
         if resume != "auto":

@@ -113,9 +113,8 @@ class DataConfig(Section):
     paths: list[str] = setting(factory=list)  # globs of .jsonl, .jsonl.zst, .parquet, .txt files
     hub_dataset: str = setting("ashaba1in/small_openwebtext")
     hub_split: str = setting("train")
-    hub_revision: str | None = setting(
-        None
-    )  # a commit or tag of the Hub dataset; recorded in every checkpoint
+    # a commit or tag of the Hub dataset; recorded in every checkpoint
+    hub_revision: str | None = setting(None)
     # Stream instead of the cached, memory-mapped download (datasets too large for the disk).
     hub_streaming: bool = setting(False)
     text_field: str = setting("text")
@@ -127,7 +126,8 @@ class DataConfig(Section):
     seq_len: int = setting(128, positive=True)
     shuffle: bool = setting(True)
     prefetch_steps: int = setting(4, resumable=True)  # batches tokenized ahead by the background thread
-    # A folder of pre-tokenized documents (python -m dist_llama.data.prepare), built on first use by each node's
+    # A folder of pre-tokenized documents (python -m dist_llama.data.prepare), built on first use by each
+    # node's
     # local rank 0 when missing; null: tokenize on the fly. The batches are the same either way.
     token_cache: str | None = setting(None, resumable=True)
 
@@ -153,20 +153,17 @@ class OptimConfig(Section):
     betas: list[float] = setting(factory=lambda: [0.9, 0.95])
     eps: float = setting(1e-8)
     weight_decay: float = setting(0.1, non_negative=True)
-    grad_clip: float | None = setting(
-        1.0, non_negative=True
-    )  # max global gradient norm; 0 or null: no clipping
+    # max global gradient norm; 0 or null: no clipping
+    grad_clip: float | None = setting(1.0, non_negative=True)
     # adamw | muon (Muon for the hidden matrices, AdamW for embeddings, head and norm gains)
     name: str = setting("adamw", choices=("adamw", "muon"))
     # cosine | wsd (warmup, stable at lr, then decay over the last decay_fraction)
     schedule: str = setting("cosine", choices=("cosine", "wsd"))
     decay_fraction: float = setting(0.3, interval="(0, 1]")  # wsd: share of the steps spent decaying
-    decay_shape: str = setting(
-        "linear", choices=("linear", "sqrt")
-    )  # wsd: linear | 1 - sqrt (Hägele et al. 2024)
-    muon_lr: float = setting(
-        0.02, positive=True
-    )  # muon: rate of the hidden matrices (lr is the AdamW groups')
+    # wsd: linear | 1 - sqrt (Hägele et al. 2024)
+    decay_shape: str = setting("linear", choices=("linear", "sqrt"))
+    # muon: rate of the hidden matrices (lr is the AdamW groups')
+    muon_lr: float = setting(0.02, positive=True)
     muon_momentum: float = setting(0.95)
     # muon: decoupled, scaled by muon_lr (so 0.1 here is far stronger than AdamW's 0.1)
     muon_weight_decay: float = setting(0.0, non_negative=True)
@@ -190,7 +187,8 @@ class TrainConfig(Section):
     steps: int = setting(150, positive=True, resumable=True)
     # The global batch in tokens; gradient accumulation follows from it.
     tokens_per_step: int = setting(2048, positive=True)
-    # Sequences per forward pass per rank: a memory limit (the largest divisor of the rank's rows up to it is used).
+    # Sequences per forward pass per rank: a memory limit (the largest divisor of the rank's rows up to it is
+    # used).
     micro_batch_size: int = setting(16, positive=True, resumable=True)
     eval_every: int = setting(50, positive=True, resumable=True)
     eval_batches: int = setting(2, positive=True, resumable=True)
@@ -232,9 +230,8 @@ class CheckpointConfig(Section):
     every: int = setting(50, positive=True)
     keep_last: int = setting(2, positive=True)
     resume: str = setting("auto")  # auto (the latest complete checkpoint of the run) | none | PATH
-    allow_changes: list[str] = setting(
-        factory=list
-    )  # keys that may differ from the checkpoint's recipe on resume
+    # keys that may differ from the checkpoint's recipe on resume
+    allow_changes: list[str] = setting(factory=list)
 
 
 @dataclass(frozen=True)
@@ -251,13 +248,16 @@ class ParallelConfig(Section):
     NAME: ClassVar[str] = "parallel"
     # none | full | selective (every other block)
     activation_checkpointing: str = setting("none", choices=("none", "full", "selective"), resumable=True)
-    mixed_precision: str = setting(
-        "auto", choices=("auto", "bf16", "fp32")
-    )  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 on a GPU of compute capability >= 8.0, fp16 (with loss scaling) on an older one, fp32 on a
+    # CPU
+    mixed_precision: str = setting("auto", choices=("auto", "bf16", "fp16", "fp32"))
+    # fp16: the dynamic loss scale's start (torch's default), and the floor below which the run stops (the
+    # gradients overflow even unscaled)
+    initial_loss_scale: float = setting(65536.0, positive=True, resumable=True)
+    min_loss_scale: float = setting(1.0, positive=True, resumable=True)
     compile: bool = setting(False, resumable=True)
-    backend: str = setting(
-        "auto", choices=("auto", "nccl", "gloo"), resumable=True
-    )  # auto: nccl on CUDA, gloo on CPU
+    # auto: nccl on CUDA, gloo on CPU
+    backend: str = setting("auto", choices=("auto", "nccl", "gloo"), resumable=True)
     # Collectives until the first step ends (loading, compile, checkpoint reads), then after it: a rank that
     # waits longer for another stops the run.
     init_timeout_s: float = setting(600.0, positive=True, resumable=True)
@@ -271,9 +271,8 @@ class EvalConfig(Section):
     mmlu_data: str | None = setting(None)  # local tinyMMLU-format jsonl; null: lm-eval's tinyMMLU task (Hub)
     limit: int | None = setting(None)
     batch_size: int = setting(4)
-    irt_params: str | None = setting(
-        None
-    )  # tinyBenchmarks parameter file; null: the official one, if reachable
+    # tinyBenchmarks parameter file; null: the official one, if reachable
+    irt_params: str | None = setting(None)
     ppl_data: str | None = setting(None)  # held-out jsonl for loss by position
     ppl_docs: int = setting(32)  # documents of at least seq_len + 1 tokens, one window from the start of each
 
@@ -439,7 +438,8 @@ def from_dict(values: dict) -> Config:
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
-    """'--train.steps=10' -> (['train', 'steps'], 10); values are parsed as YAML (ints, floats, bools, lists, null)."""
+    """'--train.steps=10' -> (['train', 'steps'], 10); values are parsed as YAML (ints, floats, bools, lists,
+    null)."""
     if not text.startswith("--") or "=" not in text:
         raise ConfigError(f"override {text!r} must look like --section.key=value")
     key, raw = text[2:].split("=", 1)

@@ -46,21 +46,51 @@ PEAK_BF16_FLOPS: dict[tuple[str, ...], float] = {
 }
 
 
-def peak_bf16_flops(device_name: str) -> float | None:
-    """Dense bf16 peak of a GPU by its CUDA name; the most specific matching entry wins (H100 PCIe, not
-    H100). Names are compared word by word, so GH200 is not taken for H200. None for an unknown card."""
+# Dense fp16 peak FLOP/s of the cards without bf16 (compute capability < 8.0), where `auto` trains in fp16:
+#   Tesla T4 65 (tensor cores; T4 datasheet); V100 SXM2 125, V100 PCIe 112, V100S PCIe 130 (tensor cores; V100
+#   datasheet); P100 SXM2 21.2, P100 PCIe 18.7 (no tensor cores: its fp16 units; P100 datasheet).
+# CUDA names: "Tesla T4", "Tesla V100-SXM2-16GB", "Tesla V100-PCIE-32GB", "Tesla V100S-PCIE-32GB",
+# "Tesla P100-PCIE-16GB", "Tesla P100-SXM2-16GB".
+PEAK_FP16_FLOPS: dict[tuple[str, ...], float] = {
+    ("T4",): 65e12,
+    ("V100",): 125e12,  # SXM2, the usual cloud and cluster part
+    ("V100", "SXM2"): 125e12,
+    ("V100", "PCIE"): 112e12,
+    ("V100S",): 130e12,
+    ("P100",): 18.7e12,
+    ("P100", "PCIE"): 18.7e12,
+    ("P100", "SXM2"): 21.2e12,
+}
+
+
+def _by_name(table: dict[tuple[str, ...], float], device_name: str) -> float | None:
+    """The most specific matching entry wins (H100 PCIe, not H100). Names are compared word by word, so
+    GH200 is not taken for H200. None for an unknown card."""
     words = set(device_name.upper().replace("-", " ").split())
-    matches = [key for key in PEAK_BF16_FLOPS if words.issuperset(key)]
-    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
+    matches = [key for key in table if words.issuperset(key)]
+    return table[max(matches, key=len)] if matches else None
 
 
-def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    """Peak FLOP/s for MFU; None on CPU or an unknown GPU (MFU is then left out)."""
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU by its CUDA name."""
+    return _by_name(PEAK_BF16_FLOPS, device_name)
+
+
+def peak_fp16_flops(device_name: str) -> float | None:
+    """Dense fp16 peak of a GPU by its CUDA name: the pre-Ampere cards' own, else the bf16 peak (equal on the
+    cards that have both)."""
+    return _by_name(PEAK_FP16_FLOPS, device_name) or peak_bf16_flops(device_name)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None, precision: str = "bf16") -> float | None:
+    """Peak FLOP/s for MFU, of the precision training computes in (fp32 runs are measured against the bf16
+    peak, what the card could do); None on CPU or an unknown GPU (MFU is then left out)."""
     if override_tflops is not None:
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    return peak_bf16_flops(torch.cuda.get_device_name(device))
+    name = torch.cuda.get_device_name(device)
+    return peak_fp16_flops(name) if precision == "fp16" else peak_bf16_flops(name)
 
 
 def memory_gib(device: torch.device) -> float:
@@ -176,8 +206,8 @@ class DataWait:
             self.seconds += time.perf_counter() - start
 
     def take(self, elapsed_s: float) -> dict:
-        """The train record's fields for a window of `elapsed_s` seconds of steps: data_wait_s, and data_wait, the
-        share of the window it was."""
+        """The train record's fields for a window of `elapsed_s` seconds of steps: data_wait_s, and data_wait,
+        the share of the window it was."""
         fields = {
             "data_wait_s": self.seconds,
             "data_wait": self.seconds / elapsed_s if elapsed_s > 0 else 0.0,
@@ -223,7 +253,8 @@ class MetricsLogger:
             self._warn_data_wait(record)
 
     def _warn_data_wait(self, record: dict) -> None:
-        # The first window holds the start-up (the first batches, files opened): steady waiting counts from the second.
+        # The first window holds the start-up (the first batches, files opened): steady waiting counts from
+        # the second.
         share = record.get("data_wait")
         if share is None or self.warned_data_wait or self.train_records < 2 or share <= DATA_WAIT_WARNING:
             return
@@ -256,6 +287,8 @@ class MetricsLogger:
         ]
         if "mfu" in record:
             parts.append(f"MFU {100 * record['mfu']:.1f}%")
+        if "loss_scale" in record:
+            parts.append(f"loss scale {record['loss_scale']:g}")
         if "data_wait" in record:
             parts.append(f"data_wait {100 * record['data_wait']:.1f}%")
         parts.append(f"mem {record['memory_gib']:.2f}GiB")

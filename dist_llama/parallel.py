@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,9 +17,10 @@ import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from dist_llama.config import ConfigError, ParallelConfig
-from dist_llama.devices import resolve_dtype
+from dist_llama.devices import DTYPES, auto_precision
 from dist_llama.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -118,8 +120,9 @@ def set_step_timeout(seconds: float) -> None:
 
 class CollectiveTimeouts:
     """How long a collective waits for the other ranks: parallel.init_timeout_s until the first step is done
-    (loading, compile, checkpoint reads), then parallel.timeout_s. After the first step a collective that waits
-    longer than a step ever should means a hung rank (torchtitan does the same with its train timeout)."""
+    (loading, compile, checkpoint reads), then parallel.timeout_s. After the first step a collective that
+    waits longer than a step ever should means a hung rank (torchtitan does the same with its train
+    timeout)."""
 
     def __init__(self, parallel: ParallelConfig):
         self.key, self.seconds = "parallel.init_timeout_s", parallel.init_timeout_s
@@ -134,8 +137,10 @@ class CollectiveTimeouts:
         if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
             return None
         return CollectiveTimeout(
-            f"step {step}: a collective waited more than {self.key}={self.seconds:g} s for another rank, which is "
-            f"hung, stopped or far slower; every rank stops so that torchrun or Slurm can restart the job. If steps "
+            f"step {step}: a collective waited more than {self.key}={self.seconds:g} s for another rank, "
+            "which is "
+            "hung, stopped or far slower; every rank stops so that torchrun or Slurm can restart the job. "
+            "If steps "
             f"(or checkpoints) really take this long, raise --{self.key}"
         )
 
@@ -145,8 +150,27 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def compute_dtype(parallel: ParallelConfig, device: torch.device) -> torch.dtype:
-    return resolve_dtype(parallel.mixed_precision, device)
+def training_precision(parallel: ParallelConfig, device: torch.device) -> tuple[str, str]:
+    """(precision, why): parallel.mixed_precision, with `auto` resolved for the device
+    (devices.auto_precision)."""
+    if parallel.mixed_precision == "auto":
+        return auto_precision(device)
+    return parallel.mixed_precision, "set by parallel.mixed_precision"
+
+
+def loss_scaler(precision: str, device: torch.device, initial_scale: float) -> ShardedGradScaler | None:
+    """fp16's dynamic loss scaling (None for other precisions). fp16 holds numbers up to 65504 and down to
+    6e-8: the loss is multiplied by the scale before backward, so small gradients do not underflow to zero,
+    and the gradients divided by it before clipping and the update. A step whose scaled gradients overflow
+    is skipped and the scale halved; 2000 steps without one double it. ShardedGradScaler agrees on an
+    overflow across the ranks, so every rank skips the same steps and keeps the same scale."""
+    if precision != "fp16":
+        return None
+    # Its found-inf flag meets FSDP2's DTensor gradients as a one-element tensor, which DTensor replicates
+    # with
+    # a warning on every run; the replication is what the scaler needs.
+    warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1", category=UserWarning)
+    return ShardedGradScaler(device=device.type, init_scale=initial_scale)
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
@@ -171,8 +195,10 @@ def parallelize(model: Transformer, parallel: ParallelConfig, env: DistEnv) -> T
         for block in model.model.layers:
             block.compile()  # in place: parameter names stay those of transformers' Llama
     mesh = init_device_mesh(env.device.type, (env.world_size,))
-    # Parameters stay fp32 (the optimizer's master copy); bf16 only for compute, fp32 for gradient reduction.
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype(parallel, env.device), reduce_dtype=torch.float32)
+    # Parameters stay fp32 (the optimizer's master copy); 16 bits only for compute, fp32 for gradient
+    # reduction.
+    precision, _ = training_precision(parallel, env.device)
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

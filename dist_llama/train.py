@@ -1,4 +1,6 @@
-"""The training entry point: `torchrun --nproc_per_node=N -m dist_llama.train --config configs/X.yaml [--section.key=value]`.
+"""The training entry point:
+
+    torchrun --nproc_per_node=N -m dist_llama.train --config configs/X.yaml [--section.key=value]
 
 `python -m dist_llama.train` runs the same code on one process (a GPU if visible, else the CPU).
 
@@ -7,8 +9,9 @@ Read it top-down:
                      the loggers and the process group
     training_loop    one step, its log line, then what the step boundary decides (boundary.py): validate,
                      save, plan the time budget, stop
-    Run              what a run is made of (model, optimizer, data, validation batches, checkpointer, metrics
-                     logger, progress), built or resumed by Run.start, with its own train_step, validate and save
+    Run              what a run is made of (model, optimizer, data, validation batches, checkpointer,
+                     metrics logger, progress, fp16's loss scaler), built or resumed by Run.start, with its
+                     own train_step, validate and save
     train_step       one optimizer step over the rank's rows: forward_backward per micro-batch, clip, step
     BatchLayout      how the global batch splits over ranks and micro-batches
 """
@@ -21,6 +24,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -48,6 +52,7 @@ from dist_llama.config import (
     to_dict,
 )
 from dist_llama.data import PackedBatches, merge_states, validation_batches
+from dist_llama.memory import GIB, MemoryEstimate, check_memory_fits
 from dist_llama.metrics import (
     DataWait,
     MetricsLogger,
@@ -63,11 +68,14 @@ from dist_llama.parallel import (
     CollectiveTimeout,
     CollectiveTimeouts,
     DistEnv,
+    ShardedGradScaler,
     all_reduce_sum,
     broadcast_object,
     init_distributed,
+    loss_scaler,
     parallelize,
     shutdown_distributed,
+    training_precision,
 )
 from dist_llama.tokenizer import check_tokenizer, load_tokenizer
 
@@ -103,7 +111,8 @@ class BatchLayout:
         global_rows = train.tokens_per_step // seq_len
         if global_rows % world_size:
             raise ConfigError(
-                f"train.tokens_per_step={train.tokens_per_step} is {global_rows} sequences of data.seq_len={seq_len}, "
+                f"train.tokens_per_step={train.tokens_per_step} is {global_rows} sequences of "
+                f"data.seq_len={seq_len}, "
                 f"which do not divide over world_size={world_size} ranks; make tokens_per_step a multiple of "
                 f"{world_size * seq_len} or use a world size that divides {global_rows}"
             )
@@ -115,7 +124,8 @@ class BatchLayout:
 
     def out_of_memory_hint(self) -> str:
         return (
-            f"out of GPU memory with micro-batches of {self.micro_batch_size} at seq_len {self.seq_len}: lower "
+            f"out of GPU memory with micro-batches of {self.micro_batch_size} at seq_len {self.seq_len}: "
+            "lower "
             "--train.micro_batch_size (gradient accumulation keeps the global batch) or set "
             "--parallel.activation_checkpointing=full"
         )
@@ -123,8 +133,9 @@ class BatchLayout:
 
 @contextmanager
 def step_guard(step: int, layout: BatchLayout, timeouts: CollectiveTimeouts):
-    """Around a step and its boundary: running out of GPU memory names the settings that help, and a collective
-    that gave up waiting names the step and the timeout to raise. Both in one line, without a traceback."""
+    """Around a step and its boundary: running out of GPU memory names the settings that help, and a
+    collective that gave up waiting names the step and the timeout to raise. Both in one line, without a
+    traceback."""
     try:
         yield
     except torch.OutOfMemoryError as error:
@@ -136,12 +147,27 @@ def step_guard(step: int, layout: BatchLayout, timeouts: CollectiveTimeouts):
         raise timeout from error
 
 
-def forward_backward(model, inputs, labels, tokens_per_rank: int, loss_chunk_tokens: int) -> torch.Tensor:
-    """Backward of this micro-batch's summed loss over the rank's tokens; FSDP's gradient average
-    over ranks then gives the mean over every token of the global batch. Returns the summed loss."""
+def forward_backward(
+    model,
+    inputs,
+    labels,
+    tokens_per_rank: int,
+    loss_chunk_tokens: int,
+    scaler: ShardedGradScaler | None = None,
+) -> torch.Tensor:
+    """Backward of this micro-batch's summed loss over the rank's tokens (times the fp16 loss scale, if any);
+    FSDP's gradient average over ranks then gives the mean over every token of the global batch. Returns the
+    summed loss."""
     loss_sum = model(inputs, labels=labels, loss_chunk_tokens=loss_chunk_tokens)
-    (loss_sum / tokens_per_rank).backward()
+    loss = loss_sum / tokens_per_rank
+    (scaler.scale(loss) if scaler is not None else loss).backward()
     return loss_sum.detach()
+
+
+class StepResult(NamedTuple):
+    loss: float  # mean over the global batch
+    grad_norm: float  # before clipping (and after unscaling)
+    overflow: bool = False  # fp16: the scaled gradients overflowed; the update was skipped, the scale halved
 
 
 def train_step(
@@ -153,26 +179,37 @@ def train_step(
     grad_clip: float | None,
     loss_chunk_tokens: int,
     device,
-) -> tuple[float, float]:
-    """One optimizer step over this rank's rows; returns (mean loss over the global batch, pre-clip grad norm).
-    A step whose loss or gradient norm is not finite is not applied."""
+    scaler: ShardedGradScaler | None = None,
+) -> StepResult:
+    """One optimizer step over this rank's rows. A step whose loss or gradient norm is not finite is not
+    applied; with fp16's loss scaler (parallel.loss_scaler) that is an overflow, and the scale is lowered."""
     inputs, labels = (t.to(device, non_blocking=True) for t in batch)
     tokens_per_rank = layout.rows_per_rank * layout.seq_len
     loss_sum = torch.zeros((), device=device)
     for micro in range(layout.accumulation_steps):
         rows = slice(micro * layout.micro_batch_size, (micro + 1) * layout.micro_batch_size)
-        loss_sum += forward_backward(model, inputs[rows], labels[rows], tokens_per_rank, loss_chunk_tokens)
+        loss_sum += forward_backward(
+            model, inputs[rows], labels[rows], tokens_per_rank, loss_chunk_tokens, scaler
+        )
+    if scaler is not None:  # clipping and the logged norm see the true gradients
+        for each in optimizer:
+            scaler.unscale_(each)
     # grad_clip 0 or null: no clipping. An infinite limit still measures the norm and scales by exactly 1.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
     loss = all_reduce_sum(loss_sum).item() / layout.tokens_per_step
     grad_norm = grad_norm.item()
-    if math.isfinite(loss) and math.isfinite(grad_norm):
+    if math.isfinite(loss) and math.isfinite(grad_norm):  # the norm covers every rank's gradients
         set_learning_rates(optimizer, lr_scale)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+    overflow = False
+    if scaler is not None:  # lowered after an overflow (which unscale_ recorded), raised after a long calm
+        scale = scaler.get_scale()
+        scaler.update()
+        overflow = scaler.get_scale() < scale
+    return StepResult(loss, grad_norm, overflow)
 
 
 @torch.no_grad()
@@ -197,6 +234,7 @@ class Progress:
     step: int = 0
     tokens_seen: int = 0
     bad_steps: int = 0
+    overflow_steps: int = 0  # fp16 steps skipped because the scaled gradients overflowed
     loss: float | None = None  # the last logged training loss
     val_loss: float | None = None
 
@@ -214,6 +252,11 @@ class Run:
     val_batches: list
     checkpointer: Checkpointer
     logger: MetricsLogger
+    precision: str = "fp32"  # what the model computes in (parallel.mixed_precision, auto resolved)
+    scaler: ShardedGradScaler | None = None  # fp16's loss scaler
+    memory_estimate: MemoryEstimate | None = (
+        None  # on a GPU: the step's estimated peak, checked against the card
+    )
     progress: Progress = field(default_factory=Progress)
     budget_plan: dict | None = (
         None  # the time budget's plan, once made (or as the resumed checkpoint kept it)
@@ -224,31 +267,25 @@ class Run:
     @classmethod
     def start(cls, config: Config, env: DistEnv) -> Run:
         layout = BatchLayout.of(config.train, config.data.seq_len, env.world_size)
+        precision, why = training_precision(config.parallel, env.device)
+        log.info("precision: %s (%s)", precision, why)
+        estimate = check_gpu_memory(config, layout, precision, env)
         checkpointer = Checkpointer(config.run_dir / "checkpoints", config.checkpoint.keep_last, env.is_main)
         resume_from = checkpointer.find_resume(config.checkpoint.resume)
         changes = recipe_history(config, resume_from)  # before anything is written: a refusal changes nothing
         if env.is_main:
-            config.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, config.run_dir / "config.yaml")
-            environment = environment_record(env.device, env.world_size)
-            (config.run_dir / "environment.json").write_text(json.dumps(environment, indent=1))
+            write_run_files(config, env, {"name": precision, "why": why})
         tokenizer = load_tokenizer(config.data.tokenizer)
         check_tokenizer(tokenizer, config.model.vocab_size)
         model, optimizer = build_model(config, env)
         log_shapes(config, layout, env)
-        data = PackedBatches(
-            config.data,
-            tokenizer,
-            global_rows=layout.global_rows,
-            rank=env.rank,
-            world_size=env.world_size,
-            seed=config.train.seed,
-        )
+        lanes = dict(global_rows=layout.global_rows, rank=env.rank, world_size=env.world_size)
+        data = PackedBatches(config.data, tokenizer, seed=config.train.seed, **lanes)
         val_batches = validation_batches(
             config.data,
             tokenizer,
-            rows=layout.global_rows,
             n_batches=config.train.eval_batches,
+            rows=layout.global_rows,
             rank=env.rank,
             world_size=env.world_size,
         )
@@ -269,6 +306,9 @@ class Run:
             val_batches,
             checkpointer,
             logger,
+            precision=precision,
+            scaler=loss_scaler(precision, env.device, config.parallel.initial_loss_scale),
+            memory_estimate=estimate,
             recipe_changes=changes,
         )
         if resume_from is not None:
@@ -279,8 +319,15 @@ class Run:
 
     def resume(self, checkpoint) -> None:
         meta = self.checkpointer.load(checkpoint, self.model, self.optimizer)
-        self.progress = Progress(step=meta.step, tokens_seen=meta.tokens_seen, bad_steps=meta.bad_steps)
+        self.progress = Progress(
+            step=meta.step,
+            tokens_seen=meta.tokens_seen,
+            bad_steps=meta.bad_steps,
+            overflow_steps=meta.overflow_steps,
+        )
         self.data.load_state_dict(merge_states(meta.data_lanes))
+        if self.scaler is not None and meta.loss_scaler is not None:  # the same scale, and its growth count
+            self.scaler.load_state_dict(meta.loss_scaler)
         if self.config.train.time_budget_s is not None:  # the schedule planned before stays the schedule
             self.budget_plan, self.planned_steps = meta.budget_plan, meta.planned_steps
         log.info("resumed from %s at step %d (%d tokens seen)", checkpoint, meta.step, meta.tokens_seen)
@@ -293,9 +340,10 @@ class Run:
             "initialised weights from %s (data stream: %s)", checkpoint, self.config.train.init_data_stream
         )
 
-    def train_step(self, batch, lr_scale: float) -> tuple[float, float]:
-        """One optimizer step; counts it, and a non-finite one (skipped) against train.max_bad_steps."""
-        loss, grad_norm = train_step(
+    def train_step(self, batch, lr_scale: float) -> StepResult:
+        """One optimizer step; counts it, an fp16 overflow (skipped, the scale lowered), and a non-finite step
+        (skipped) against train.max_bad_steps."""
+        result = train_step(
             self.model,
             self.optimizer,
             batch,
@@ -304,29 +352,54 @@ class Run:
             self.config.optim.grad_clip,
             self.config.train.loss_chunk_tokens,
             self.env.device,
+            self.scaler,
         )
         self.progress.step += 1
         self.progress.tokens_seen += self.layout.tokens_per_step
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.progress.bad_steps += 1
-            log.warning(
-                "step %d: non-finite loss %s or grad norm %s; update skipped",
-                self.progress.step,
-                loss,
-                grad_norm,
+        if result.overflow:
+            self.progress.overflow_steps += 1
+            self.check_loss_scale()
+        elif not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+            self.count_bad_step(result)
+        return result
+
+    def check_loss_scale(self) -> None:
+        scale, floor = self.scaler.get_scale(), self.config.parallel.min_loss_scale
+        log.info(
+            "step %d: fp16 gradients overflowed; update skipped, loss scale now %g (%d overflow steps)",
+            self.progress.step,
+            scale,
+            self.progress.overflow_steps,
+        )
+        if scale < floor:
+            raise NonFiniteError(
+                f"step {self.progress.step}: the fp16 loss scale fell to {scale:g}, below "
+                "parallel.min_loss_scale="
+                f"{floor:g}: the gradients overflow even unscaled ({self.progress.overflow_steps} overflow "
+                "steps). "
+                "Lower optim.lr, use --parallel.mixed_precision=fp32 (or bf16 on a GPU that has it), or "
+                "resume "
+                "from an earlier checkpoint"
             )
-            if self.progress.bad_steps > self.config.train.max_bad_steps:
-                raise NonFiniteError(
-                    f"step {self.progress.step}: non-finite loss or gradient norm (loss={loss}, "
-                    f"grad_norm={grad_norm}); {self.progress.bad_steps} bad steps > "
-                    f"train.max_bad_steps={self.config.train.max_bad_steps}. Lower optim.lr, "
-                    "raise optim.warmup_steps, or resume from an earlier checkpoint"
-                )
-        return loss, grad_norm
+
+    def count_bad_step(self, result: StepResult) -> None:
+        step, train = self.progress.step, self.config.train
+        self.progress.bad_steps += 1
+        log.warning(
+            "step %d: non-finite loss %s or grad norm %s; update skipped", step, result.loss, result.grad_norm
+        )
+        if self.progress.bad_steps > train.max_bad_steps:
+            raise NonFiniteError(
+                f"step {step}: non-finite loss or gradient norm (loss={result.loss}, "
+                f"grad_norm={result.grad_norm}); "
+                f"{self.progress.bad_steps} bad steps > train.max_bad_steps={train.max_bad_steps}. Lower "
+                "optim.lr, "
+                "raise optim.warmup_steps, or resume from an earlier checkpoint"
+            )
 
     def validate(self, warm_up: bool = False) -> None:
-        """The validation loss, logged. warm_up: one batch, not logged (a compiled model compiles its evaluation
-        graphs there, before the time budget times an evaluation)."""
+        """The validation loss, logged. warm_up: one batch, not logged (a compiled model compiles its
+        evaluation graphs there, before the time budget times an evaluation)."""
         batches = self.val_batches[:1] if warm_up else self.val_batches
         loss = validation_loss(
             self.model,
@@ -353,18 +426,19 @@ class Run:
             tokens_seen=progress.tokens_seen,
             config=to_dict(self.config),
             bad_steps=progress.bad_steps,
+            overflow_steps=progress.overflow_steps,
             final_loss=progress.loss,
             val_loss=progress.val_loss,
             budget_plan=self.budget_plan,
             planned_steps=self.planned_steps,
             recipe_changes=self.recipe_changes,
+            loss_scaler=self.scaler.state_dict() if self.scaler is not None else None,
         )
         self.checkpointer.save(self.model, self.optimizer, self.data.state_dict(), meta)
 
     def log_train(
         self,
-        loss: float,
-        grad_norm: float,
+        result: StepResult,
         lr_scale: float,
         throughput: Throughput,
         data_wait: DataWait,
@@ -373,14 +447,15 @@ class Run:
         start_step: int,
     ) -> dict:
         tokens_per_s, elapsed = throughput.take()
-        self.progress.loss = loss
+        self.progress.loss = result.loss
+        optim = self.config.optim
         record = {
             "kind": "train",
             "step": self.progress.step,
             "tokens_seen": self.progress.tokens_seen,
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": self.config.optim.lr * lr_scale,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "lr": optim.lr * lr_scale,
             "tokens_in_batch": self.layout.tokens_per_step,
             "tokens_per_s": tokens_per_s,
             "epoch": self.data.epoch,
@@ -389,19 +464,68 @@ class Run:
             "time_s": time.perf_counter() - self.logger.start,
             **data_wait.take(elapsed),
         }
-        if self.config.optim.name == "muon":
-            record["muon_lr"] = self.config.optim.muon_lr * lr_scale
+        if optim.name == "muon":
+            record["muon_lr"] = optim.muon_lr * lr_scale
+        if self.scaler is not None:
+            record.update(loss_scale=self.scaler.get_scale(), overflow_steps=self.progress.overflow_steps)
         self.logger.log(record, start_step)
         return record
+
+    def log_started(self) -> None:
+        """After the first step: how long start-up, data and compile took, and the peak memory beside its
+        estimate (memory.py), so the estimate can be checked on every card."""
+        record = {"kind": "started", "step": self.progress.step, "time_s": process_age_s()}
+        if self.memory_estimate is not None:
+            record.update(
+                memory_gib=memory_gib(self.env.device), memory_estimate_gib=self.memory_estimate.total / GIB
+            )
+            log.info(
+                "peak memory after the first step: %.2f GiB measured, %s estimated",
+                record["memory_gib"],
+                self.memory_estimate.describe(),
+            )
+        self.logger.log(record)
 
     def close(self) -> None:
         self.data.close()
         self.logger.close()
 
 
+def check_gpu_memory(
+    config: Config, layout: BatchLayout, precision: str, env: DistEnv
+) -> MemoryEstimate | None:
+    """On a GPU, the step's estimated peak memory; a step that will not fit the card stops here in one
+    line."""
+    if env.device.type != "cuda":
+        return None
+    capacity = torch.cuda.get_device_properties(env.device).total_memory
+    estimate = check_memory_fits(
+        config.model,
+        capacity,
+        micro_batch=layout.micro_batch_size,
+        rows_per_rank=layout.rows_per_rank,
+        checkpointing=config.parallel.activation_checkpointing,
+        precision=precision,
+        optimizer=config.optim.name,
+        seq_len=layout.seq_len,
+        world_size=env.world_size,
+        loss_chunk_tokens=config.train.loss_chunk_tokens,
+    )
+    log.info("memory estimate per GPU: %s of %.1f GiB", estimate.describe(), capacity / GIB)
+    return estimate
+
+
+def write_run_files(config: Config, env: DistEnv, precision: dict) -> None:
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, config.run_dir / "config.yaml")
+    environment = {**environment_record(env.device, env.world_size), "precision": precision}
+    (config.run_dir / "environment.json").write_text(json.dumps(environment, indent=1))
+
+
 def recipe_history(config: Config, checkpoint) -> list[dict]:
     """Resuming with a changed recipe would leave weights that config.yaml no longer describes: stop, unless
-    every changed key is in checkpoint.allow_changes. Returns every change on purpose so far, for the record."""
+    every changed key is in checkpoint.allow_changes. Returns every change on purpose so far, for the
+    record."""
     if checkpoint is None:
         return []
     saved = read_meta(checkpoint)
@@ -489,7 +613,8 @@ def stop_early(run: Run, reason: str, total_steps: int) -> None:
 
 
 def training_loop(run: Run, stop: StopRequest) -> dict:
-    """Step, log, then the boundary's decision, until the last step or a stop. Returns the last train record."""
+    """Step, log, then the boundary's decision, until the last step or a stop. Returns the last train
+    record."""
     config, clock = run.config, TrainingClock(run.env.device)
     boundary = StepBoundary(
         config.train,
@@ -504,7 +629,7 @@ def training_loop(run: Run, stop: StopRequest) -> dict:
     run.planned_steps = boundary.total_steps if run.budget_plan else None
     timeouts, throughput, data_wait = CollectiveTimeouts(config.parallel), Throughput(clock), DataWait()
     peak, flops = (
-        peak_flops(run.env.device, config.logging.peak_tflops),
+        peak_flops(run.env.device, config.logging.peak_tflops, run.precision),
         flops_per_token(config.model, run.layout.seq_len),
     )
     start_step, last = run.progress.step, {}
@@ -512,15 +637,15 @@ def training_loop(run: Run, stop: StopRequest) -> dict:
         step = run.progress.step + 1
         lr_scale = lr_factor(step - 1, config.optim, boundary.total_steps)
         with step_guard(step, run.layout, timeouts):
-            loss, grad_norm = run.train_step(data_wait.next(run.data), lr_scale)
+            result = run.train_step(data_wait.next(run.data), lr_scale)
         throughput.add(run.layout.tokens_per_step)
         if step == start_step + 1:  # loading and compile are behind: a long wait now means a hung rank
             timeouts.first_step_done()
-            run.logger.log({"kind": "started", "step": step, "time_s": process_age_s()})
+            run.log_started()
 
         # once in a while: the metrics line
         if step % config.train.log_every == 0 or step == boundary.total_steps:
-            last = run.log_train(loss, grad_norm, lr_scale, throughput, data_wait, peak, flops, start_step)
+            last = run.log_train(result, lr_scale, throughput, data_wait, peak, flops, start_step)
 
         # between steps (not training time): validate, save, plan the time budget, stop
         with clock.pause(), step_guard(step, run.layout, timeouts):

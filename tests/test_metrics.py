@@ -46,7 +46,8 @@ def test_peak_flops_reads_the_cuda_name(monkeypatch):
 
 
 def data_wait_shares(batches, logger, windows=3, steps=6, step_s=0.002) -> list[float]:
-    """A training loop's timing around batches from `batches`, each step `step_s` of work, logged per window."""
+    """A training loop's timing around batches from `batches`, each step `step_s` of work, logged per
+    window."""
     shares = []
     for window in range(windows):
         wait, start = metrics.DataWait(), time.perf_counter()

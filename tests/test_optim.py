@@ -1,4 +1,5 @@
-"""Schedules, parameter groups, clipping, the batch and time-budget plans, and Muon under FSDP2 (CPU, gloo)."""
+"""Schedules, parameter groups, clipping, the batch layout and time-budget plans, and Muon under FSDP2 (CPU,
+gloo)."""
 
 from __future__ import annotations
 

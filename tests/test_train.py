@@ -94,6 +94,9 @@ def runs(tmp_path_factory, corpus):
         ("muon_one_rank", 1, MUON),
         ("muon_two_ranks", 2, MUON),
         ("bf16_two_ranks", 2, ["--parallel.mixed_precision=bf16"]),
+        ("fp16_two_ranks", 2, ["--parallel.mixed_precision=fp16"]),
+        # A loss scale this high overflows in the first steps and is lowered: the scale is part of the state.
+        ("fp16_scaled", 1, ["--parallel.mixed_precision=fp16", f"--parallel.initial_loss_scale={2**20}"]),
     ]:
         run(nproc, tiny_overrides(*corpus, root, name) + extra)
         made[name] = root / name
@@ -205,9 +208,10 @@ def test_sigkill_then_resume_continues_exactly(runs, corpus, tmp_path):
 
 
 def test_a_checkpoint_resumes_from_the_token_cache_on_two_ranks_exactly(runs, corpus, tmp_path):
-    """The 1-rank run's checkpoint (tokenized on the fly) resumed on 2 ranks with data.token_cache switched on: the
-    cache is built once on the node, the data state is accepted as the same source, and the losses are the 2-rank
-    run's (within the float tolerance of a change of world size: other batches would differ by far more)."""
+    """The 1-rank run's checkpoint (tokenized on the fly) resumed on 2 ranks with data.token_cache switched
+    on: the cache is built once on the node, the data state is accepted as the same source, and the losses are
+    the 2-rank run's (within the float tolerance of a change of world size: other batches would differ by far
+    more)."""
     run_dir = tmp_path / "one_rank"
     shutil.copytree(runs["one_rank"], run_dir)
     shutil.rmtree(run_dir / "checkpoints" / f"step_{STEPS:08d}")
@@ -332,8 +336,8 @@ def test_non_finite_steps_stop_the_run_naming_the_step(corpus, tmp_path, max_bad
 
 
 def test_compiled_blocks_train_like_eager_ones(runs, corpus, tmp_path):
-    """parallel.compile=true (per-block torch.compile under FSDP2 and activation checkpointing) on CPU, against
-    the same 3-step schedule run eager."""
+    """parallel.compile=true (per-block torch.compile under FSDP2 and activation checkpointing) on CPU,
+    against the same 3-step schedule run eager."""
     for name, extra in (("compiled", ["--parallel.compile=true"]), ("eager", [])):
         run(
             1,
@@ -375,7 +379,8 @@ def test_resume_with_a_changed_recipe_stops_unless_allowed(runs, corpus, tmp_pat
         "a refused resume must not rewrite config.yaml"
     )
 
-    # Training longer, at another cadence and micro-batch, is no recipe change; a named change is allowed and recorded.
+    # Training longer, at another cadence and micro-batch, is no recipe change; a named change is allowed and
+    # recorded.
     result = run(
         1,
         args + ["--checkpoint.allow_changes=[optim.lr]", "--train.log_every=2", "--train.micro_batch_size=4"],
@@ -439,3 +444,61 @@ def test_time_budget_plans_the_steps_and_a_resume_keeps_the_plan(corpus, tmp_pat
     resumed, _ = read_metrics(run_dir)
     assert resumed[-1]["step"] == planned
     assert {r["step"]: r["lr"] for r in resumed} == lr_before
+
+
+def test_fp16_with_loss_scaling_trains_close_to_fp32_on_two_ranks(runs):
+    """The pre-Ampere path: fp16 compute, fp32 master weights and gradient reduction, a dynamic loss scale
+    (test_precision.py shows the compute is fp16)."""
+    fp16, fp32 = train_losses(runs["fp16_two_ranks"]), train_losses(runs["two_ranks"])
+    assert_close_losses(fp16, fp32, rel=0.02)
+    assert fp16 != fp32, "fp16 must not silently train in fp32"
+    environment = json.loads((runs["fp16_two_ranks"] / "environment.json").read_text())
+    assert environment["precision"] == {"name": "fp16", "why": "set by parallel.mixed_precision"}
+    records, _ = read_metrics(runs["fp16_two_ranks"])
+    assert all(r["loss_scale"] > 0 and "overflow_steps" in r for r in records)
+
+
+def test_an_fp16_checkpoint_resumes_with_its_loss_scale_bitwise(runs, corpus, tmp_path):
+    """The scaler's state is in every checkpoint: resumed from step 6, the run skips the same overflow steps
+    and gives the uninterrupted run's losses and scales bit for bit."""
+    original = runs["fp16_scaled"]
+    records, _ = read_metrics(original)
+    scale = {r["step"]: r["loss_scale"] for r in records}
+    assert scale[CHECKPOINT_AT] < 2**20, "an overflow before the checkpoint must have lowered the scale"
+    meta = json.loads((original / "checkpoints" / f"step_{CHECKPOINT_AT:08d}" / "meta.json").read_text())
+    assert meta["loss_scaler"]["scale"] == scale[CHECKPOINT_AT] and meta["overflow_steps"] > 0
+    run_dir = tmp_path / "fp16_scaled"
+    shutil.copytree(original, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / f"step_{STEPS:08d}")
+    extra = ["--parallel.mixed_precision=fp16", f"--parallel.initial_loss_scale={2**20}"]
+    result = run(1, tiny_overrides(*corpus, tmp_path, "fp16_scaled") + extra)
+    assert f"at step {CHECKPOINT_AT}" in result.stderr
+    resumed, _ = read_metrics(run_dir)
+    after = [r for r in resumed if r["step"] > CHECKPOINT_AT]
+    expected = [r for r in records if r["step"] > CHECKPOINT_AT]
+    keys = ("step", "loss", "grad_norm", "loss_scale", "overflow_steps")
+    assert [[r[k] for k in keys] for r in after] == [[r[k] for k in keys] for r in expected]
+
+
+def test_a_collapsing_fp16_loss_scale_stops_the_run_in_one_line(corpus, tmp_path):
+    """Overflow steps are skipped, not counted as non-finite steps; a scale that keeps falling (weights blown
+    up by a huge rate, so every step overflows) stops the run below parallel.min_loss_scale."""
+    args = (
+        tiny_overrides(*corpus, tmp_path, "collapse")
+        + [
+            "--parallel.mixed_precision=fp16",
+            "--optim.lr=1e30",
+            "--optim.warmup_steps=1",
+            "--train.steps=40",
+            "--checkpoint.every=100",  # a checkpoint of blown-up weights is refused, which would stop the run first
+            "--train.eval_every=100",
+        ]
+    )
+    result = subprocess.run(
+        command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("train: error: step ") and "the fp16 loss scale fell to 0.5, below " in last
+    assert "parallel.min_loss_scale=1: the gradients overflow even unscaled" in last
+    assert "non-finite loss or gradient norm" not in result.stderr and "Traceback" not in result.stderr

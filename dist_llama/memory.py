@@ -1,0 +1,149 @@
+"""GPU memory of a training step, estimated before the first step from the shapes alone.
+
+Per rank, at the start of backward (where the saved activations peak):
+- weights, gradients and optimizer state: fp32 shards of every parameter (FSDP2), so 4 + 4 + 8 bytes per
+  parameter for AdamW over the world size (Muon keeps one fp32 momentum per hidden-matrix parameter instead);
+- gathered parameters: FSDP2 unshards a block in the compute dtype while it runs (and prefetches the next),
+  and the root's embedding and output head stay gathered through forward and backward;
+- activations: what autograd keeps per token and block (below), or only each block's input for a checkpointed
+  block plus one block's activations while it is recomputed;
+- the loss: one chunk of logits in the compute dtype and its fp32 log-softmax, and the chunked loss's fp32
+  gradient buffers (model.ChunkedCrossEntropy);
+- overhead: the CUDA context, library workspaces and allocator slack, as a fixed amount plus a share.
+
+Saved per token and block, in bytes (b: the compute dtype's size; RMSNorm keeps an fp32 copy of its input):
+two norms 2 x (4 D + 2 b D), attention q, k, v and output b (2 D + 2 kv), the output projection's input b D,
+the SwiGLU gate, silu(gate), up and their product 4 b H. So 8 D + b (7 D + 2 kv + 4 H), D the width, kv the
+key/value width, H the feed-forward width. The training log prints this estimate beside the measured peak
+after the first step, so it can be checked on each card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dist_llama.config import ConfigError
+from dist_llama.model import ModelArgs, count_parameters
+
+GIB = 2**30
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OVERHEAD_BYTES = 0.75 * GIB  # CUDA context and library workspaces: an assumption until a GPU run measures it
+OVERHEAD_SHARE = 0.10  # allocator fragmentation on top of what is live
+CHECKPOINTING = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: float
+    gradients: float
+    optimizer: float
+    gathered: float
+    activations: float
+    loss: float
+
+    @property
+    def live(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.gathered + self.activations + self.loss
+
+    @property
+    def overhead(self) -> float:
+        return self.live * OVERHEAD_SHARE + OVERHEAD_BYTES
+
+    @property
+    def total(self) -> float:
+        return self.live + self.overhead
+
+    def describe(self) -> str:
+        parts = ("weights", "gradients", "optimizer", "gathered", "activations", "loss", "overhead")
+        return (
+            f"{self.total / GIB:.1f} GiB ("
+            + ", ".join(f"{name} {getattr(self, name) / GIB:.2f}" for name in parts)
+            + ")"
+        )
+
+
+def activation_bytes_per_token(args: ModelArgs, compute_bytes: int) -> int:
+    """What autograd keeps per token for one block that is not checkpointed (see the module docstring)."""
+    kv_width = args.kv_heads * args.head_dim
+    return 8 * args.dim + compute_bytes * (7 * args.dim + 2 * kv_width + 4 * args.hidden_dim)
+
+
+def estimate_memory(
+    args: ModelArgs,
+    *,
+    precision: str,
+    optimizer: str,
+    micro_batch: int,
+    seq_len: int,
+    checkpointing: str,
+    world_size: int,
+    loss_chunk_tokens: int,
+) -> MemoryEstimate:
+    """Peak bytes per rank of one training step (an estimate: see the module docstring)."""
+    b = BYTES[precision]
+    counts = count_parameters(args)
+    total = counts["total"]
+    per_block = (counts["non_embedding"] - args.dim) // args.n_layers
+    hidden = args.n_layers * (per_block - 2 * args.dim)  # the attention and MLP matrices
+    state = 4 * hidden + 8 * (total - hidden) if optimizer == "muon" else 8 * total
+    root = counts["embedding"] + counts["lm_head"]
+    tokens = micro_batch * seq_len
+    full_block = tokens * activation_bytes_per_token(args, b)
+    recomputed = {"none": 0, "selective": (args.n_layers + 1) // 2, "full": args.n_layers}[checkpointing]
+    activations = (args.n_layers - recomputed) * full_block + recomputed * tokens * b * args.dim
+    if recomputed:
+        activations += full_block  # the block being recomputed in backward
+    activations += tokens * (b * args.dim + 4 * args.dim + 2 * b * args.dim)  # embedding output, final norm
+    chunk = min(loss_chunk_tokens or tokens, tokens)
+    loss = chunk * args.vocab_size * (2 * b + 4) + 4 * (tokens * args.dim + args.vocab_size * args.dim)
+    return MemoryEstimate(
+        weights=4 * total / world_size,
+        gradients=4 * total / world_size,
+        optimizer=state / world_size,
+        gathered=b * root + per_block * (3 * b + 4),
+        activations=activations,
+        loss=loss,
+    )
+
+
+def divisors_down_from(limit: int, rows: int) -> list[int]:
+    return [d for d in range(min(limit, rows), 0, -1) if rows % d == 0]
+
+
+def check_memory_fits(
+    args: ModelArgs,
+    capacity_bytes: float,
+    *,
+    micro_batch: int,
+    rows_per_rank: int,
+    checkpointing: str,
+    **shape,
+) -> MemoryEstimate:
+    """The estimate of the configured step; ConfigError in one line when it exceeds the card, naming the first
+    setting that fits: the least recomputation (none, then selective, then full checkpointing), then the
+    largest micro-batch that divides the rank's rows."""
+    estimate = estimate_memory(args, micro_batch=micro_batch, checkpointing=checkpointing, **shape)
+    if estimate.total <= capacity_bytes:
+        return estimate
+    fits = next(
+        (
+            (mode, micro, fitting)
+            for mode in CHECKPOINTING
+            for micro in divisors_down_from(micro_batch, rows_per_rank)
+            if (fitting := estimate_memory(args, micro_batch=micro, checkpointing=mode, **shape)).total
+            <= capacity_bytes
+        ),
+        None,
+    )
+    where = (
+        f"; --train.micro_batch_size={fits[1]} --parallel.activation_checkpointing={fits[0]} fits "
+        f"(~{fits[2].total / GIB:.1f} GiB)"
+        if fits
+        else "; no micro-batch or checkpointing setting fits: "
+        "use more GPUs (FSDP shards the weights and optimizer state) or a smaller model"
+    )
+    raise ConfigError(
+        f"a training step needs ~{estimate.total / GIB:.1f} GiB per GPU (micro-batch {micro_batch} x "
+        f"{shape['seq_len']} tokens, activation checkpointing {checkpointing}) and the card has "
+        f"{capacity_bytes / GIB:.1f} GiB{where}"
+    )

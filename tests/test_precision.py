@@ -1,0 +1,171 @@
+"""Precision on the GPUs students have: what `auto` picks by compute capability, fp16 compute with fp32 master
+weights, dynamic loss scaling (an injected overflow), and the memory estimate with its refusal."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_llama.config import ConfigError, load_config
+from dist_llama.devices import auto_precision
+from dist_llama.memory import GIB, activation_bytes_per_token, check_memory_fits, estimate_memory
+from dist_llama.model import PRESETS, Transformer, count_parameters
+from dist_llama.optim import build_optimizer
+from dist_llama.parallel import DistEnv, loss_scaler, parallelize, training_precision
+from dist_llama.train import BatchLayout, train_step
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "device, capability, expected",
+    [
+        ("cuda", (9, 0), "bf16"),  # H100 / H200
+        ("cuda", (8, 0), "bf16"),  # A100
+        ("cuda", (7, 5), "fp16"),  # T4
+        ("cuda", (7, 0), "fp16"),  # V100
+        ("cuda", (6, 0), "fp16"),  # P100
+        ("cpu", None, "fp32"),
+    ],
+)
+def test_auto_picks_bf16_where_native_fp16_below_and_fp32_on_a_cpu(device, capability, expected):
+    def query(queried):
+        assert queried.type == "cuda"
+        return capability
+
+    precision, why = auto_precision(torch.device(device), capability=query)
+    assert precision == expected
+    assert ("compute capability" in why) == (device == "cuda")
+
+
+def test_an_explicit_precision_is_taken_as_given():
+    config = load_config(None, ["--parallel.mixed_precision=fp16"])
+    assert training_precision(config.parallel, CPU) == ("fp16", "set by parallel.mixed_precision")
+    assert training_precision(load_config(None, []).parallel, CPU)[0] == "fp32"  # auto on a CPU
+
+
+@pytest.fixture
+def one_process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield DistEnv(rank=0, world_size=1, local_rank=0, device=CPU)
+    dist.destroy_process_group()
+
+
+def fp16_model(env: DistEnv, *overrides: str):
+    config = load_config(None, ["--parallel.mixed_precision=fp16", *overrides])
+    model = Transformer(config.model)
+    model.init_weights(0)
+    model = parallelize(model, config.parallel, env)
+    return config, model, build_optimizer(model, config.optim, CPU)
+
+
+def batch(seed: int):
+    tokens = torch.randint(
+        0, PRESETS["debug"].vocab_size, (4, 17), generator=torch.Generator().manual_seed(seed)
+    )
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+LAYOUT = BatchLayout(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
+
+
+def test_fp16_computes_in_fp16_and_keeps_fp32_master_weights(one_process_group):
+    config, model, optimizer = fp16_model(one_process_group)
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda m, i, o: seen.append((i[0].dtype, o.dtype))
+    )
+    train_step(model, optimizer, batch(0), LAYOUT, 1.0, 1.0, 0, CPU, loss_scaler("fp16", CPU, 2.0**16))
+    assert seen == [(torch.float16, torch.float16)]
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_an_overflow_halves_the_scale_skips_exactly_that_update_and_training_goes_on(one_process_group):
+    config, model, optimizer = fp16_model(one_process_group)
+    scaler = loss_scaler("fp16", CPU, 2.0**16)
+    inject = {"on": False}
+    # An inf in the first block's output at the chosen step: every gradient of that step is non-finite.
+    model.model.layers[0].register_forward_hook(lambda m, i, o: o * float("inf") if inject["on"] else None)
+
+    def weights():
+        return [p.full_tensor().clone() for p in model.parameters()]
+
+    steps = []
+    for step in range(4):
+        inject["on"] = step == 2
+        before = weights()
+        result = train_step(model, optimizer, batch(step), LAYOUT, 1.0, 1.0, 0, CPU, scaler)
+        changed = any(not torch.equal(a, b) for a, b in zip(before, weights()))
+        steps.append((result.overflow, changed, scaler.get_scale()))
+    assert steps == [
+        (False, True, 2.0**16),
+        (False, True, 2.0**16),
+        (True, False, 2.0**15),
+        (False, True, 2.0**15),
+    ]
+
+
+# --- the memory estimate ----------------------------------------------------------------------------------
+
+
+def main_estimate(**changes):
+    shape = dict(
+        precision="fp16",
+        optimizer="adamw",
+        micro_batch=8,
+        seq_len=1024,
+        checkpointing="none",
+        world_size=1,
+        loss_chunk_tokens=4096,
+    )
+    return estimate_memory(PRESETS["main"], **{**shape, **changes})
+
+
+def test_the_estimate_of_weights_gradients_and_optimizer_state_is_16_bytes_a_parameter_sharded():
+    total = count_parameters(PRESETS["main"])["total"]
+    for world_size in (1, 2, 8):
+        estimate = main_estimate(world_size=world_size)
+        assert estimate.weights + estimate.gradients + estimate.optimizer == pytest.approx(
+            16 * total / world_size
+        )
+    muon = main_estimate(optimizer="muon")
+    assert (
+        muon.optimizer < main_estimate().optimizer
+    )  # one momentum, not two moments, for the hidden matrices
+
+
+def test_the_estimate_of_activations_follows_the_tokens_and_the_checkpointing():
+    # The main preset's block keeps 8 D + 2 (7 D + 2 kv + 4 H) bytes a token in fp16: D = kv = 768, H = 2048.
+    assert (
+        activation_bytes_per_token(PRESETS["main"], 2)
+        == 8 * 768 + 2 * (7 * 768 + 2 * 768 + 4 * 2048)
+        == 36352
+    )
+    none, full = main_estimate(), main_estimate(checkpointing="full")
+    tokens = 8 * 1024
+    blocks = 16 * tokens * 36352
+    edges = tokens * (2 * 768 + 4 * 768 + 4 * 768)  # the embedding's output and the final norm
+    assert none.activations == blocks + edges
+    assert full.activations == 16 * tokens * 2 * 768 + tokens * 36352 + edges  # block inputs + one recomputed
+    selective = main_estimate(checkpointing="selective")
+    assert full.activations < selective.activations < none.activations
+    assert main_estimate(micro_batch=16).activations == 2 * none.activations
+    fp32 = main_estimate(precision="fp32")
+    assert fp32.activations > none.activations and fp32.total > none.total
+
+
+def test_a_step_that_will_not_fit_stops_naming_a_setting_that_fits():
+    args = PRESETS["main"]
+    shape = dict(precision="fp16", optimizer="adamw", seq_len=1024, world_size=1, loss_chunk_tokens=4096)
+    fits = check_memory_fits(args, 16 * GIB, micro_batch=8, rows_per_rank=64, checkpointing="none", **shape)
+    assert fits.total < 16 * GIB
+    with pytest.raises(ConfigError) as refused:
+        check_memory_fits(args, 12 * GIB, micro_batch=16, rows_per_rank=64, checkpointing="none", **shape)
+    eight = main_estimate(micro_batch=8).total / GIB
+    assert str(refused.value) == (
+        f"a training step needs ~{main_estimate(micro_batch=16).total / GIB:.1f} GiB per GPU (micro-batch "
+        "16 x 1024 "
+        f"tokens, activation checkpointing none) and the card has 12.0 GiB; --train.micro_batch_size=8 "
+        f"--parallel.activation_checkpointing=none fits (~{eight:.1f} GiB)"
+    )
+    with pytest.raises(ConfigError, match="no micro-batch or checkpointing setting fits: use more GPUs"):
+        check_memory_fits(args, 2 * GIB, micro_batch=16, rows_per_rank=64, checkpointing="none", **shape)
