@@ -1,5 +1,6 @@
 # `make run`: set up a virtual environment and run the pipeline on the debug preset.
 # `make test`: set up the same environment and run the whole test suite.
+# `make lint`: the formatter and linter (ruff, configured in pyproject.toml) check the code as it is.
 # `make test-gpu-stack`: the release tests and the whole GPU session rehearsal in a second environment that
 #   is the GPU machine's (launch/gpu_machine.txt, Python 3.12), with the bundle's wheels installed as the
 #   session installs them: a version drift that would break the GPU run fails here.
@@ -35,7 +36,7 @@ $(STACK)/.installed: pyproject.toml launch/gpu_machine.txt
 	$(STACK_PY) -m pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: setup run test test-gpu-stack
+.PHONY: setup run test lint test-gpu-stack
 setup: $(VENV)/.installed
 
 run: $(VENV)/.installed
@@ -43,6 +44,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 
 # The bundle is built here as always (the default environment); one training shard is enough for the rehearsal.
 test-gpu-stack: $(VENV)/.installed $(STACK)/.installed

@@ -490,7 +490,8 @@ def test_a_collapsing_fp16_loss_scale_stops_the_run_in_one_line(corpus, tmp_path
             "--optim.lr=1e30",
             "--optim.warmup_steps=1",
             "--train.steps=40",
-            "--checkpoint.every=100",  # a checkpoint of blown-up weights is refused, which would stop the run first
+            # A checkpoint of blown-up weights is refused, which would stop the run first.
+            "--checkpoint.every=100",
             "--train.eval_every=100",
         ]
     )
