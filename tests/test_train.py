@@ -483,18 +483,15 @@ def test_an_fp16_checkpoint_resumes_with_its_loss_scale_bitwise(runs, corpus, tm
 def test_a_collapsing_fp16_loss_scale_stops_the_run_in_one_line(corpus, tmp_path):
     """Overflow steps are skipped, not counted as non-finite steps; a scale that keeps falling (weights blown
     up by a huge rate, so every step overflows) stops the run below parallel.min_loss_scale."""
-    args = (
-        tiny_overrides(*corpus, tmp_path, "collapse")
-        + [
-            "--parallel.mixed_precision=fp16",
-            "--optim.lr=1e30",
-            "--optim.warmup_steps=1",
-            "--train.steps=40",
-            # A checkpoint of blown-up weights is refused, which would stop the run first.
-            "--checkpoint.every=100",
-            "--train.eval_every=100",
-        ]
-    )
+    args = tiny_overrides(*corpus, tmp_path, "collapse") + [
+        "--parallel.mixed_precision=fp16",
+        "--optim.lr=1e30",
+        "--optim.warmup_steps=1",
+        "--train.steps=40",
+        # A checkpoint of blown-up weights is refused, which would stop the run first.
+        "--checkpoint.every=100",
+        "--train.eval_every=100",
+    ]
     result = subprocess.run(
         command(1, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=300
     )
