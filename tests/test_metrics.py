@@ -45,6 +45,23 @@ def test_peak_flops_reads_the_cuda_name(monkeypatch):
     assert metrics.peak_flops(torch.device("cpu"), None) is None
 
 
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("Tesla T4", 65),
+        ("Tesla V100-SXM2-16GB", 125),
+        ("Tesla V100-PCIE-32GB", 112),
+        ("Tesla V100S-PCIE-32GB", 130),
+        ("Tesla P100-PCIE-16GB", 18.7),
+        ("Tesla P100-SXM2-16GB", 21.2),
+        ("NVIDIA A100-SXM4-80GB", 312),  # a card with bf16 trains fp16 at the same peak
+    ],
+)
+def test_an_fp16_run_is_measured_against_the_cards_fp16_peak(monkeypatch, name, tflops):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert metrics.peak_flops(torch.device("cuda", 0), None, "fp16") == pytest.approx(tflops * 1e12)
+
+
 def data_wait_shares(batches, logger, windows=3, steps=6, step_s=0.002) -> list[float]:
     """A training loop's timing around batches from `batches`, each step `step_s` of work, logged per
     window."""
