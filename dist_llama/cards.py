@@ -36,6 +36,13 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.2f}M ({n:,})"
 
 
+# The Hub reads this YAML header for the model page's license, library and task.
+_FRONT_MATTER = (
+    "---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: text-generation\n"
+    "tags:\n- llama\n- dist_llama\n- pretrained-from-scratch\n---\n"
+)
+
+
 def model_card(
     config: Config,
     meta: CheckpointMeta,
@@ -45,12 +52,28 @@ def model_card(
     dtype: str,
 ) -> str:
     """A release's README.md: architecture, parameters, training, the evaluation's scalars, and usage."""
-    args = config.model
-    counts = count_parameters(args)
-    data = config.data
-    # As the packer decides: `auto` trained on the local files when the globs matched any.
-    local = data.source == "local" or (data.source == "auto" and expand_paths(data.paths))
-    data_source = ", ".join(data.paths) if local else data.hub_dataset
+    counts = count_parameters(config.model)
+    sections = [
+        _FRONT_MATTER,
+        _title_section(repo_name, counts),
+        _architecture_section(config.model),
+        _parameters_section(counts),
+        _training_section(config, meta),
+        _evaluation_section(eval_summary),
+        _usage_section(repo_name, stock_llama, dtype),
+    ]
+    return "\n".join(sections)
+
+
+def _title_section(repo_name: str, counts: dict) -> str:
+    return (
+        f"# {repo_name}\n\nA {_millions(counts['total'])}-parameter LLaMA-architecture language model "
+        "pretrained from scratch with dist_llama (PyTorch FSDP2). A base model: it continues text, "
+        "it does not follow instructions.\n"
+    )
+
+
+def _architecture_section(args) -> str:
     rope = (
         f"linear Position Interpolation, factor {args.rope_scaling.factor}" if args.rope_scaling else "none"
     )
@@ -67,8 +90,29 @@ def model_card(
         ("tied embeddings", args.tie_embeddings),
         ("RMSNorm eps", f"{args.norm_eps:g}"),
     ]
+    return (
+        f"## Architecture\n\nPre-norm decoder (RMSNorm), rotary position embeddings (half rotation, as in "
+        f"transformers' Llama), grouped-query attention, SwiGLU feed-forward, no biases.\n\n"
+        f"{_table(architecture)}\n"
+    )
+
+
+def _parameters_section(counts: dict) -> str:
+    parameters = [
+        ("total", _millions(counts["total"])),
+        ("non-embedding", _millions(counts["non_embedding"])),
+        ("embedding", _millions(counts["embedding"])),
+        ("output head", _millions(counts["lm_head"]) if counts["lm_head"] else "tied"),
+    ]
+    return f"## Parameters\n\n{_table(parameters)}\n"
+
+
+def _training_section(config: Config, meta: CheckpointMeta) -> str:
+    data = config.data
+    # As the packer decides: `auto` trained on the local files when the globs matched any.
+    local = data.source == "local" or (data.source == "auto" and expand_paths(data.paths))
     training = [
-        ("data", data_source),
+        ("data", ", ".join(data.paths) if local else data.hub_dataset),
         ("tokenizer", f"Mistral-7B-v0.1 ({data.tokenizer})"),
         ("sequence length", data.seq_len),
         ("steps", meta.step),
@@ -78,6 +122,42 @@ def model_card(
         ("final train loss", meta.final_loss),
         ("validation loss", meta.val_loss),
     ]
+    return (
+        f"## Training\n\n{_table(training)}\n\nThe resolved run configuration is in `training_config.yaml`.\n"
+    )
+
+
+def _evaluation_section(eval_summary: dict | None) -> str:
+    if not eval_summary:
+        return "## Evaluation\n\nNo evaluation results were recorded for this checkpoint.\n"
+    # Scalars only: a list (e.g. a confidence interval) has no one-cell reading.
+    rows = [
+        (key, value)
+        for key, value in flatten(eval_summary).items()
+        if isinstance(value, (int, float, str, bool)) or value is None
+    ]
+    return f"## Evaluation\n\n{_table(rows)}\n"
+
+
+def _usage_section(repo_name: str, stock_llama: bool, dtype: str) -> str:
+    if stock_llama:
+        weights_note = "."
+        requirements = ""
+    else:
+        weights_note = ", and the same files also load into stock `LlamaForCausalLM` with a Llama config."
+        requirements = (
+            f"\nThe model code needs transformers {TESTED_TRANSFORMERS[0]} to "
+            f"{TESTED_TRANSFORMERS[1]} (the versions it was tested with) and PyTorch >= 2.11.\n"
+        )
+    return (
+        f"## Usage\n\n```python\n{_loading_code(repo_name, stock_llama)}\n```\n\n"
+        f"Weights: safetensors, {dtype}; parameter names are transformers' Llama names"
+        f"{weights_note}\n{requirements}"
+    )
+
+
+def _loading_code(repo_name: str, stock_llama: bool) -> str:
+    """The snippet that loads the release and greedily continues a prompt."""
     if stock_llama:
         load = (
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -85,62 +165,13 @@ def model_card(
             f'model = AutoModelForCausalLM.from_pretrained("{repo_name}")  # stock LlamaForCausalLM'
         )
     else:
+        # The custom model class lives in the release folder, so transformers must be allowed to run it.
         load = (
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             f'tokenizer = AutoTokenizer.from_pretrained("{repo_name}", trust_remote_code=True)\n'
             f'model = AutoModelForCausalLM.from_pretrained("{repo_name}", trust_remote_code=True)'
         )
-    load += (
+    return load + (
         '\n\ninputs = tokenizer("The capital of France is", return_tensors="pt")\n'
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20, do_sample=False)[0]))"
     )
-    sections = [
-        "---\nlicense: apache-2.0\nlibrary_name: transformers\npipeline_tag: text-generation\n"
-        "tags:\n- llama\n- dist_llama\n- pretrained-from-scratch\n---\n",
-        f"# {repo_name}\n\nA {_millions(counts['total'])}-parameter LLaMA-architecture language model "
-        "pretrained from scratch with dist_llama (PyTorch FSDP2). A base model: it continues text, "
-        "it does not follow instructions.\n",
-        f"## Architecture\n\nPre-norm decoder (RMSNorm), rotary position embeddings (half rotation, as in "
-        f"transformers' Llama), grouped-query attention, SwiGLU feed-forward, no biases.\n\n"
-        f"{_table(architecture)}\n",
-        "## Parameters\n\n"
-        + _table(
-            [
-                ("total", _millions(counts["total"])),
-                ("non-embedding", _millions(counts["non_embedding"])),
-                ("embedding", _millions(counts["embedding"])),
-                ("output head", _millions(counts["lm_head"]) if counts["lm_head"] else "tied"),
-            ]
-        )
-        + "\n",
-        f"## Training\n\n{_table(training)}\n\n"
-        "The resolved run configuration is in `training_config.yaml`.\n",
-    ]
-    if eval_summary:
-        # Scalars only: a list (e.g. a confidence interval) has no one-cell reading.
-        rows = [
-            (key, value)
-            for key, value in flatten(eval_summary).items()
-            if isinstance(value, (int, float, str, bool)) or value is None
-        ]
-        sections.append(f"## Evaluation\n\n{_table(rows)}\n")
-    else:
-        sections.append("## Evaluation\n\nNo evaluation results were recorded for this checkpoint.\n")
-    weights = f"safetensors, {dtype}"
-    sections.append(
-        f"## Usage\n\n```python\n{load}\n```\n\nWeights: {weights}; parameter names are transformers' "
-        "Llama names"
-        + (
-            "."
-            if stock_llama
-            else ", and the same files also load into stock `LlamaForCausalLM` with a Llama config."
-        )
-        + "\n"
-        + (
-            ""
-            if stock_llama
-            else f"\nThe model code needs transformers {TESTED_TRANSFORMERS[0]} to "
-            f"{TESTED_TRANSFORMERS[1]} (the versions it was tested with) and PyTorch >= 2.11.\n"
-        )
-    )
-    return "\n".join(sections)

@@ -63,7 +63,14 @@ def _batch_size(value: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(command="evaluate", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_mmlu_command(sub)
+    _add_irt_command(sub)
+    _add_ppl_command(sub)
+    _add_ppl_plot_command(sub)
+    return parser
 
+
+def _add_mmlu_command(sub) -> None:
     mmlu = sub.add_parser("mmlu", help="tinyMMLU (or a local tinyMMLU-format JSONL) through lm-eval")
     mmlu.add_argument("--model", required=True, help="release folder or Hub id")
     mmlu.add_argument(
@@ -94,12 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mmlu.add_argument("--output", required=True, help="output folder")
 
+
+def _add_irt_command(sub) -> None:
     irt_cmd = sub.add_parser("irt", help="IRT estimates from a samples jsonl, printed as JSON")
     irt_cmd.add_argument("--params", required=True, help="tinyBenchmarks parameter pickle")
     irt_cmd.add_argument("--samples", required=True, help="samples jsonl (ours or lm-eval --log_samples)")
     irt_cmd.add_argument("--metric", default="acc_norm")
     irt_cmd.add_argument("--bench", default=irt.IRT_BENCH)
 
+
+def _add_ppl_command(sub) -> None:
     ppl = sub.add_parser("ppl", help="held-out loss by position bucket")
     ppl.add_argument("--model", required=True, help="release folder, Hub id, or DCP checkpoint / run folder")
     ppl.add_argument("--data", required=True, help="documents (.jsonl, .jsonl.zst, .parquet, .txt)")
@@ -124,10 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--output", required=True, help="output folder; writes ppl_<label>.json")
     ppl.add_argument("--plot", default=None, help="also draw this result alone to this image file")
 
+
+def _add_ppl_plot_command(sub) -> None:
     plot = sub.add_parser("ppl-plot", help="plot loss by position from ppl JSON files")
     plot.add_argument("--inputs", nargs="+", required=True)
     plot.add_argument("--output", required=True, help="image file (e.g. plot.png)")
-    return parser
+
+
+def _run_mmlu(args) -> None:
+    summary = run_mmlu(
+        args.model,
+        args.output,
+        data=args.data,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        irt_params=args.irt_params,
+        dtype=args.dtype,
+        tokenizer=args.tokenizer,
+    )
+    print(format_summary(summary))
+    print(f"wrote results.json, samples_{summary['task']}.jsonl and summary.json to {args.output}")
 
 
 def _run_irt(args) -> dict:
@@ -135,6 +163,41 @@ def _run_irt(args) -> dict:
     if not Path(args.samples).is_file():
         raise EvaluationError(f"--samples {args.samples}: no such file")
     return irt.estimate_from_samples_file(args.samples, params, args.metric, args.bench)
+
+
+def _run_ppl(args) -> None:
+    result = loss_by_position(
+        args.model,
+        args.data,
+        seq_len=args.seq_len,
+        docs=args.docs,
+        rope_scaling_factor=args.rope_scaling_factor,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        text_field=args.text_field,
+        tokenizer=args.tokenizer,
+        label=args.label,
+    )
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"ppl_{_safe_filename(result['label'])}.json"
+    path.write_text(json.dumps(result, indent=2))
+    buckets = "  ".join(f"{name}: {loss:.4f}" for name, loss in result["buckets"].items())
+    print(
+        f"{result['label']}: loss {result['loss']:.4f} over {result['n_windows']} windows "
+        f"(documents of at least {result['seq_len'] + 1} tokens: "
+        f"{result['docs_qualified']} of {result['docs_read']} read) | {buckets}"
+    )
+    if args.plot:
+        plot_loss_by_position([result], args.plot)
+        print(f"wrote {args.plot}")
+    print(f"wrote {path}")
+
+
+def _run_ppl_plot(args) -> None:
+    path = plot_loss_by_position([read_ppl_result(Path(p)) for p in args.inputs], args.output)
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,52 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # a weight-loading bar would run into an error line on stderr
     try:
         if args.command == "mmlu":
-            summary = run_mmlu(
-                args.model,
-                args.output,
-                data=args.data,
-                limit=args.limit,
-                batch_size=args.batch_size,
-                device=args.device,
-                irt_params=args.irt_params,
-                dtype=args.dtype,
-                tokenizer=args.tokenizer,
-            )
-            print(format_summary(summary))
-            print(f"wrote results.json, samples_{summary['task']}.jsonl and summary.json to {args.output}")
+            _run_mmlu(args)
         elif args.command == "irt":
             print(json.dumps(_run_irt(args)))
         elif args.command == "ppl":
-            result = loss_by_position(
-                args.model,
-                args.data,
-                seq_len=args.seq_len,
-                docs=args.docs,
-                rope_scaling_factor=args.rope_scaling_factor,
-                device=args.device,
-                dtype=args.dtype,
-                batch_size=args.batch_size,
-                text_field=args.text_field,
-                tokenizer=args.tokenizer,
-                label=args.label,
-            )
-            out = Path(args.output)
-            out.mkdir(parents=True, exist_ok=True)
-            path = out / f"ppl_{_safe_filename(result['label'])}.json"
-            path.write_text(json.dumps(result, indent=2))
-            buckets = "  ".join(f"{name}: {loss:.4f}" for name, loss in result["buckets"].items())
-            print(
-                f"{result['label']}: loss {result['loss']:.4f} over {result['n_windows']} windows "
-                f"(documents of at least {result['seq_len'] + 1} tokens: "
-                f"{result['docs_qualified']} of {result['docs_read']} read) | {buckets}"
-            )
-            if args.plot:
-                plot_loss_by_position([result], args.plot)
-                print(f"wrote {args.plot}")
-            print(f"wrote {path}")
+            _run_ppl(args)
         else:
-            path = plot_loss_by_position([read_ppl_result(Path(p)) for p in args.inputs], args.output)
-            print(f"wrote {path}")
+            _run_ppl_plot(args)
     except EvaluationError as err:
         return print_error("evaluate", str(err))
     return 0

@@ -208,34 +208,16 @@ def run_pipeline(
             raise ConfigError(
                 "the two stages need different train.name values (they are separate run directories)"
             )
-        overrides = [*overrides, f"--train.init_from={stage1_config.run_dir}"]
+        # Stage 2 starts from stage 1's weights; stage 1 itself trains with the overrides as given.
+        stage1_overrides, overrides = overrides, [*overrides, f"--train.init_from={stage1_config.run_dir}"]
         config = load_config(config_path, overrides)
-        if "train" not in skip:
-            stage1_checkpoint = run_training(stage1_config, stage1_path, overrides[:-1], nproc)
-        else:
-            found = complete_checkpoints(stage1_config.run_dir / "checkpoints")
-            if not found:
-                raise CheckpointError(
-                    f"--skip train, but stage 1 ({stage1_config.run_dir}) has no checkpoint"
-                )
-            stage1_checkpoint = found[-1]
-        stage1 = (
-            stage1_config,
-            consolidate_stage(
-                stage1_checkpoint,
-                stage1_config.run_dir / "release",
-                stage1_config.train.name,
-                state,
-                "consolidate_stage1",
-                "consolidate" in redo,
-            ),
+        stage1_release = _release_stage1(
+            stage1_config, stage1_path, stage1_overrides, state, skip, redo, nproc
         )
+        stage1 = (stage1_config, stage1_release)
 
     if "train" in skip:
-        found = complete_checkpoints(run_dir / "checkpoints")
-        if not found:
-            raise CheckpointError(f"--skip train, but {run_dir} has no checkpoint to release")
-        checkpoint = found[-1]
+        checkpoint = _latest_checkpoint(run_dir, f"{run_dir} has no checkpoint to release")
     else:
         checkpoint = run_training(config, config_path, overrides, nproc)
 
@@ -243,22 +225,8 @@ def run_pipeline(
     if "consolidate" not in skip:
         consolidate_stage(checkpoint, release, config.train.name, state, "consolidate", "consolidate" in redo)
 
-    eval_inputs = {"release_of": str(checkpoint), "eval": to_dict(config)["eval"]}
     if "evaluate" not in skip:
-        if "evaluate" in redo or not state.is_current("evaluate", eval_inputs):
-            evaluate_stage(config, release, stage1, run_dir / "eval")
-            state.record("evaluate", eval_inputs)
-            # The model card quotes the evaluation: rewrite it now that results exist.
-            from dist_llama.consolidate import write_model_card
-
-            write_model_card(
-                release,
-                checkpoint,
-                eval_summary=run_dir / "eval" / "summary.json",
-                repo_name=config.train.name,
-            )
-        else:
-            log.info("evaluate: results for %s are up to date", checkpoint.name)
+        _evaluate_unless_current(config, checkpoint, release, stage1, run_dir / "eval", state, redo)
 
     if "report" in skip:
         return run_dir
@@ -268,6 +236,70 @@ def run_pipeline(
     state.record("report", {"checkpoint": str(checkpoint)})
     log.info("report: %s", results)
     return results
+
+
+def _latest_checkpoint(run_dir: Path, none_found: str) -> Path:
+    """With --skip train: the run's latest complete checkpoint (CheckpointError ending in `none_found` when
+    there is none)."""
+    found = complete_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise CheckpointError(f"--skip train, but {none_found}")
+    return found[-1]
+
+
+def _release_stage1(
+    stage1_config: Config,
+    stage1_path: str,
+    overrides: list[str],
+    state: PipelineState,
+    skip: set[str],
+    redo: set[str],
+    nproc: int,
+) -> Path:
+    """Stage 1 of the Position Interpolation route, trained (unless --skip train) and consolidated; returns
+    its release folder."""
+    if "train" not in skip:
+        checkpoint = run_training(stage1_config, stage1_path, overrides, nproc)
+    else:
+        checkpoint = _latest_checkpoint(
+            stage1_config.run_dir, f"stage 1 ({stage1_config.run_dir}) has no checkpoint"
+        )
+    return consolidate_stage(
+        checkpoint,
+        stage1_config.run_dir / "release",
+        stage1_config.train.name,
+        state,
+        "consolidate_stage1",
+        "consolidate" in redo,
+    )
+
+
+def _evaluate_unless_current(
+    config: Config,
+    checkpoint: Path,
+    release: Path,
+    stage1: tuple[Config, Path] | None,
+    eval_dir: Path,
+    state: PipelineState,
+    redo: set[str],
+) -> None:
+    """The evaluate stage, skipped when it already ran on this checkpoint's release with these eval
+    settings (unless --redo evaluate)."""
+    eval_inputs = {"release_of": str(checkpoint), "eval": to_dict(config)["eval"]}
+    if "evaluate" not in redo and state.is_current("evaluate", eval_inputs):
+        log.info("evaluate: results for %s are up to date", checkpoint.name)
+        return
+    evaluate_stage(config, release, stage1, eval_dir)
+    state.record("evaluate", eval_inputs)
+    # The model card quotes the evaluation: rewrite it now that results exist.
+    from dist_llama.consolidate import write_model_card
+
+    write_model_card(
+        release,
+        checkpoint,
+        eval_summary=eval_dir / "summary.json",
+        repo_name=config.train.name,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -354,11 +354,7 @@ def build_token_cache(config, tokenizer, *, workers: int | None = None, force: b
     replaces it. Not a collective: in a process group, open_token_cache is the call that builds once per node.
     """
     config: DataConfig = getattr(config, "data", config)
-    if not config.token_cache:
-        raise ConfigError(
-            "data.token_cache is not set: name the cache folder, e.g. --data.token_cache=cache/owt"
-        )
-    folder = Path(config.token_cache)
+    folder = _cache_folder(config)
     encoder = DocumentEncoder(tokenizer)
     expected = _Expected(config, encoder)
     manifest = _read_manifest(folder)
@@ -373,43 +369,11 @@ def build_token_cache(config, tokenizer, *, workers: int | None = None, force: b
             f"data.token_cache={folder} is a folder that holds no token cache ({MANIFEST} is missing): "
             "point it at an empty or new folder"
         )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(folder)
-    tmp = folder.parent / f".{folder.name}.partial-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    workers = workers or rank_cores() * int(
-        os.environ.get("LOCAL_WORLD_SIZE", 1)
-    )  # the node's builder: all cores
-    dtype = "uint16" if encoder.vocab_size <= 1 << 16 else "uint32"
-    start = time.perf_counter()
+    tmp = _new_build_folder(folder)
+    # The node's builder: all cores.
+    workers = workers or rank_cores() * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     try:
-        shards, identity = _shards(config, expected)
-        logger.info(
-            "token cache: tokenizing [%s] into %s with %d process(es)",
-            identity["description"],
-            folder,
-            workers,
-        )
-        shard_entries, file_entries = _write(
-            tmp, shards, encoder, expected.held_out_per_mille, dtype, workers
-        )
-        seconds = time.perf_counter() - start
-        manifest = {
-            "format": CACHE_FORMAT,
-            "source": identity,
-            "files": file_entries,
-            "hub_revision": config.hub_revision if expected.files is None else None,
-            "tokenizer": expected.tokenizer,
-            "held_out_per_mille": expected.held_out_per_mille,
-            "dtype": dtype,
-            "documents": sum(entry["documents"] for entry in shard_entries),
-            "tokens": sum(entry["tokens_count"] for entry in shard_entries),
-            "shards": shard_entries,
-            "built": datetime.now(UTC).isoformat(timespec="seconds"),
-            "build_s": round(seconds, 3),
-            "workers": workers,
-        }
+        manifest, seconds = _tokenize_into(tmp, folder, expected, encoder, workers)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _move_into_place(tmp, folder, force)
     finally:
@@ -422,6 +386,66 @@ def build_token_cache(config, tokenizer, *, workers: int | None = None, force: b
         seconds,
     )
     return folder
+
+
+def _cache_folder(config: DataConfig) -> Path:
+    if not config.token_cache:
+        raise ConfigError(
+            "data.token_cache is not set: name the cache folder, e.g. --data.token_cache=cache/owt"
+        )
+    return Path(config.token_cache)
+
+
+def _new_build_folder(folder: Path) -> Path:
+    """An empty folder beside `folder`, named for this host and process, for a build to write into."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(folder)
+    tmp = folder.parent / f".{folder.name}.partial-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _tokenize_into(
+    tmp: Path, folder: Path, expected: _Expected, encoder: DocumentEncoder, workers: int
+) -> tuple[dict, float]:
+    """Write every shard's tokens into tmp; returns the manifest that describes them and the seconds taken."""
+    dtype = "uint16" if encoder.vocab_size <= 1 << 16 else "uint32"
+    start = time.perf_counter()
+    shards, identity = _shards(expected.config, expected)
+    logger.info(
+        "token cache: tokenizing [%s] into %s with %d process(es)", identity["description"], folder, workers
+    )
+    shard_entries, file_entries = _write(tmp, shards, encoder, expected.held_out_per_mille, dtype, workers)
+    seconds = time.perf_counter() - start
+    return _manifest(expected, identity, dtype, shard_entries, file_entries, seconds, workers), seconds
+
+
+def _manifest(
+    expected: _Expected,
+    identity: dict,
+    dtype: str,
+    shard_entries: list,
+    file_entries: list,
+    seconds: float,
+    workers: int,
+) -> dict:
+    """What a finished build records in manifest.json."""
+    return {
+        "format": CACHE_FORMAT,
+        "source": identity,
+        "files": file_entries,
+        "hub_revision": expected.config.hub_revision if expected.files is None else None,
+        "tokenizer": expected.tokenizer,
+        "held_out_per_mille": expected.held_out_per_mille,
+        "dtype": dtype,
+        "documents": sum(entry["documents"] for entry in shard_entries),
+        "tokens": sum(entry["tokens_count"] for entry in shard_entries),
+        "shards": shard_entries,
+        "built": datetime.now(UTC).isoformat(timespec="seconds"),
+        "build_s": round(seconds, 3),
+        "workers": workers,
+    }
 
 
 def _move_into_place(tmp: Path, folder: Path, force: bool) -> None:

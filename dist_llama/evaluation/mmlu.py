@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dist_llama.devices import default_device, dtype_name
@@ -88,24 +89,82 @@ def run_mmlu(
     """
     model = checked_model_name(str(model))
     output_dir = Path(output_dir)
-    data = Path(data) if data is not None else None
-    if limit is not None and limit <= 0:
-        raise EvaluationError(f"--limit must be positive, got {limit}")
-    lm_eval_limit = limit
-    if data is not None and check_mmlu_data(data) > (limit or float("inf")):
-        output_dir.mkdir(parents=True, exist_ok=True)
-        data, lm_eval_limit = spread_subset(data, limit, output_dir / "items.jsonl"), None
+    data, lm_eval_limit = _items_to_run(data, limit, output_dir)
     check_dtype(dtype)
     # A bad parameter file should fail before the model runs, not after.
     params = load_params_file(Path(irt_params)) if irt_params is not None else None
     device = device or default_device()
     output_dir.mkdir(parents=True, exist_ok=True)
     task_name, task_path = write_task(output_dir, data)
+    run = _run_lm_eval(model, tokenizer, device, dtype, batch_size, task_name, task_path, data, lm_eval_limit)
+    samples = _write_results(output_dir, task_name, run.results)
+    accuracy = _accuracy_with_intervals(samples)
+    n_subjects = _write_per_subject(output_dir, samples)
+    summary = {
+        "task": task_name,
+        "model": model,
+        "data": _items_source(data),
+        "n": len(samples),
+        "n_subjects": n_subjects,
+        "limit": limit,
+        "device": device,
+        "dtype": run.model_dtype,
+        "batch_size": batch_size,
+        **accuracy,
+        **irt_for_samples(samples, data is None, params, str(irt_params) if irt_params else None),
+        "eval_seconds": run.seconds,
+        "items_per_s": len(samples) / run.seconds,
+    }
+    if accuracy["acc_macro"] is None:
+        summary["macro_note"] = "some items have no 'subject' field, so there is no subject-balanced score"
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
+
+def _items_to_run(
+    data: str | Path | None, limit: int | None, output_dir: Path
+) -> tuple[Path | None, int | None]:
+    """(the item file, None for the Hub task; the limit lm-eval applies).
+
+    lm-eval's limit takes a file's first N rows; for a local file the N rows are spread evenly over it
+    instead, written to output_dir/items.jsonl, which lm-eval then runs whole.
+    """
+    data = Path(data) if data is not None else None
+    if limit is not None and limit <= 0:
+        raise EvaluationError(f"--limit must be positive, got {limit}")
+    if data is not None and check_mmlu_data(data) > (limit or float("inf")):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        return spread_subset(data, limit, output_dir / "items.jsonl"), None
+    return data, limit
+
+
+def _items_source(data: Path | None) -> str:
+    return str(data.resolve()) if data is not None else f"hf://{HUB_DATASET} ({HUB_DATASET_CONFIG}, test)"
+
+
+@dataclass
+class _LmEvalRun:
+    results: dict  # lm-eval's results, samples included
+    seconds: float  # lm-eval's own wall time, the model load excluded
+    model_dtype: str  # the dtype the model's weights were loaded in
+
+
+def _run_lm_eval(
+    model: str,
+    tokenizer: str | None,
+    device: str,
+    dtype: str,
+    batch_size: int | str,
+    task_name: str,
+    task_path: Path,
+    data: Path | None,
+    limit: int | None,
+) -> _LmEvalRun:
+    """Load the model and run the task through lm-eval's HF backend, logging every sample (`limit`: lm-eval's,
+    the first N items)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable
 
     hf_model, tok = load_model(
         model, device=device, dtype=torch_dtype_for(dtype, device, auto_means_saved=True), tokenizer=tokenizer
@@ -117,7 +176,7 @@ def run_mmlu(
     start = time.perf_counter()
     try:
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=[task_name], task_manager=task_manager, limit=lm_eval_limit, log_samples=True
+            model=lm, tasks=[task_name], task_manager=task_manager, limit=limit, log_samples=True
         )
     except (ConnectionError, OSError) as err:
         where = f"{HUB_DATASET} from the Hub" if data is None else str(data)
@@ -126,6 +185,13 @@ def run_mmlu(
             "for an offline run pass --data FILE.jsonl"
         ) from None
     seconds = time.perf_counter() - start
+    return _LmEvalRun(results, seconds, dtype_name(hf_model.dtype))
+
+
+def _write_results(output_dir: Path, task_name: str, results: dict) -> list[dict]:
+    """results.json (lm-eval's results without the samples) and samples_<task>.jsonl; returns the samples'
+    records in doc_id order."""
+    from lm_eval.utils import handle_non_serializable
 
     samples = sorted(
         (_sample_record(s) for s in results.pop("samples")[task_name]), key=lambda r: r["doc_id"]
@@ -136,43 +202,37 @@ def run_mmlu(
     with open(samples_path, "w", encoding="utf-8") as f:
         for record in samples:
             f.write(json.dumps(record) + "\n")
+    return samples
 
+
+def _accuracy_with_intervals(samples: list[dict]) -> dict:
+    """summary.json's accuracy fields: micro and subject-balanced, acc and acc_norm, and how the CIs were
+    made."""
     acc, acc_macro = accuracy_stats(samples, "acc")
     acc_norm, acc_norm_macro = accuracy_stats(samples, "acc_norm")
-    by_subject = {metric: subject_means(samples, metric) for metric in ("acc", "acc_norm")}
-    if by_subject["acc"] is not None:
-        (output_dir / "per_subject.json").write_text(
-            json.dumps(
-                {
-                    subject: {"n": n, "acc": m, "acc_norm": by_subject["acc_norm"][subject][1]}
-                    for subject, (n, m) in by_subject["acc"].items()
-                },
-                indent=2,
-            )
-        )
-    summary = {
-        "task": task_name,
-        "model": model,
-        "data": str(data.resolve())
-        if data is not None
-        else f"hf://{HUB_DATASET} ({HUB_DATASET_CONFIG}, test)",
-        "n": len(samples),
-        "n_subjects": len(by_subject["acc"]) if by_subject["acc"] is not None else None,
-        "limit": limit,
-        "device": device,
-        "dtype": dtype_name(hf_model.dtype),
-        "batch_size": batch_size,
+    return {
         "acc": acc,
         "acc_macro": acc_macro,
         "acc_norm": acc_norm,
         "acc_norm_macro": acc_norm_macro,
         "ci_method_micro": "Wilson score interval, 95%",
         "ci_method_macro": "Student-t interval over subject means (k-1 df), 95%, clipped to [0, 1]",
-        **irt_for_samples(samples, data is None, params, str(irt_params) if irt_params else None),
-        "eval_seconds": seconds,
-        "items_per_s": len(samples) / seconds,
     }
-    if acc_macro is None:
-        summary["macro_note"] = "some items have no 'subject' field, so there is no subject-balanced score"
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+
+
+def _write_per_subject(output_dir: Path, samples: list[dict]) -> int | None:
+    """per_subject.json (items, acc and acc_norm of each subject); returns the number of subjects, None
+    (and no file) when some item has no subject."""
+    by_subject = {metric: subject_means(samples, metric) for metric in ("acc", "acc_norm")}
+    if by_subject["acc"] is None:
+        return None
+    (output_dir / "per_subject.json").write_text(
+        json.dumps(
+            {
+                subject: {"n": n, "acc": m, "acc_norm": by_subject["acc_norm"][subject][1]}
+                for subject, (n, m) in by_subject["acc"].items()
+            },
+            indent=2,
+        )
+    )
+    return len(by_subject["acc"])

@@ -93,10 +93,55 @@ def loss_by_position(
     Position p is the loss of predicting window token p + 1 from tokens 0..p. model: a release folder,
     Hub id, or DCP checkpoint / run folder (consolidated to a temporary folder first).
     """
-    import torch
-    import torch.nn.functional as F
-
     model = checked_model_name(str(model))
+    _check_arguments(data, seq_len, docs, rope_scaling_factor, batch_size, dtype)
+    device = device or default_device()
+    torch_dtype = torch_dtype_for(dtype, device, auto_means_saved=False)
+    hf_model, tok = _load_release_or_checkpoint(
+        model, tokenizer, device, torch_dtype, rope_scaling_factor, seq_len
+    )
+    windows, n_read = _windows_of_file(data, text_field, tok, seq_len, docs)
+    per_position = _mean_loss_per_position(hf_model, windows, seq_len, batch_size, device)
+    overall = sum(per_position) / seq_len
+    rope = getattr(hf_model.config, "rope_parameters", None)
+    return {
+        "label": label or default_label(model, rope_scaling_factor),
+        "model": model,
+        "data": str(Path(data).resolve()),
+        "seq_len": seq_len,
+        "windows": "one from the start of each document of at least seq_len + 1 tokens ([bos] doc [eos])",
+        "docs_read": n_read,
+        "docs_qualified": len(windows),
+        "n_windows": len(windows),
+        "n_tokens": len(windows) * seq_len,
+        "rope_scaling_factor": rope_scaling_factor,
+        "rope_parameters": dict(rope) if rope else None,
+        "device": device,
+        "dtype": dtype_name(hf_model.dtype),
+        "loss": overall,
+        "ppl": math.exp(overall),
+        "buckets": _bucket_means(per_position),
+        "loss_by_position": per_position,
+    }
+
+
+def _bucket_means(per_position: list[float]) -> dict[str, float]:
+    """{"0-255": mean loss, ...}: keys name inclusive position ranges, in position order."""
+    return {
+        f"{start}-{end - 1}": sum(per_position[start:end]) / (end - start)
+        for start, end in bucket_edges(len(per_position))
+    }
+
+
+def _check_arguments(
+    data: str | Path,
+    seq_len: int,
+    docs: int | None,
+    rope_scaling_factor: float | None,
+    batch_size: int,
+    dtype: str,
+) -> None:
+    """EvaluationError, naming the command-line option, for a value loss_by_position cannot use."""
     if seq_len < N_BUCKETS:
         raise EvaluationError(f"--seq-len must be at least {N_BUCKETS}, got {seq_len}")
     if docs is not None and docs <= 0:
@@ -108,16 +153,25 @@ def loss_by_position(
     if batch_size <= 0:
         raise EvaluationError(f"--batch-size must be positive, got {batch_size}")
     check_dtype(dtype)
-    from dist_llama.data import expand_paths, iter_documents
+    from dist_llama.data import expand_paths
 
     if not expand_paths([str(data)]):
         raise EvaluationError(f"--data {data}: no such file")
-    device = device or default_device()
-    torch_dtype = torch_dtype_for(dtype, device, auto_means_saved=False)
 
+
+def _load_release_or_checkpoint(
+    model: str,
+    tokenizer: str | None,
+    device: str,
+    torch_dtype,
+    rope_scaling_factor: float | None,
+    seq_len: int,
+):
+    """(model, tokenizer) of a release folder or Hub id, or of a checkpoint consolidated into a temporary
+    folder (gone once the weights are in memory)."""
     with tempfile.TemporaryDirectory(prefix="dist_llama_eval_") as workdir:
         source = consolidate_if_checkpoint(model, workdir, tokenizer)
-        hf_model, tok = load_model(
+        return load_model(
             source,
             device=device,
             dtype=torch_dtype,
@@ -125,6 +179,13 @@ def loss_by_position(
             min_positions=seq_len,
             tokenizer=tokenizer,
         )
+
+
+def _windows_of_file(data: str | Path, text_field: str, tok, seq_len: int, docs: int | None):
+    """_document_windows of the documents in `data`, and how many documents were read; an EvaluationError
+    when none is long enough, a warning when fewer than `docs` are."""
+    from dist_llama.data import iter_documents
+
     try:
         windows, n_read, longest = _document_windows(
             iter_documents([str(data)], text_field), tok, seq_len, docs
@@ -153,7 +214,15 @@ def loss_by_position(
             seq_len + 1,
             docs,
         )
+    return windows, n_read
 
+
+def _mean_loss_per_position(hf_model, windows, seq_len: int, batch_size: int, device: str) -> list[float]:
+    """Next-token loss at each of the seq_len positions, averaged over the windows."""
+    import torch
+    import torch.nn.functional as F
+
+    # Summed in float64 on the CPU: many windows' losses are added, and only seq_len numbers move.
     loss_sum = torch.zeros(seq_len, dtype=torch.float64)
     with torch.no_grad():
         for batch in windows.split(batch_size):
@@ -162,34 +231,7 @@ def loss_by_position(
             logits = out.logits if hasattr(out, "logits") else out[0]
             loss = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
             loss_sum += loss.sum(0).double().cpu()
-    per_position = (loss_sum / len(windows)).tolist()
-
-    # {"0-255": mean loss, ...}: keys name inclusive position ranges, in position order.
-    buckets = {
-        f"{start}-{end - 1}": sum(per_position[start:end]) / (end - start)
-        for start, end in bucket_edges(seq_len)
-    }
-    overall = sum(per_position) / seq_len
-    rope = getattr(hf_model.config, "rope_parameters", None)
-    return {
-        "label": label or default_label(model, rope_scaling_factor),
-        "model": model,
-        "data": str(Path(data).resolve()),
-        "seq_len": seq_len,
-        "windows": "one from the start of each document of at least seq_len + 1 tokens ([bos] doc [eos])",
-        "docs_read": n_read,
-        "docs_qualified": len(windows),
-        "n_windows": len(windows),
-        "n_tokens": len(windows) * seq_len,
-        "rope_scaling_factor": rope_scaling_factor,
-        "rope_parameters": dict(rope) if rope else None,
-        "device": device,
-        "dtype": dtype_name(hf_model.dtype),
-        "loss": overall,
-        "ppl": math.exp(overall),
-        "buckets": buckets,
-        "loss_by_position": per_position,
-    }
+    return (loss_sum / len(windows)).tolist()
 
 
 def default_label(model: str, rope_scaling_factor: float | None) -> str:

@@ -36,67 +36,17 @@ def main(report_path, custom, device, prompts, generation, tolerance):
             "dist_llama is importable in the isolated process; "
             "the check would not prove the folder stands alone",
         )
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(
-        custom, trust_remote_code=True, output_loading_info=True
-    )
-    fields = json.loads(open(f"{custom}/config.json").read())
-    llama_config = LlamaConfig(
-        **{key: value for key, value in fields.items() if key not in CUSTOM_CONFIG_KEYS}
-    )
-    llama, llama_info = LlamaForCausalLM.from_pretrained(
-        custom, config=llama_config, output_loading_info=True
-    )
-    model, llama = model.to(device).eval(), llama.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(custom, trust_remote_code=True)
-    report.update(
-        {
-            "class": type(model).__name__,
-            "module": type(model).__module__,
-            "dtype": str(model.dtype),
-            "loading_info": {k: sorted(map(str, v)) for k, v in info.items() if v},
-            "stock_loading_info": {k: sorted(map(str, v)) for k, v in llama_info.items() if v},
-        }
-    )
+    model, llama, tokenizer, loading = _load_release_and_stock_llama(custom, device)
+    report.update(loading)
     if report["loading_info"] or report["stock_loading_info"]:
         finish(
             report,
             report_path,
             f"weights did not load cleanly: {report['loading_info'] or report['stock_loading_info']}",
         )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    worst, largest, report["generations"] = 0.0, 0.0, []
-    with torch.no_grad():
-        for prompt in prompts:
-            inputs = tokenizer(prompt, return_tensors="pt").to(device)
-            ours, theirs = model(**inputs).logits.float(), llama(**inputs).logits.float()
-            worst = max(worst, (ours - theirs).abs().max().item())
-            largest = max(largest, theirs.abs().max().item())
-            greedy = model.generate(
-                **inputs, max_new_tokens=generation["max_new_tokens"], do_sample=False, pad_token_id=pad
-            )
-            stock_greedy = llama.generate(
-                **inputs, max_new_tokens=generation["max_new_tokens"], do_sample=False, pad_token_id=pad
-            )
-            torch.manual_seed(generation["seed"])
-            sampled = model.generate(
-                **inputs,
-                max_new_tokens=generation["max_new_tokens"],
-                do_sample=True,
-                temperature=generation["temperature"],
-                top_p=generation["top_p"],
-                pad_token_id=pad,
-            )
-            report["generations"].append(
-                {
-                    "prompt": prompt,
-                    "greedy": tokenizer.decode(greedy[0], skip_special_tokens=True),
-                    "sampled": tokenizer.decode(sampled[0], skip_special_tokens=True),
-                    "greedy_equals_stock_llama": torch.equal(greedy, stock_greedy),
-                }
-            )
+    worst, largest, report["generations"] = _compare_on_prompts(
+        model, llama, tokenizer, prompts, generation, device
+    )
     report.update(
         {
             "max_abs_logit_diff": worst,
@@ -113,6 +63,75 @@ def main(report_path, custom, device, prompts, generation, tolerance):
             f"(> {tolerance:g} x max(1, {largest:.3g}))",
         )
     finish(report, report_path)
+
+
+def _load_release_and_stock_llama(custom, device):
+    """The release's own model (trust_remote_code), the same weights in stock LlamaForCausalLM, the tokenizer,
+    and the report's fields on what was loaded (a non-empty loading_info is a weight that did not fit)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        custom, trust_remote_code=True, output_loading_info=True
+    )
+    fields = json.loads(open(f"{custom}/config.json").read())
+    llama_config = LlamaConfig(
+        **{key: value for key, value in fields.items() if key not in CUSTOM_CONFIG_KEYS}
+    )
+    llama, llama_info = LlamaForCausalLM.from_pretrained(
+        custom, config=llama_config, output_loading_info=True
+    )
+    model, llama = model.to(device).eval(), llama.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(custom, trust_remote_code=True)
+    loading = {
+        "class": type(model).__name__,
+        "module": type(model).__module__,
+        "dtype": str(model.dtype),
+        "loading_info": {k: sorted(map(str, v)) for k, v in info.items() if v},
+        "stock_loading_info": {k: sorted(map(str, v)) for k, v in llama_info.items() if v},
+    }
+    return model, llama, tokenizer, loading
+
+
+def _compare_on_prompts(model, llama, tokenizer, prompts, generation, device):
+    """(largest absolute logit difference between the two models, largest absolute stock logit, each prompt's
+    generations)."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    worst, largest, generations = 0.0, 0.0, []
+    with torch.no_grad():
+        for prompt in prompts:
+            inputs = tokenizer(prompt, return_tensors="pt").to(device)
+            ours, theirs = model(**inputs).logits.float(), llama(**inputs).logits.float()
+            worst = max(worst, (ours - theirs).abs().max().item())
+            largest = max(largest, theirs.abs().max().item())
+            generations.append(_generate(model, llama, tokenizer, prompt, inputs, generation, pad))
+    return worst, largest, generations
+
+
+def _generate(model, llama, tokenizer, prompt, inputs, generation, pad):
+    """The release's greedy and seeded sampled continuations of a prompt, and whether stock Llama's greedy one
+    is the same tokens."""
+    import torch
+
+    max_new_tokens = generation["max_new_tokens"]
+    greedy = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    stock_greedy = llama.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    torch.manual_seed(generation["seed"])
+    sampled = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=generation["temperature"],
+        top_p=generation["top_p"],
+        pad_token_id=pad,
+    )
+    return {
+        "prompt": prompt,
+        "greedy": tokenizer.decode(greedy[0], skip_special_tokens=True),
+        "sampled": tokenizer.decode(sampled[0], skip_special_tokens=True),
+        "greedy_equals_stock_llama": torch.equal(greedy, stock_greedy),
+    }
 
 
 if __name__ == "__main__":
