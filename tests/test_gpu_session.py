@@ -3,7 +3,6 @@ input."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import shutil
@@ -538,43 +537,3 @@ def test_training_builds_the_token_cache_then_reads_it(bundle, tmp_path):
     manifest = json.loads((work / "token_cache" / "manifest.json").read_text())
     assert manifest["documents"] > 0 and manifest["tokens"] > 0
     assert "token cache: tokenizing" in (work / "logs" / "train_debug.log").read_text()
-
-
-def session_import_graph() -> dict[str, set[str]]:
-    """{module: the session modules it imports} from every import statement in dist_llama/session, those
-    under `if TYPE_CHECKING:` and inside functions included: a circle there is a circle in the design."""
-    package = "dist_llama.session"
-    files = {
-        path: package if path.stem == "__init__" else f"{package}.{path.stem}"
-        for path in (REPO / "dist_llama/session").glob("*.py")
-    }
-    modules = set(files.values())
-    graph = {}
-    for path, name in files.items():
-        imported = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                imported |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
-        graph[name] = (imported & modules) - {name}
-    return graph
-
-
-def test_the_session_modules_import_each_other_without_a_circle():
-    graph = session_import_graph()
-    assert graph["dist_llama.session.runner"] >= {"dist_llama.session.stages", "dist_llama.session.summary"}
-    done, path = set(), []
-
-    def visit(module: str) -> None:
-        path.append(module)
-        for imported in sorted(graph[module]):
-            assert imported not in path, " -> ".join(path[path.index(imported) :] + [imported])
-            if imported not in done:
-                visit(imported)
-        path.pop()
-        done.add(module)
-
-    for module in sorted(graph):
-        if module not in done:
-            visit(module)
