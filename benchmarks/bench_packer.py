@@ -208,8 +208,8 @@ def main() -> None:
                 results[name]["bare encode+ids tok/s"].append(ids_tokens / ids_s)
                 if args.bare_only:
                     continue
-                # The packer yields every token once as a target; stop once it has yielded as many as bare
-                # made.
+                # The packer yields every token once as a target; stop once it has yielded as many
+                # as bare made.
                 run = packer(config, tokenizer, args.rows, ids_tokens)
                 ids_rate, only_rate, rate = (
                     ids_tokens / ids_s,

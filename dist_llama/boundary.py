@@ -68,6 +68,8 @@ class StepBoundary:
         self.train, self.save_every = train, save_every
         self.budget = TimeBudget(train, start_step, saved_plan)
         self.stop_reason, self.clock, self.share = stop_reason, clock, share
+        if self.budget.starts_measuring(start_step):  # no warm-up steps: the first step is timed too
+            self.budget.measure_start = clock()
 
     @property
     def total_steps(self) -> int:
@@ -153,9 +155,9 @@ def check_budget_plan(plan: dict) -> None:
     if plan["planned_steps"] <= plan["measured_at_step"]:
         raise BudgetError(
             f"train.time_budget_s={plan['budget_s']:g} is too small: {plan['age_s']:.0f} s are gone after "
-            f"{plan['measured_at_step']} warm-up steps (a step takes {plan['step_s']:.2f} s, an evaluation "
-            f"{plan['eval_s']:.1f} s, a checkpoint {plan['checkpoint_s']:.1f} s); raise the budget, or lower "
-            "train.budget_warmup_steps / train.eval_batches"
+            f"{plan['measured_at_step']} steps, warm-up and timed (a step takes {plan['step_s']:.2f} s, an "
+            f"evaluation {plan['eval_s']:.1f} s, a checkpoint {plan['checkpoint_s']:.1f} s); raise the "
+            "budget, or lower train.budget_warmup_steps / train.eval_batches"
         )
 
 
@@ -249,8 +251,8 @@ class StopRequest:
                     left,
                     train.time_limit_margin_s,
                 )
-        # Python takes signal handlers in the main thread only; a trainer run from another thread (a
-        # notebook's
+        # Python takes signal handlers in the main thread only; a trainer run from another
+        # thread (a notebook's
         # worker, say) stops on the time limit alone.
         handled = train.stop_signals if threading.current_thread() is threading.main_thread() else []
         request = cls(tuple(handled), end_time, env.device)

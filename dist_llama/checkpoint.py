@@ -56,9 +56,8 @@ class CheckpointMeta:
     config: dict  # the resolved run config (config.to_dict)
     bad_steps: int = 0
     overflow_steps: int = 0  # fp16 steps skipped for an overflow
-    loss_scaler: dict | None = (
-        None  # fp16's loss scaler state (scale, growth count), so a resume continues it
-    )
+    # Fp16's loss scaler state (scale, growth count), so a resume continues it
+    loss_scaler: dict | None = None
     final_loss: float | None = None  # the last logged training loss
     val_loss: float | None = None
     budget_plan: dict | None = None  # the time budget's plan, kept by a resume
@@ -245,6 +244,17 @@ class Checkpointer:
             self._prune()
         dist.barrier()
         return final
+
+    def update_meta(self, step: int, **fields) -> None:
+        """Rank 0 rewrites fields of a saved checkpoint's meta.json (outside its checksums), through a file
+        renamed into place, so an interrupted write leaves the old meta.json."""
+        if not self.is_main:
+            return
+        path = self.folder / checkpoint_name(step) / META_FILE
+        meta = dataclasses.replace(read_meta(path.parent), **fields)
+        staging = path.with_name(META_FILE + ".tmp")
+        staging.write_text(meta.to_json())
+        staging.replace(path)
 
     def _prune(self) -> None:
         for old in complete_checkpoints(self.folder)[: -self.keep_last]:

@@ -126,8 +126,8 @@ class DataConfig(Section):
     seq_len: int = setting(128, positive=True)
     shuffle: bool = setting(True)
     prefetch_steps: int = setting(4, resumable=True)  # batches tokenized ahead by the background thread
-    # A folder of pre-tokenized documents (python -m dist_llama.data.prepare), built on first use by each
-    # node's
+    # A folder of pre-tokenized documents (python -m dist_llama.data.prepare), built on first use
+    # by each node's
     # local rank 0 when missing; null: tokenize on the fly. The batches are the same either way.
     token_cache: str | None = setting(None, resumable=True)
 
@@ -187,8 +187,8 @@ class TrainConfig(Section):
     steps: int = setting(150, positive=True, resumable=True)
     # The global batch in tokens; gradient accumulation follows from it.
     tokens_per_step: int = setting(2048, positive=True)
-    # Sequences per forward pass per rank: a memory limit (the largest divisor of the rank's rows up to it is
-    # used).
+    # Sequences per forward pass per rank: a memory limit (the largest divisor of the rank's rows up to
+    # it is used).
     micro_batch_size: int = setting(16, positive=True, resumable=True)
     eval_every: int = setting(50, positive=True, resumable=True)
     eval_batches: int = setting(2, positive=True, resumable=True)
@@ -248,8 +248,8 @@ class ParallelConfig(Section):
     NAME: ClassVar[str] = "parallel"
     # none | full | selective (every other block)
     activation_checkpointing: str = setting("none", choices=("none", "full", "selective"), resumable=True)
-    # auto: bf16 on a GPU of compute capability >= 8.0, fp16 (with loss scaling) on an older one, fp32 on a
-    # CPU
+    # auto: bf16 on a GPU of compute capability >= 8.0, fp16 (with loss scaling) on an older one, fp32
+    # on a CPU
     mixed_precision: str = setting("auto", choices=("auto", "bf16", "fp16", "fp32"))
     # fp16: the dynamic loss scale's start (torch's default), and the floor below which the run stops (the
     # gradients overflow even unscaled)

@@ -275,7 +275,7 @@ class MetricsLogger:
             return " | ".join(parts + [f"val_loss {record['val_loss']:.4f}"])
         if record.get("kind") == "started":
             return " | ".join(
-                parts + [f"first step done {record['time_s']:.0f} s after start (start-up, data, compile)"]
+                parts + [f"first step done {record['age_s']:.0f} s after start (start-up, data, compile)"]
             )
         if record.get("kind") == "plan":
             return " | ".join(parts + [f"time budget: {record['planned_steps']} steps planned"])

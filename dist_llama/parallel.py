@@ -166,8 +166,8 @@ def loss_scaler(precision: str, device: torch.device, initial_scale: float) -> S
     overflow across the ranks, so every rank skips the same steps and keeps the same scale."""
     if precision != "fp16":
         return None
-    # Its found-inf flag meets FSDP2's DTensor gradients as a one-element tensor, which DTensor replicates
-    # with
+    # Its found-inf flag meets FSDP2's DTensor gradients as a one-element tensor, which
+    # DTensor replicates with
     # a warning on every run; the replication is what the scaler needs.
     warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1", category=UserWarning)
     return ShardedGradScaler(device=device.type, init_scale=initial_scale)
@@ -195,8 +195,8 @@ def parallelize(model: Transformer, parallel: ParallelConfig, env: DistEnv) -> T
         for block in model.model.layers:
             block.compile()  # in place: parameter names stay those of transformers' Llama
     mesh = init_device_mesh(env.device.type, (env.world_size,))
-    # Parameters stay fp32 (the optimizer's master copy); 16 bits only for compute, fp32 for gradient
-    # reduction.
+    # Parameters stay fp32 (the optimizer's master copy); 16 bits only for compute, fp32
+    # for gradient reduction.
     precision, _ = training_precision(parallel, env.device)
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
     for block in model.model.layers:

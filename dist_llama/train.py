@@ -4,14 +4,15 @@
 
 `python -m dist_llama.train` runs the same code on one process (a GPU if visible, else the CPU).
 
-Read it top-down:
+What is where, from the entry point down (the file defines each piece before the code that uses it, so
+it reads bottom-up):
     train            the process group and logging around the loop; a try/finally closes the data thread,
                      the loggers and the process group
     training_loop    one step, its log line, then what the step boundary decides (boundary.py): validate,
                      save, plan the time budget, stop
     Run              what a run is made of (model, optimizer, data, validation batches, checkpointer,
                      metrics logger, progress, fp16's loss scaler), built or resumed by Run.start, with its
-                     own train_step, validate and save
+                     own step, validate and save
     train_step       one optimizer step over the rank's rows: forward_backward per micro-batch, clip, step
     BatchLayout      how the global batch splits over ranks and micro-batches
 """
@@ -63,7 +64,7 @@ from dist_llama.metrics import (
     peak_flops,
 )
 from dist_llama.model import Transformer, count_parameters, flops_per_token
-from dist_llama.optim import build_optimizer, lr_factor, set_learning_rates
+from dist_llama.optim import OptimizerGroup, build_optimizer, lr_factor, set_learning_rates
 from dist_llama.parallel import (
     CollectiveTimeout,
     CollectiveTimeouts,
@@ -247,20 +248,18 @@ class Run:
     env: DistEnv
     layout: BatchLayout
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: OptimizerGroup
     data: PackedBatches
     val_batches: list
     checkpointer: Checkpointer
     logger: MetricsLogger
     precision: str = "fp32"  # what the model computes in (parallel.mixed_precision, auto resolved)
     scaler: ShardedGradScaler | None = None  # fp16's loss scaler
-    memory_estimate: MemoryEstimate | None = (
-        None  # on a GPU: the step's estimated peak, checked against the card
-    )
+    # On a GPU: the step's estimated peak, checked against the card
+    memory_estimate: MemoryEstimate | None = None
     progress: Progress = field(default_factory=Progress)
-    budget_plan: dict | None = (
-        None  # the time budget's plan, once made (or as the resumed checkpoint kept it)
-    )
+    # The time budget's plan, once made (or as the resumed checkpoint kept it), and the step count it set.
+    budget_plan: dict | None = None
     planned_steps: int | None = None
     recipe_changes: list[dict] = field(default_factory=list)  # keys changed on purpose at a resume, in order
 
@@ -324,6 +323,8 @@ class Run:
             tokens_seen=meta.tokens_seen,
             bad_steps=meta.bad_steps,
             overflow_steps=meta.overflow_steps,
+            loss=meta.final_loss,
+            val_loss=meta.val_loss,
         )
         self.data.load_state_dict(merge_states(meta.data_lanes))
         if self.scaler is not None and meta.loss_scaler is not None:  # the same scale, and its growth count
@@ -340,7 +341,7 @@ class Run:
             "initialised weights from %s (data stream: %s)", checkpoint, self.config.train.init_data_stream
         )
 
-    def train_step(self, batch, lr_scale: float) -> StepResult:
+    def step(self, batch, lr_scale: float) -> StepResult:
         """One optimizer step; counts it, an fp16 overflow (skipped, the scale lowered), and a non-finite step
         (skipped) against train.max_bad_steps."""
         result = train_step(
@@ -471,10 +472,28 @@ class Run:
         self.logger.log(record, start_step)
         return record
 
+    def record_plan(self, plan: dict, boundary: StepBoundary) -> None:
+        """The time budget's plan: logged, and written into the checkpoint just saved at this step (which was
+        timed before the plan existed), so that a run stopped here resumes with it."""
+        self.budget_plan, self.planned_steps = plan, boundary.total_steps
+        self.logger.total_steps = boundary.total_steps
+        self.logger.log({"kind": "plan", "step": self.progress.step, **plan})
+        self.checkpointer.update_meta(self.progress.step, budget_plan=plan, planned_steps=self.planned_steps)
+        log.info(
+            "time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint %.1f s, "
+            "%.0f s used so far)",
+            plan["budget_s"],
+            self.planned_steps,
+            plan["step_s"],
+            plan["eval_s"],
+            plan["checkpoint_s"],
+            plan["age_s"],
+        )
+
     def log_started(self) -> None:
         """After the first step: how long start-up, data and compile took, and the peak memory beside its
         estimate (memory.py), so the estimate can be checked on every card."""
-        record = {"kind": "started", "step": self.progress.step, "time_s": process_age_s()}
+        record = {"kind": "started", "step": self.progress.step, "age_s": process_age_s()}
         if self.memory_estimate is not None:
             record.update(
                 memory_gib=memory_gib(self.env.device), memory_estimate_gib=self.memory_estimate.total / GIB
@@ -583,20 +602,8 @@ def log_shapes(config: Config, layout: BatchLayout, env: DistEnv) -> None:
 def between_steps(run: Run, boundary: StepBoundary, clock: TrainingClock, todo: Todo) -> None:
     """Carry out what the boundary decided for this step (validate, save, plan), its stop apart."""
     if todo.plan:  # the budget's measurement ends: a warm evaluation and a checkpoint, timed, then the plan
-        eval_s, checkpoint_s = measure_pauses(lambda warm_up: run.validate(warm_up), run.save, clock.wall)
-        run.budget_plan = boundary.plan(run.progress.step, eval_s, checkpoint_s, run.env.is_main)
-        run.planned_steps = run.logger.total_steps = boundary.total_steps
-        run.logger.log({"kind": "plan", "step": run.progress.step, **run.budget_plan})
-        log.info(
-            "time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint %.1f s, "
-            "%.0f s used so far)",
-            run.budget_plan["budget_s"],
-            run.planned_steps,
-            run.budget_plan["step_s"],
-            eval_s,
-            checkpoint_s,
-            run.budget_plan["age_s"],
-        )
+        eval_s, checkpoint_s = measure_pauses(run.validate, run.save, clock.wall)
+        run.record_plan(boundary.plan(run.progress.step, eval_s, checkpoint_s, run.env.is_main), boundary)
         return
     if todo.validate:
         run.validate()
@@ -637,7 +644,7 @@ def training_loop(run: Run, stop: StopRequest) -> dict:
         step = run.progress.step + 1
         lr_scale = lr_factor(step - 1, config.optim, boundary.total_steps)
         with step_guard(step, run.layout, timeouts):
-            result = run.train_step(data_wait.next(run.data), lr_scale)
+            result = run.step(data_wait.next(run.data), lr_scale)
         throughput.add(run.layout.tokens_per_step)
         if step == start_step + 1:  # loading and compile are behind: a long wait now means a hung rank
             timeouts.first_step_done()

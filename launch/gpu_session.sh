@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # launch/gpu_session.sh --out DIR [--rehearse] [--deadline-s 540] [--bundle gpu_bundle] [--section.key=value ...]
-# One command on a GPU: install the bundle, preflight, bench, train, release, evaluate, report (see
+# One command on a GPU: install the bundle, preflight, train, release, evaluate, bench, report (see
 # dist_llama/session/). --rehearse runs the same stages on this machine's CPU.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)

@@ -73,14 +73,17 @@ def test_a_resumed_plan_stands_and_a_plan_too_small_stops(monkeypatch):
     assert capped.total_steps == 25
 
     monkeypatch.setattr(boundary, "process_age_s", lambda: 99.0)
+    now = [5.0]  # with no warm-up steps the first step is timed too: from the loop's start
     late, _ = make(
         "--train.time_budget_s=100",
         "--train.steps=100000",
         "--train.budget_warmup_steps=0",
         "--train.budget_measure_steps=1",
+        clock=lambda: now[0],
     )
+    now[0] = 5.5
     assert late.after(1).plan
-    with pytest.raises(BudgetError, match="is too small: 99 s are gone"):
+    with pytest.raises(BudgetError, match=r"is too small: 99 s are gone after 1 steps.*a step takes 0.50 s"):
         late.plan(1, eval_s=1.0, checkpoint_s=1.0, is_main=True)
 
 

@@ -109,3 +109,17 @@ def test_meta_is_versioned_and_an_unreadable_format_is_named(process_group, tmp_
     (saved / "meta.json").write_text(json.dumps({k: v for k, v in written.items() if k != "tokens_seen"}))
     with pytest.raises(CheckpointError, match="lacks tokens_seen"):
         read_meta(saved)
+
+
+def test_a_saved_checkpoints_meta_can_be_updated_and_still_verifies(process_group, tmp_path):
+    model, optimizer = small_model()
+    checkpointer = Checkpointer(tmp_path, keep_last=2, is_main=True)
+    saved = checkpointer.save(model, optimizer, {}, meta(8, tokens_seen=16))
+    checkpointer.update_meta(8, planned_steps=40, budget_plan={"planned_steps": 40})
+    updated = verify_checkpoint(saved)
+    assert (
+        updated.planned_steps == 40
+        and updated.budget_plan == {"planned_steps": 40}
+        and updated.tokens_seen == 16
+    )
+    assert sorted(p.name for p in saved.iterdir() if p.name.startswith("meta")) == ["meta.json"]

@@ -309,8 +309,8 @@ def test_epoch_wraps_and_increments(tmp_path, tokenizer):
             next(batches)
             lanes = batches.state_dict()["lanes"]
             for lane in (0, 1):
-                # Lane l owns documents l and l + 2; its position after `step` windows is step * seq_len
-                # tokens.
+                # Lane l owns documents l and l + 2; its position after `step` windows is step
+                # * seq_len tokens.
                 lengths = [len(encode(tokenizer, docs[d])) for d in (lane, lane + 2)]
                 epoch, within = divmod(step * 4, sum(lengths))
                 doc, offset = (lane, within) if within < lengths[0] else (lane + 2, within - lengths[0])

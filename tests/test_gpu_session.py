@@ -397,43 +397,48 @@ def test_a_compile_that_hangs_costs_the_compile_limit_and_training_runs_eager(bu
     train = next(s for s in summary["stages"] if s["stage"] == "train")
     assert train["status"] == "ok", train
     assert (
-        "debug: stopped: no sign of progress after 25 s" in train["detail"]
+        "debug: stopped: no first step within 25 s" in train["detail"]
         and "debug_eager: budget" in train["detail"]
     )
     assert summary["run"] == "debug_eager" and summary["preflight"]["config"]["parallel"]["compile"] is True
     assert train["seconds"] < 25 + 120, "the hang cost its limit, not the stage"
 
 
-def test_a_child_that_does_not_start_in_time_is_stopped_and_one_that_does_runs_on(tmp_path):
-    from dist_llama.session.processes import run_child
+def test_a_child_that_misses_a_progress_mark_is_stopped_and_one_that_reaches_them_runs_on(tmp_path):
+    """Marks in order, each within the limit of the one before: a child that reaches the first mark and then
+    hangs is stopped at the second's limit; one that reaches both runs to its end."""
+    from dist_llama.session.processes import Progress, run_child
 
-    marker = tmp_path / "started"
     script = (
         "import pathlib, sys, time\n"
-        f"if sys.argv[1] == 'start': pathlib.Path({str(marker)!r}).touch()\n"
-        "time.sleep(3)"
+        "folder = pathlib.Path(sys.argv[1])\n"
+        "time.sleep(1); (folder / 'first').touch()\n"
+        "time.sleep(1)\n"
+        "if sys.argv[2] == 'both': (folder / 'second').touch()\n"
+        "time.sleep(2 if sys.argv[2] == 'both' else 60)"
     )
-    stalled = run_child(
+    progress = Progress(("first", "second"), 1.8, lambda mark: (tmp_path / mark).exists())
+    hung = run_child(
         tmp_path / "a.log",
-        [sys.executable, "-c", script, "hang"],
+        [sys.executable, "-c", script, str(tmp_path), "one"],
         30,
         dict(os.environ),
         tmp_path,
-        started=marker.exists,
-        start_within=1,
+        progress,
     )
-    assert not stalled.ok and not stalled.timed_out and stalled.stalled_after_s == 1 and stalled.seconds < 3
-    assert stalled.why().startswith("stopped: no sign of progress after 1 s")
-    started = run_child(
+    assert not hung.ok and not hung.timed_out and hung.missed == "second" and hung.seconds < 10
+    assert hung.why().startswith("stopped: no second within 2 s")
+    for name in ("first", "second"):
+        (tmp_path / name).unlink(missing_ok=True)
+    both = run_child(
         tmp_path / "b.log",
-        [sys.executable, "-c", script, "start"],
+        [sys.executable, "-c", script, str(tmp_path), "both"],
         30,
         dict(os.environ),
         tmp_path,
-        started=marker.exists,
-        start_within=1,
+        progress,
     )
-    assert started.ok and started.seconds >= 3
+    assert both.ok and both.missed is None and both.seconds >= 4
 
 
 def test_the_install_stage_gives_pip_its_allowance(monkeypatch, tmp_path):

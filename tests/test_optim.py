@@ -289,7 +289,8 @@ def test_budget_plan_fits_the_measured_costs_and_refuses_a_budget_too_small(monk
         config.train, config.checkpoint.every, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0
     )
     with pytest.raises(
-        BudgetError, match="train.time_budget_s=100 is too small: 99 s are gone after 8 warm-up steps"
+        BudgetError,
+        match="train.time_budget_s=100 is too small: 99 s are gone after 8 steps, warm-up and timed",
     ):
         check_budget_plan(too_small)
 

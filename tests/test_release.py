@@ -708,8 +708,8 @@ def test_release_wrapper_composes_the_trained_transformer(releases):
     assert list(model.state_dict()) == list(expected)
     twin = copy.deepcopy(model)
     assert twin.transformer.model is twin.model and twin.model is not model.model
-    # A head put in place on the wrapper (resize_token_embeddings, peft's modules_to_save) is the one that
-    # runs.
+    # A head put in place on the wrapper (resize_token_embeddings, peft's modules_to_save) is the
+    # one that runs.
     head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
     torch.nn.init.zeros_(head.weight)
     model.set_output_embeddings(head)

@@ -11,8 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_session_command_imports_only_the_standard_library():
-    # -S: no site-packages, so an import of anything installed fails here as it would before the install
-    # stage.
+    # -S: no site-packages, so an import of anything installed fails here as it would before
+    # the install stage.
     script = (
         "import json, sys\nsys.path.insert(0, sys.argv[1])\n"
         "import dist_llama.session.cli, dist_llama.gpu_session\n"

@@ -379,8 +379,8 @@ def test_resume_with_a_changed_recipe_stops_unless_allowed(runs, corpus, tmp_pat
         "a refused resume must not rewrite config.yaml"
     )
 
-    # Training longer, at another cadence and micro-batch, is no recipe change; a named change is allowed and
-    # recorded.
+    # Training longer, at another cadence and micro-batch, is no recipe change; a named change is
+    # allowed and recorded.
     result = run(
         1,
         args + ["--checkpoint.allow_changes=[optim.lr]", "--train.log_every=2", "--train.micro_batch_size=4"],
@@ -430,6 +430,11 @@ def test_time_budget_plans_the_steps_and_a_resume_keeps_the_plan(corpus, tmp_pat
     assert plan["age_s"] + planned_cost <= budget
     assert wall < 3 * budget, f"the run took {wall:.0f} s for a {budget} s budget"
     assert latest_meta(run_dir)["planned_steps"] == planned
+    # The checkpoint timed for the plan was saved before the plan existed; it holds the plan all the same,
+    # so a run stopped at that step resumes with it.
+    at_plan = json.loads((run_dir / "checkpoints" / "step_00000008" / "meta.json").read_text())
+    assert at_plan["planned_steps"] == planned
+    assert at_plan["budget_plan"] == {k: v for k, v in plan.items() if k not in ("kind", "step")}
 
     # Resume from a checkpoint taken after planning, with another budget: the planned schedule stands.
     after_plan = [

@@ -132,8 +132,8 @@ class _Expected:
                 )
             else:
                 for entry, path in zip(manifest["files"], self.files):
-                    # The same name, size and modification time are taken as the same file; else its bytes
-                    # decide.
+                    # The same name, size and modification time are taken as the same file; else
+                    # its bytes decide.
                     if path.stat().st_mtime_ns != entry["mtime_ns"] and _file_hash(path) != entry["blake2b"]:
                         found.append(
                             f"the content of {path.name} (blake2b {entry['blake2b']} -> {_file_hash(path)})"

@@ -22,7 +22,7 @@ from pathlib import Path
 from dist_llama.session import REPO
 from dist_llama.session.bundle import data_overrides
 from dist_llama.session.deadline import Deadline, Mode
-from dist_llama.session.processes import Child, Interrupted, run_child
+from dist_llama.session.processes import Child, Interrupted, Progress, run_child
 
 
 def resolve_config_path(config: str) -> str:
@@ -119,8 +119,7 @@ class Context:
                 "PYTHONUNBUFFERED": "1",
                 "TOKENIZERS_PARALLELISM": "false",
                 "TQDM_DISABLE": "1",  # progress bars would fill the logs with carriage returns
-                # Training's compile fills this cache, so the bench's compile of the same blocks is
-                # warm.
+                # Training's compile fills this cache, so the bench's compile of the same blocks is warm.
                 "TORCHINDUCTOR_CACHE_DIR": str(self.work / "inductor_cache"),
             }
         )
@@ -133,11 +132,12 @@ class Context:
         timeout: float,
         env: dict | None = None,
         cwd: Path | None = None,
-        **watch,
+        progress: Progress | None = None,
     ) -> Child:
-        """A child process with its log in logs/LABEL.log; `watch`: run_child's started/start_within."""
+        """A child process with its log in logs/LABEL.log, stopped at `timeout` or when it misses a mark of
+        `progress`."""
         return run_child(
-            self.logs / f"{label}.log", command, timeout, env or self.env(), cwd or REPO, **watch
+            self.logs / f"{label}.log", command, timeout, env or self.env(), cwd or REPO, progress
         )
 
     def trainer(self, overrides: list[str]) -> list[str]:

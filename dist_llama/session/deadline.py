@@ -85,7 +85,7 @@ GPU = Mode(
         "release": (20, 100),
         "evaluate": (20, 200),
         "bench": (30, 75),
-        "report": (5, 45),
+        "report": (10, 45),
     },
     train_grace_s=30,
     compile_limit_s=200,

@@ -3,7 +3,6 @@ failed."""
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shlex
@@ -23,6 +22,16 @@ def raise_interrupted(signum, frame):
     raise Interrupted()
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Marks a child must reach in order, each within `within_s` of the one before (the first: of its start);
+    `reached(mark)` says whether it has. A child that misses one is stopped: a compile that hangs, say."""
+
+    marks: tuple[str, ...]
+    within_s: float
+    reached: Callable[[str], bool]
+
+
 @dataclass
 class Child:
     """One finished child process."""
@@ -31,15 +40,16 @@ class Child:
     timed_out: bool
     seconds: float
     log: Path
-    stalled_after_s: float | None = None  # stopped because `started()` was still False by then
+    missed: str | None = None  # the progress mark it was stopped for not reaching in time
+    missed_within_s: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out and self.stalled_after_s is None
+        return self.returncode == 0 and not self.timed_out and self.missed is None
 
     def why(self) -> str:
-        if self.stalled_after_s is not None:
-            return f"stopped: no sign of progress after {self.stalled_after_s:.0f} s (log {self.log.name})"
+        if self.missed is not None:
+            return f"stopped: no {self.missed} within {self.missed_within_s:.0f} s (log {self.log.name})"
         if self.timed_out:
             return f"stopped at its time limit after {self.seconds:.0f} s (log {self.log.name})"
         return f"{last_error_line(self.log)} (exit {self.returncode}, log {self.log.name})"
@@ -60,16 +70,10 @@ def last_error_line(log: Path) -> str:
 
 
 def run_child(
-    log: Path,
-    command: list[str],
-    timeout: float,
-    env: dict,
-    cwd: Path,
-    started: Callable[[], bool] | None = None,
-    start_within: float = math.inf,
+    log: Path, command: list[str], timeout: float, env: dict, cwd: Path, progress: Progress | None = None
 ) -> Child:
     """Run command with its output in log (the command first, the exit last), stopped after timeout seconds,
-    or after start_within seconds when `started()` is still False then (a compile that hangs, say)."""
+    or as soon as it misses a progress mark."""
     start = time.monotonic()
     timeout = max(1.0, timeout)
     with log.open("w") as handle:
@@ -79,7 +83,7 @@ def run_child(
             command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            ending = _wait(process, start, timeout, started, start_within)
+            ending, missed = _wait(process, start + timeout, progress)
         except Interrupted:
             stop_process_group(process)
             raise
@@ -89,35 +93,35 @@ def run_child(
     said = {
         "exit": f"exit {process.returncode}",
         "timeout": "stopped at the time limit",
-        "stalled": f"stopped: no sign of progress after {start_within:.0f} s",
+        "missed": f"stopped: no {missed} within {progress.within_s if progress else 0:.0f} s",
     }[ending]
     with log.open("a") as handle:
         handle.write(f"# {said} after {seconds:.1f} s (limit {timeout:.0f} s)\n")
-    return Child(
-        process.returncode, ending == "timeout", seconds, log, start_within if ending == "stalled" else None
-    )
+    within = progress.within_s if missed else 0.0
+    return Child(process.returncode, ending == "timeout", seconds, log, missed, within)
 
 
-def _wait(
-    process: subprocess.Popen,
-    start: float,
-    timeout: float,
-    started: Callable[[], bool] | None,
-    start_within: float,
-) -> str:
-    """'exit', 'timeout', or 'stalled' (started() still False start_within seconds after start)."""
-    if started is not None and start_within < timeout:
+POLL_S = 1.0  # how often a watched child's progress is read
+
+
+def _wait(process: subprocess.Popen, deadline: float, progress: Progress | None) -> tuple[str, str | None]:
+    """("exit", None) when the child exits by `deadline`, ("timeout", None) when it does not, ("missed",
+    mark) when it misses a progress mark first."""
+    marks, since = list(progress.marks) if progress else [], time.monotonic()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "timeout", None
         try:
-            process.wait(timeout=start_within)
-            return "exit"
+            process.wait(timeout=min(POLL_S, left) if marks else left)
+            return "exit", None
         except subprocess.TimeoutExpired:
-            if not started():
-                return "stalled"
-    try:
-        process.wait(timeout=max(0.0, timeout - (time.monotonic() - start)))
-        return "exit"
-    except subprocess.TimeoutExpired:
-        return "timeout"
+            pass
+        while marks and progress.reached(marks[0]):
+            marks.pop(0)
+            since = time.monotonic()
+        if marks and time.monotonic() - since > progress.within_s:
+            return "missed", marks[0]
 
 
 def stop_process_group(process: subprocess.Popen) -> None:

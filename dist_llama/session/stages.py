@@ -25,7 +25,7 @@ from dist_llama.session.context import (
     reported_run,
     trained_run,
 )
-from dist_llama.session.processes import Child, Interrupted
+from dist_llama.session.processes import Child, Interrupted, Progress
 from dist_llama.session.wheels import install_wheels
 
 # Fixed prompts of the release check: a fact, a story opening, a date (the project's usual three).
@@ -113,9 +113,11 @@ def _preflight_detail(report: dict) -> str:
 
 
 def train(context: Context, preflight: PreflightFacts, allowance: float) -> tuple[Outcome, tuple[Path, ...]]:
-    """The config with the time budget the deadline leaves. A compiled run that fails, or has not planned its
-    budget within the mode's compile_limit_s (its first steps and first evaluation compile graphs before the
-    plan), is run again eager, as a new run, with the time left. Returns the runs made, in order."""
+    """The config with the time budget the deadline leaves. A compiled run that fails, or misses a progress
+    mark (its first step, then its time-budget plan, each within the mode's compile_limit_s of the one before:
+    the training graphs, then the evaluation graphs compile before them), is run again eager, as a new run,
+    with the time left; one that stopped on a user error (exit 2, said in one line) is not. Returns the runs
+    made, in order."""
     from dist_llama.checkpoint import complete_checkpoints
 
     name = preflight.resolved("train", "name", "run")
@@ -142,38 +144,51 @@ def train(context: Context, preflight: PreflightFacts, allowance: float) -> tupl
                 f"{run_name}: {child.why()}"
                 + (f" (latest checkpoint {checkpoints[-1].name})" if checkpoints else "")
             )
-            if attempt == 0 and compiled and not child.timed_out:
+            if attempt == 0 and compiled and not child.timed_out and child.returncode != USER_ERROR_EXIT:
                 attempts.append((f"{name}_eager", ["--parallel.compile=false"]))
     except Interrupted:
         raise TrainingInterrupted(tuple(runs)) from None
     return Outcome("train", "failed", detail="; ".join(notes)), tuple(runs)
 
 
+USER_ERROR_EXIT = 2  # dist_llama.cli: a one-line user error, which an eager run would repeat
+TRAINING_MARKS = ("first step", "time-budget plan")  # what a compiled run reaches, in order
+MARK_KINDS = {"first step": "started", "time-budget plan": "plan"}  # their records in metrics.jsonl
+
+
 def _training_run(context: Context, run_dir: Path, budget: float, extra: list[str], watch: bool) -> Child:
-    """One training attempt as the new run run_dir, given `budget` seconds; when `watch`, it is stopped if it
-    has not planned its budget within the mode's compile_limit_s."""
+    """One training attempt as the new run run_dir, given `budget` seconds; when `watch`, it is stopped as
+    soon as it misses a progress mark (TRAINING_MARKS)."""
     overrides = [
         *extra,
         f"--train.run_root={context.work / 'runs'}",
         f"--train.name={run_dir.name}",
         f"--train.time_budget_s={budget:.0f}",
     ]
+    progress = Progress(
+        TRAINING_MARKS, context.mode.compile_limit_s, lambda mark: MARK_KINDS[mark] in logged_kinds(run_dir)
+    )
     return context.run(
         f"train_{run_dir.name}",
         context.trainer(overrides),
         context.deadline.training_timeout(budget),
-        started=(lambda: has_planned(run_dir)) if watch else None,
-        start_within=context.mode.compile_limit_s,
+        progress=progress if watch else None,
     )
 
 
-def has_planned(run_dir: Path) -> bool:
-    """Whether the trainer planned its time budget (its metrics.jsonl holds the "plan" record): its first
-    steps and its first evaluation are done, with whatever they compiled."""
+def logged_kinds(run_dir: Path) -> set[str]:
+    """The kinds of record in the trainer's metrics.jsonl so far (a line being written is passed over)."""
     try:
-        return '"kind": "plan"' in (run_dir / "metrics.jsonl").read_text()
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     except OSError:
-        return False
+        return set()
+    kinds = set()
+    for line in lines:
+        try:
+            kinds.add(json.loads(line).get("kind"))
+        except json.JSONDecodeError:
+            continue
+    return kinds
 
 
 def release(context: Context, runs: tuple[Path, ...], allowance: float) -> tuple[Outcome, Path | None]:
@@ -249,12 +264,12 @@ def evaluate(
     if release_folder is None or not (release_folder / "config.json").is_file():
         return Outcome("evaluate", "skipped", detail="no release folder to evaluate")
     missing = [m for m in LM_EVAL_MODULES if m in preflight.report.get("import_errors", {})]
-    done, problems = [], []
+    done, problems, ends = [], [], time.monotonic() + allowance
     for label, arguments, needs_lm_eval in _evaluation_steps(context, preflight, release_folder):
         if needs_lm_eval and missing:
             problems.append(f"{label} skipped: {missing[0]} does not import")
             continue
-        step_allowance = context.deadline.evaluation_step_allowance()
+        step_allowance = min(context.deadline.evaluation_step_allowance(), ends - time.monotonic())
         if not context.deadline.evaluation_step_worth_starting(step_allowance):
             problems.append(f"{label} skipped for time ({step_allowance:.0f} s left)")
             continue
