@@ -19,9 +19,9 @@ Every stage but training has a planned time and training gets the rest (`python 
              free memory, the bundle's data and tokenizer, and the resolved training config (no smoke run:
              the training run falls back to eager by itself)
   train      the config with train.time_budget_s = what the deadline leaves after the later stages' plan.
-             The run builds the token cache first (every core), then trains. A compiled run that fails, or
-             has not planned its time budget after --compile-limit-s (a compile that hangs), is run
-             again eager, as a new run, with the time left
+             The run builds the token cache first (every core), then trains. A compiled run that fails,
+             or misses its first step or then its time-budget plan, each within --compile-limit-s of the
+             one before (a compile that hangs), is run again eager, as a new run, with the time left
   release    consolidate once; then, in a process where dist_llama is not importable: load with
              trust_remote_code, compare logits with stock LlamaForCausalLM on the same files, and generate
              from fixed prompts (greedy, and sampled with a seed)

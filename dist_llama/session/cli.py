@@ -72,8 +72,8 @@ def run_main(argv: list[str]) -> int:
         "--compile-limit-s",
         type=float,
         default=None,
-        help=f"a compiled training run that has not planned its time budget by then runs "
-        f"eager (default {GPU.compile_limit_s:g}; "
+        help=f"a compiled training run must reach its first step, then its time-budget plan, each "
+        f"within this many seconds of the one before, or it runs eager (default {GPU.compile_limit_s:g}; "
         f"rehearsal {REHEARSAL.compile_limit_s:g})",
     )
     parser.add_argument(
