@@ -33,9 +33,10 @@ class Mode:
     planned: dict[str, float]
     limits: dict[str, tuple[float, float]]
     train_grace_s: float  # past its own budget, the trainer is stopped
-    # A compiled training run must finish its first step within this (start-up, token cache, the training
-    # graphs' compile), then plan its time budget within as long again (the evaluation graphs' compile), or it
-    # is stopped and run again eager with the time left: a compile that hangs costs this much, not the session.
+    # A compiled training run must finish its first step within this (start-up, token cache, the
+    # training graphs' compile), then plan its time budget within as long again (the evaluation graphs'
+    # compile), or it is stopped and run again eager with the time left: a compile that hangs costs this
+    # much, not the session.
     compile_limit_s: float
     train_overrides: tuple[str, ...] = ()  # before the user's own
     # Items of the spread MMLU file to evaluate (None: all); the config's eval.limit wins.
