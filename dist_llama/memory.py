@@ -110,6 +110,17 @@ def divisors_down_from(limit: int, rows: int) -> list[int]:
     return [d for d in range(min(limit, rows), 0, -1) if rows % d == 0]
 
 
+def _first_fit(args: ModelArgs, capacity_bytes: float, micro_batch: int, rows_per_rank: int, **shape):
+    """(checkpointing, micro-batch, estimate) of the first setting that fits, in the order check_memory_fits
+    names; None when none does."""
+    for mode in CHECKPOINTING:
+        for micro in divisors_down_from(micro_batch, rows_per_rank):
+            estimate = estimate_memory(args, micro_batch=micro, checkpointing=mode, **shape)
+            if estimate.total <= capacity_bytes:
+                return mode, micro, estimate
+    return None
+
+
 def check_memory_fits(
     args: ModelArgs,
     capacity_bytes: float,
@@ -125,16 +136,7 @@ def check_memory_fits(
     estimate = estimate_memory(args, micro_batch=micro_batch, checkpointing=checkpointing, **shape)
     if estimate.total <= capacity_bytes:
         return estimate
-    fits = next(
-        (
-            (mode, micro, fitting)
-            for mode in CHECKPOINTING
-            for micro in divisors_down_from(micro_batch, rows_per_rank)
-            if (fitting := estimate_memory(args, micro_batch=micro, checkpointing=mode, **shape)).total
-            <= capacity_bytes
-        ),
-        None,
-    )
+    fits = _first_fit(args, capacity_bytes, micro_batch, rows_per_rank, **shape)
     where = (
         f"; --train.micro_batch_size={fits[1]} --parallel.activation_checkpointing={fits[0]} fits "
         f"(~{fits[2].total / GIB:.1f} GiB)"

@@ -183,8 +183,11 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
             model.model.layers[index] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def parallelize(model: Transformer, parallel: ParallelConfig, env: DistEnv) -> Transformer:
-    """Activation checkpointing, per-block compile, then FSDP2: each block its own unit, then the root.
+def parallelize(
+    model: Transformer, parallel: ParallelConfig, env: DistEnv, precision: str | None = None
+) -> Transformer:
+    """Activation checkpointing, per-block compile, then FSDP2: each block its own unit, then the root,
+    computing in `precision` (default: training_precision's for the device).
 
     The model must already hold its full, seeded weights (see Transformer.init_weights): sharding a
     meta-initialised model and re-initialising per rank gives every rank the same random stream.
@@ -197,7 +200,7 @@ def parallelize(model: Transformer, parallel: ParallelConfig, env: DistEnv) -> T
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     # Parameters stay fp32 (the optimizer's master copy); 16 bits only for compute, fp32
     # for gradient reduction.
-    precision, _ = training_precision(parallel, env.device)
+    precision = precision or training_precision(parallel, env.device)[0]
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)

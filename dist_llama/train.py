@@ -276,7 +276,7 @@ class Run:
             write_run_files(config, env, {"name": precision, "why": why})
         tokenizer = load_tokenizer(config.data.tokenizer)
         check_tokenizer(tokenizer, config.model.vocab_size)
-        model, optimizer = build_model(config, env)
+        model, optimizer = build_model(config, env, precision)
         log_shapes(config, layout, env)
         lanes = dict(global_rows=layout.global_rows, rank=env.rank, world_size=env.world_size)
         data = PackedBatches(config.data, tokenizer, seed=config.train.seed, **lanes)
@@ -565,12 +565,12 @@ def recipe_history(config: Config, checkpoint) -> list[dict]:
     return saved.recipe_changes + [{**change, "step": saved.step} for change in changes]
 
 
-def build_model(config: Config, env: DistEnv):
+def build_model(config: Config, env: DistEnv, precision: str):
     """The model from its seed (full weights on every rank, then sharded), and its optimizer."""
     torch.manual_seed(config.train.seed)
     model = Transformer(config.model)
     model.init_weights(seed=config.train.seed)
-    model = parallelize(model, config.parallel, env)
+    model = parallelize(model, config.parallel, env, precision)
     return model, build_optimizer(model, config.optim, env.device)
 
 

@@ -20,6 +20,16 @@ from dist_llama.session.summary import summary_markdown
 REPO = Path(__file__).resolve().parents[1]
 
 
+# A training run of seconds on the bundle: 8 sequences of 32 tokens a step, micro-batches of 4.
+TINY_RUN = [
+    "--train.tokens_per_step=256",
+    "--train.micro_batch_size=4",
+    "--data.seq_len=32",
+    "--data.val_docs=4",
+    "--train.eval_batches=1",
+]
+
+
 def environment() -> dict:
     # PYTHON: the launch script runs the session with the interpreter running these tests.
     return {
@@ -131,12 +141,8 @@ def test_rehearsal_runs_every_stage_and_packs_what_must_come_back(bundle, tmp_pa
     out, work = tmp_path / "out", tmp_path / "work"
     tiny = [
         "--train.steps=4",
-        "--train.tokens_per_step=256",
-        "--train.micro_batch_size=4",
-        "--data.seq_len=32",
-        "--data.val_docs=4",
+        *TINY_RUN,
         "--train.eval_every=2",
-        "--train.eval_batches=1",
         "--checkpoint.every=2",
         "--eval.limit=4",
         "--eval.ppl_docs=2",
@@ -379,11 +385,7 @@ def test_a_compile_that_hangs_costs_the_compile_limit_and_training_runs_eager(bu
             "25",
             "--parallel.compile=true",
             "--train.steps=12",
-            "--train.tokens_per_step=256",
-            "--train.micro_batch_size=4",
-            "--data.seq_len=32",
-            "--data.val_docs=4",
-            "--train.eval_batches=1",
+            *TINY_RUN,
             "--checkpoint.every=2",
         ],
         cwd=REPO,
@@ -407,7 +409,7 @@ def test_a_compile_that_hangs_costs_the_compile_limit_and_training_runs_eager(bu
 def test_a_child_that_misses_a_progress_mark_is_stopped_and_one_that_reaches_them_runs_on(tmp_path):
     """Marks in order, each within the limit of the one before: a child that reaches the first mark and then
     hangs is stopped at the second's limit; one that reaches both runs to its end."""
-    from dist_llama.session.processes import Progress, run_child
+    from dist_llama.session.processes import ProgressMarks, run_child
 
     script = (
         "import pathlib, sys, time\n"
@@ -417,7 +419,7 @@ def test_a_child_that_misses_a_progress_mark_is_stopped_and_one_that_reaches_the
         "if sys.argv[2] == 'both': (folder / 'second').touch()\n"
         "time.sleep(2 if sys.argv[2] == 'both' else 60)"
     )
-    progress = Progress(("first", "second"), 1.8, lambda mark: (tmp_path / mark).exists())
+    progress = ProgressMarks(("first", "second"), 1.8, lambda mark: (tmp_path / mark).exists())
     hung = run_child(
         tmp_path / "a.log",
         [sys.executable, "-c", script, str(tmp_path), "one"],
@@ -529,11 +531,7 @@ def test_training_builds_the_token_cache_then_reads_it(bundle, tmp_path):
         "--skip=bench,release,evaluate,report",
         f"--data.token_cache={work / 'token_cache'}",
         "--train.steps=2",
-        "--train.tokens_per_step=256",
-        "--train.micro_batch_size=4",
-        "--data.seq_len=32",
-        "--data.val_docs=4",
-        "--train.eval_batches=1",
+        *TINY_RUN,
         "--checkpoint.every=2",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -22,7 +22,7 @@ from pathlib import Path
 from dist_llama.session import REPO
 from dist_llama.session.bundle import data_overrides
 from dist_llama.session.deadline import Deadline, Mode
-from dist_llama.session.processes import Child, Interrupted, Progress, run_child
+from dist_llama.session.processes import Child, Interrupted, ProgressMarks, run_child
 
 
 def resolve_config_path(config: str) -> str:
@@ -132,7 +132,7 @@ class Context:
         timeout: float,
         env: dict | None = None,
         cwd: Path | None = None,
-        progress: Progress | None = None,
+        progress: ProgressMarks | None = None,
     ) -> Child:
         """A child process with its log in logs/LABEL.log, stopped at `timeout` or when it misses a mark of
         `progress`."""

@@ -23,7 +23,7 @@ def raise_interrupted(signum, frame):
 
 
 @dataclass(frozen=True)
-class Progress:
+class ProgressMarks:
     """Marks a child must reach in order, each within `within_s` of the one before (the first: of its start);
     `reached(mark)` says whether it has. A child that misses one is stopped: a compile that hangs, say."""
 
@@ -70,7 +70,7 @@ def last_error_line(log: Path) -> str:
 
 
 def run_child(
-    log: Path, command: list[str], timeout: float, env: dict, cwd: Path, progress: Progress | None = None
+    log: Path, command: list[str], timeout: float, env: dict, cwd: Path, progress: ProgressMarks | None = None
 ) -> Child:
     """Run command with its output in log (the command first, the exit last), stopped after timeout seconds,
     or as soon as it misses a progress mark."""
@@ -104,7 +104,9 @@ def run_child(
 POLL_S = 1.0  # how often a watched child's progress is read
 
 
-def _wait(process: subprocess.Popen, deadline: float, progress: Progress | None) -> tuple[str, str | None]:
+def _wait(
+    process: subprocess.Popen, deadline: float, progress: ProgressMarks | None
+) -> tuple[str, str | None]:
     """("exit", None) when the child exits by `deadline`, ("timeout", None) when it does not, ("missed",
     mark) when it misses a progress mark first."""
     marks, since = list(progress.marks) if progress else [], time.monotonic()

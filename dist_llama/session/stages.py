@@ -25,7 +25,7 @@ from dist_llama.session.context import (
     reported_run,
     trained_run,
 )
-from dist_llama.session.processes import Child, Interrupted, Progress
+from dist_llama.session.processes import Child, Interrupted, ProgressMarks
 from dist_llama.session.wheels import install_wheels
 
 # Fixed prompts of the release check: a fact, a story opening, a date (the project's usual three).
@@ -152,8 +152,8 @@ def train(context: Context, preflight: PreflightFacts, allowance: float) -> tupl
 
 
 USER_ERROR_EXIT = 2  # dist_llama.cli: a one-line user error, which an eager run would repeat
-TRAINING_MARKS = ("first step", "time-budget plan")  # what a compiled run reaches, in order
-MARK_KINDS = {"first step": "started", "time-budget plan": "plan"}  # their records in metrics.jsonl
+# What a compiled run reaches, in order, and the record in metrics.jsonl that shows it.
+TRAINING_MARKS = {"first step": "started", "time-budget plan": "plan"}
 
 
 def _training_run(context: Context, run_dir: Path, budget: float, extra: list[str], watch: bool) -> Child:
@@ -165,8 +165,10 @@ def _training_run(context: Context, run_dir: Path, budget: float, extra: list[st
         f"--train.name={run_dir.name}",
         f"--train.time_budget_s={budget:.0f}",
     ]
-    progress = Progress(
-        TRAINING_MARKS, context.mode.compile_limit_s, lambda mark: MARK_KINDS[mark] in logged_kinds(run_dir)
+    progress = ProgressMarks(
+        tuple(TRAINING_MARKS),
+        context.mode.compile_limit_s,
+        lambda mark: TRAINING_MARKS[mark] in logged_kinds(run_dir),
     )
     return context.run(
         f"train_{run_dir.name}",
