@@ -235,7 +235,11 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def log(self, record: dict, start_step: int = 0) -> None:
-        """Write one record (must hold `step`); `kind` separates train and val records."""
+        """Write one record (must hold `step`); `kind` (default "train") is one of PROGRESS_LINES, checked
+        whether or not the progress line is on, so that every kind is known to print."""
+        kind = record.get("kind", "train")
+        if kind not in PROGRESS_LINES:
+            raise ValueError(f"no progress line for records of kind {kind!r}; add one to PROGRESS_LINES")
         if not self.enabled:
             return
         record = {key: value for key, value in record.items() if value is not None}
@@ -269,37 +273,48 @@ class MetricsLogger:
         )
 
     def _progress_line(self, record: dict, start_step: int) -> str:
-        step = record["step"]
-        parts = [f"step {step}/{self.total_steps}"]
-        if record.get("kind") == "val":
-            return " | ".join(parts + [f"val_loss {record['val_loss']:.4f}"])
-        if record.get("kind") == "started":
-            return " | ".join(
-                parts + [f"first step done {record['age_s']:.0f} s after start (start-up, data, compile)"]
-            )
-        if record.get("kind") == "plan":
-            return " | ".join(parts + [f"time budget: {record['planned_steps']} steps planned"])
-        parts += [
-            f"loss {record['loss']:.4f}",
-            f"lr {record['lr']:.2e}",
-            f"grad_norm {record['grad_norm']:.3f}",
-            f"{record['tokens_per_s']:,.0f} tok/s",
-        ]
-        if "mfu" in record:
-            parts.append(f"MFU {100 * record['mfu']:.1f}%")
-        if "loss_scale" in record:
-            parts.append(f"loss scale {record['loss_scale']:g}")
-        if "data_wait" in record:
-            parts.append(f"data_wait {100 * record['data_wait']:.1f}%")
-        parts.append(f"mem {record['memory_gib']:.2f}GiB")
+        """The console line of a record: the step, then its kind's line (PROGRESS_LINES), and a train
+        record's ETA."""
+        kind = record.get("kind", "train")
+        head = f"step {record['step']}/{self.total_steps}"
+        if kind != "train":
+            return f"{head} | {PROGRESS_LINES[kind](record)}"
         elapsed = time.perf_counter() - self.start
-        done = step - start_step
-        if done > 0:
-            parts.append(f"ETA {format_duration(elapsed / done * (self.total_steps - step))}")
-        return " | ".join(parts)
+        done = record["step"] - start_step
+        eta = [f"ETA {format_duration(elapsed / done * (self.total_steps - record['step']))}"] if done > 0 else []
+        return " | ".join([head, train_line(record), *eta])
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         if self.file is not None:
             self.file.close()
+
+
+def train_line(record: dict) -> str:
+    parts = [
+        f"loss {record['loss']:.4f}",
+        f"lr {record['lr']:.2e}",
+        f"grad_norm {record['grad_norm']:.3f}",
+        f"{record['tokens_per_s']:,.0f} tok/s",
+    ]
+    if "mfu" in record:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    if "loss_scale" in record:
+        parts.append(f"loss scale {record['loss_scale']:g}")
+    if "data_wait" in record:
+        parts.append(f"data_wait {100 * record['data_wait']:.1f}%")
+    if "memory_gib" in record:
+        parts.append(f"mem {record['memory_gib']:.2f}GiB")
+    return " | ".join(parts)
+
+
+# The console line of each kind of record the trainer writes to metrics.jsonl (the step comes first). A kind
+# without one is refused when logged, so a new kind cannot crash a run only where the progress line is on.
+PROGRESS_LINES = {
+    "train": train_line,
+    "val": lambda record: f"val_loss {record['val_loss']:.4f}",
+    "started": lambda record: f"first step done {record['age_s']:.0f} s after start (start-up, data, compile)",
+    "plan": lambda record: f"time budget: {record['planned_steps']} steps planned",
+    "stop": lambda record: f"stopping early: {record['reason']}",
+}
