@@ -39,7 +39,8 @@ META_FILE = "meta.json"
 PREFIX = "step_"
 # The shape of meta.json. 0: written before it was versioned (the same fields as 1, no `format`). A change of
 # its fields raises this, and CheckpointMeta.from_json learns to read the older shapes.
-META_FORMAT = 2  # 2: fp16's loss scaler and overflow count; 1 read as 2 without them
+META_FORMAT = 3  # 3: the precision the run computes in; 2: fp16's loss scaler and overflow count (older read
+# as the newest without them)
 
 
 class CheckpointError(RuntimeError):
@@ -58,6 +59,9 @@ class CheckpointMeta:
     overflow_steps: int = 0  # fp16 steps skipped for an overflow
     # Fp16's loss scaler state (scale, growth count), so a resume continues it
     loss_scaler: dict | None = None
+    # What the run computes in: parallel.mixed_precision with `auto` resolved when the run started, which a
+    # resume keeps (null in checkpoints older than format 3)
+    precision: str | None = None
     final_loss: float | None = None  # the last logged training loss
     val_loss: float | None = None
     budget_plan: dict | None = None  # the time budget's plan, kept by a resume

@@ -33,6 +33,19 @@ def auto_precision(
     return "fp16", f"compute capability {major}.{minor} < 8.0: no native bf16, fp16 with loss scaling"
 
 
+def computes(
+    precision: str,
+    device: str | torch.device,
+    capability: Callable[[torch.device], tuple[int, int]] | None = None,
+) -> bool:
+    """Whether the device computes in `precision` at all (a CPU computes every one, slowly in 16 bits): only
+    bf16 below compute capability 8.0 is refused or emulated. capability: as in auto_precision."""
+    device = torch.device(device)
+    if precision != "bf16" or device.type != "cuda":
+        return True
+    return (capability or torch.cuda.get_device_capability)(device) >= NATIVE_BF16_CAPABILITY
+
+
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     """A dtype by name; `auto` is what auto_precision picks for the device."""
     return DTYPES[auto_precision(device)[0] if name == "auto" else name]

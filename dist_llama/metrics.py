@@ -132,6 +132,16 @@ def environment_record(device: torch.device, world_size: int) -> dict:
     }
 
 
+def read_environment(run_dir: Path) -> list[dict]:
+    """environment.json's records, one per start of the run, oldest first (a single record in runs older
+    than one list per run)."""
+    path = run_dir / "environment.json"
+    if not path.is_file():
+        return []
+    values = json.loads(path.read_text())
+    return values if isinstance(values, list) else [values]
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
@@ -281,7 +291,11 @@ class MetricsLogger:
             return f"{head} | {PROGRESS_LINES[kind](record)}"
         elapsed = time.perf_counter() - self.start
         done = record["step"] - start_step
-        eta = [f"ETA {format_duration(elapsed / done * (self.total_steps - record['step']))}"] if done > 0 else []
+        eta = (
+            [f"ETA {format_duration(elapsed / done * (self.total_steps - record['step']))}"]
+            if done > 0
+            else []
+        )
         return " | ".join([head, train_line(record), *eta])
 
     def close(self) -> None:
@@ -314,7 +328,9 @@ def train_line(record: dict) -> str:
 PROGRESS_LINES = {
     "train": train_line,
     "val": lambda record: f"val_loss {record['val_loss']:.4f}",
-    "started": lambda record: f"first step done {record['age_s']:.0f} s after start (start-up, data, compile)",
+    "started": lambda record: (
+        f"first step done {record['age_s']:.0f} s after start (start-up, data, compile)"
+    ),
     "plan": lambda record: f"time budget: {record['planned_steps']} steps planned",
     "stop": lambda record: f"stopping early: {record['reason']}",
 }

@@ -150,11 +150,11 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def training_precision(parallel: ParallelConfig, device: torch.device) -> tuple[str, str]:
+def training_precision(parallel: ParallelConfig, device: torch.device, capability=None) -> tuple[str, str]:
     """(precision, why): parallel.mixed_precision, with `auto` resolved for the device
-    (devices.auto_precision)."""
+    (devices.auto_precision, whose capability query tests may replace)."""
     if parallel.mixed_precision == "auto":
-        return auto_precision(device)
+        return auto_precision(device, capability)
     return parallel.mixed_precision, "set by parallel.mixed_precision"
 
 

@@ -21,6 +21,7 @@ import yaml  # noqa: E402
 
 from dist_llama.cards import format_value  # noqa: E402
 from dist_llama.cli import CommandParser, user_errors  # noqa: E402
+from dist_llama.metrics import read_environment  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -86,11 +87,8 @@ def training_plots(train: list[dict], val: list[dict], out: Path, name: str) -> 
 
 
 def run_summary(run_dir: Path, train: list[dict], val: list[dict]) -> dict:
-    environment = (
-        json.loads((run_dir / "environment.json").read_text())
-        if (run_dir / "environment.json").is_file()
-        else {}
-    )
+    starts = read_environment(run_dir)
+    environment = {**starts[-1], "start_time": starts[0]["start_time"]} if starts else {}
     config = (
         yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     )

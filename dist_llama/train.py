@@ -53,6 +53,7 @@ from dist_llama.config import (
     to_dict,
 )
 from dist_llama.data import PackedBatches, merge_states, validation_batches
+from dist_llama.devices import computes
 from dist_llama.memory import GIB, MemoryEstimate, check_memory_fits
 from dist_llama.metrics import (
     DataWait,
@@ -62,6 +63,7 @@ from dist_llama.metrics import (
     environment_record,
     memory_gib,
     peak_flops,
+    read_environment,
 )
 from dist_llama.model import Transformer, count_parameters, flops_per_token
 from dist_llama.optim import OptimizerGroup, build_optimizer, lr_factor, set_learning_rates
@@ -266,14 +268,16 @@ class Run:
     @classmethod
     def start(cls, config: Config, env: DistEnv) -> Run:
         layout = BatchLayout.of(config.train, config.data.seq_len, env.world_size)
-        precision, why = training_precision(config.parallel, env.device)
-        log.info("precision: %s (%s)", precision, why)
-        estimate = check_gpu_memory(config, layout, precision, env)
         checkpointer = Checkpointer(config.run_dir / "checkpoints", config.checkpoint.keep_last, env.is_main)
         resume_from = checkpointer.find_resume(config.checkpoint.resume)
-        changes = recipe_history(config, resume_from)  # before anything is written: a refusal changes nothing
+        saved = read_meta(resume_from) if resume_from is not None else None
+        # Both checks come before anything is written: a refusal changes nothing.
+        precision, why, precision_change = resumed_precision(config, env.device, saved)
+        changes = recipe_history(config, resume_from, saved, precision_change)
+        log.info("precision: %s (%s)", precision, why)
+        estimate = check_gpu_memory(config, layout, precision, env)
         if env.is_main:
-            write_run_files(config, env, {"name": precision, "why": why})
+            write_run_files(config, env, {"name": precision, "why": why}, saved.step if saved else 0)
         tokenizer = load_tokenizer(config.data.tokenizer)
         check_tokenizer(tokenizer, config.model.vocab_size)
         model, optimizer = build_model(config, env, precision)
@@ -434,6 +438,7 @@ class Run:
             planned_steps=self.planned_steps,
             recipe_changes=self.recipe_changes,
             loss_scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            precision=self.precision,
         )
         self.checkpointer.save(self.model, self.optimizer, self.data.state_dict(), meta)
 
@@ -534,21 +539,63 @@ def check_gpu_memory(
     return estimate
 
 
-def write_run_files(config: Config, env: DistEnv, precision: dict) -> None:
+def write_run_files(config: Config, env: DistEnv, precision: dict, start_step: int) -> None:
+    """config.yaml, and environment.json: one record per start of the run (a resume on other hardware or
+    software adds its own), oldest first."""
     config.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, config.run_dir / "config.yaml")
-    environment = {**environment_record(env.device, env.world_size), "precision": precision}
-    (config.run_dir / "environment.json").write_text(json.dumps(environment, indent=1))
+    path = config.run_dir / "environment.json"
+    starts = read_environment(config.run_dir) if start_step else []
+    record = {**environment_record(env.device, env.world_size), "precision": precision, "step": start_step}
+    path.write_text(json.dumps(starts + [record], indent=1))
 
 
-def recipe_history(config: Config, checkpoint) -> list[dict]:
+def resumed_precision(
+    config: Config, device: torch.device, saved: CheckpointMeta | None, capability=None
+) -> tuple[str, str, dict | None]:
+    """(precision, why, change): what the run computes in. `auto` is decided once, when the run starts, and
+    kept on resume (a checkpoint records it), so a run does not switch between bf16 and fp16 (with a fresh
+    loss scale) because it resumed on another card. A resume in another precision, set explicitly or
+    because the device cannot compute the recorded one (bf16 below compute capability 8.0), is a recipe
+    change: refused, unless parallel.mixed_precision is in checkpoint.allow_changes; then `change` is
+    {"key", "old", "new"} for the recipe history. capability: as in devices.auto_precision."""
+    setting = config.parallel.mixed_precision
+    wanted, why = training_precision(config.parallel, device, capability)
+    recorded = saved.precision if saved is not None else None
+    if saved is not None and recorded is None:  # a checkpoint older than format 3: its setting, if explicit
+        recorded = from_dict(saved.config).parallel.mixed_precision
+        recorded = None if recorded == "auto" else recorded
+    if recorded is None or recorded == wanted:
+        return wanted, why, None
+    if setting == "auto" and computes(recorded, device, capability):
+        return recorded, "auto, decided when the run started and kept by the resume", None
+    change = {"key": "parallel.mixed_precision", "old": recorded, "new": wanted}
+    if change["key"] in config.checkpoint.allow_changes:
+        log.warning("resuming in %s, not in the checkpoint's %s, on purpose (%s)", wanted, recorded, why)
+        return wanted, f"{why}; changed from {recorded} on purpose at the resume", change
+    cannot = "" if computes(recorded, device, capability) else f", which this device cannot compute ({why})"
+    raise ConfigError(
+        f"the checkpoint at step {saved.step} was trained in {recorded}{cannot}; parallel.mixed_precision="
+        f"{setting} means {wanted} here. Resume in {recorded} on a device that computes it, or go on in "
+        f"{wanted} on purpose: --checkpoint.allow_changes=[parallel.mixed_precision] (recorded in the "
+        "checkpoints' recipe history)"
+    )
+
+
+def recipe_history(
+    config: Config, checkpoint, saved: CheckpointMeta | None, precision_change: dict | None
+) -> list[dict]:
     """Resuming with a changed recipe would leave weights that config.yaml no longer describes: stop, unless
     every changed key is in checkpoint.allow_changes. Returns every change on purpose so far, for the
-    record."""
-    if checkpoint is None:
+    record. The precision is compared as computed (resumed_precision), not as the setting's text: `auto`
+    may mean bf16 on one card and fp16 on another, and `bf16` -> `auto` on the same card is no change."""
+    if saved is None:
         return []
-    saved = read_meta(checkpoint)
-    changes = recipe_changes(from_dict(saved.config), config)
+    changes = [
+        change
+        for change in recipe_changes(from_dict(saved.config), config)
+        if change["key"] != "parallel.mixed_precision"
+    ] + ([precision_change] if precision_change else [])
     refused = [change for change in changes if change["key"] not in config.checkpoint.allow_changes]
     if refused:
         listed = "; ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}" for c in refused)

@@ -3,7 +3,9 @@ data-wait share: large behind a slow tokenizer, said once, and close to nothing 
 
 import dataclasses
 import logging
+import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +125,37 @@ def test_the_token_cache_makes_the_data_wait_nearly_nothing(tmp_path, tokenizer,
     logger.close()
     assert max(shares[1:]) < 0.05, shares  # the first window holds the start-up
     assert not [r for r in caplog.records if "waited for its batches" in r.message]
+
+
+def record_kinds_written_by_the_package() -> set[str]:
+    """Every `"kind": "..."` a module of the package puts in a metrics record (the data sources' manifest
+    kinds are not metrics records)."""
+    package = Path(metrics.__file__).parent
+    kinds = set()
+    for path in package.rglob("*.py"):
+        if path.parent.name != "data":
+            kinds |= set(re.findall(r'"kind": "(\w+)"', path.read_text()))
+    return kinds
+
+
+def test_every_record_kind_the_trainer_writes_prints_a_progress_line(tmp_path, capsys):
+    written = record_kinds_written_by_the_package()
+    assert {"train", "val", "started", "plan", "stop"} <= written
+    assert written <= set(metrics.PROGRESS_LINES), written - set(metrics.PROGRESS_LINES)
+    logger = metrics.MetricsLogger(tmp_path, True, total_steps=20, tensorboard=False, progress=True)
+    examples = {
+        "train": {"loss": 7.1, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0, "memory_gib": 0.1},
+        "val": {"val_loss": 7.2},
+        "started": {"age_s": 12.0},
+        "plan": {"planned_steps": 18},
+        "stop": {"reason": "signal SIGUSR1"},
+    }
+    assert set(examples) == set(metrics.PROGRESS_LINES)
+    for kind, fields in examples.items():
+        logger.log({"kind": kind, "step": 4, **fields})
+    logger.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(examples) and all(line.startswith("step 4/20 | ") for line in lines)
+    assert lines[-1] == "step 4/20 | stopping early: signal SIGUSR1"
+    with pytest.raises(ValueError, match="no progress line for records of kind 'mystery'"):
+        metrics.MetricsLogger(tmp_path, False, 20, False, False).log({"kind": "mystery", "step": 1})

@@ -15,8 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from dist_llama.checkpoint import CheckpointMeta
+from dist_llama.config import ConfigError, load_config, to_dict
 from dist_llama.report import read_metrics
+from dist_llama.train import recipe_history, resumed_precision
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_AT = 12, 6
@@ -137,8 +141,9 @@ def test_activation_checkpointing_does_not_change_losses(runs):
 def test_run_directory_holds_config_environment_metrics_and_checkpoints(runs):
     run_dir = runs["two_ranks"]
     assert (run_dir / "config.yaml").is_file()
-    environment_record = json.loads((run_dir / "environment.json").read_text())
+    (environment_record,) = json.loads((run_dir / "environment.json").read_text())  # one start
     assert environment_record["world_size"] == 2 and environment_record["torch"]
+    assert environment_record["step"] == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     val = [r for r in records if r["kind"] == "val"]
@@ -285,7 +290,7 @@ def test_two_node_rendezvous_on_localhost(corpus, tmp_path):
     ]
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
     assert all(agent.returncode == 0 for agent in agents), outputs
-    environment_record = json.loads((tmp_path / "two_nodes" / "environment.json").read_text())
+    (environment_record,) = json.loads((tmp_path / "two_nodes" / "environment.json").read_text())
     assert environment_record["world_size"] == 2
     assert sorted(train_losses(tmp_path / "two_nodes")) == [1, 2, 3]
 
@@ -457,7 +462,7 @@ def test_fp16_with_loss_scaling_trains_close_to_fp32_on_two_ranks(runs):
     fp16, fp32 = train_losses(runs["fp16_two_ranks"]), train_losses(runs["two_ranks"])
     assert_close_losses(fp16, fp32, rel=0.02)
     assert fp16 != fp32, "fp16 must not silently train in fp32"
-    environment = json.loads((runs["fp16_two_ranks"] / "environment.json").read_text())
+    (environment,) = json.loads((runs["fp16_two_ranks"] / "environment.json").read_text())
     assert environment["precision"] == {"name": "fp16", "why": "set by parallel.mixed_precision"}
     records, _ = read_metrics(runs["fp16_two_ranks"])
     assert all(r["loss_scale"] > 0 and "overflow_steps" in r for r in records)
@@ -505,3 +510,113 @@ def test_a_collapsing_fp16_loss_scale_stops_the_run_in_one_line(corpus, tmp_path
     assert last.startswith("train: error: step ") and "the fp16 loss scale fell to 0.5, below " in last
     assert "parallel.min_loss_scale=1: the gradients overflow even unscaled" in last
     assert "non-finite loss or gradient norm" not in result.stderr and "Traceback" not in result.stderr
+
+
+# --- The precision a run computes in, kept on resume --------------------------------------------------
+
+GPU = torch.device("cuda")  # a device name only: the capability query below stands in for the card
+
+
+def card(major: int, minor: int):
+    return lambda device: (major, minor)
+
+
+def saved_meta(setting: str, precision: str | None) -> CheckpointMeta:
+    config = to_dict(load_config(REPO / "configs/debug.yaml", [f"--parallel.mixed_precision={setting}"]))
+    return CheckpointMeta(step=40, tokens_seen=0, config=config, precision=precision)
+
+
+def resume_config(setting: str, *allowed: str):
+    overrides = [f"--parallel.mixed_precision={setting}", f"--checkpoint.allow_changes=[{','.join(allowed)}]"]
+    return load_config(REPO / "configs/debug.yaml", overrides)
+
+
+def test_auto_is_decided_when_the_run_starts_and_kept_on_resume():
+    # Started with auto on an A100 (bf16), resumed on an H100: still bf16, and on a T4's successor
+    # generation the same. Started on a T4 (fp16), resumed on an H100: fp16 goes on, with its loss scale.
+    assert resumed_precision(resume_config("auto"), GPU, saved_meta("auto", "bf16"), card(9, 0))[::2] == (
+        "bf16",
+        None,
+    )
+    precision, why, change = resumed_precision(
+        resume_config("auto"), GPU, saved_meta("auto", "fp16"), card(9, 0)
+    )
+    assert (precision, change) == ("fp16", None) and "kept by the resume" in why
+    # A new run decides by the card, and an explicit bf16 -> auto on the same card is no change.
+    assert resumed_precision(resume_config("auto"), GPU, None, card(7, 5))[0] == "fp16"
+    assert resumed_precision(resume_config("auto"), GPU, saved_meta("bf16", "bf16"), card(8, 0))[::2] == (
+        "bf16",
+        None,
+    )
+    # A checkpoint older than format 3 holds no precision: an explicit setting is its record, auto is not.
+    assert resumed_precision(resume_config("auto"), GPU, saved_meta("fp16", None), card(9, 0))[0] == "fp16"
+    assert resumed_precision(resume_config("auto"), GPU, saved_meta("auto", None), card(9, 0))[0] == "bf16"
+
+
+def test_a_resume_that_cannot_keep_the_precision_stops_unless_allowed_and_is_recorded():
+    bf16_run = saved_meta("auto", "bf16")
+    with pytest.raises(ConfigError) as refused:  # an A100 run resumed on a T4
+        resumed_precision(resume_config("auto"), GPU, bf16_run, card(7, 5))
+    message = str(refused.value)
+    assert "trained in bf16, which this device cannot compute (compute capability 7.5 < 8.0" in message
+    assert "means fp16 here" in message and "--checkpoint.allow_changes=[parallel.mixed_precision]" in message
+    precision, why, change = resumed_precision(
+        resume_config("auto", "parallel.mixed_precision"), GPU, bf16_run, card(7, 5)
+    )
+    assert precision == "fp16" and change == {"key": "parallel.mixed_precision", "old": "bf16", "new": "fp16"}
+    config = resume_config("auto", "parallel.mixed_precision")
+    assert recipe_history(config, "step_40", bf16_run, change) == [{**change, "step": 40}]
+    # An explicit other precision is a change too, even where the device computes the recorded one.
+    with pytest.raises(ConfigError, match="trained in bf16; parallel.mixed_precision=fp16 means fp16 here"):
+        resumed_precision(resume_config("fp16"), GPU, bf16_run, card(9, 0))
+
+
+def test_a_run_started_in_bf16_by_auto_resumes_in_bf16_where_auto_means_fp32(runs, corpus, tmp_path):
+    """On a CPU auto means fp32: a checkpoint whose auto meant bf16 (as on a GPU) resumes in bf16, bitwise
+    the uninterrupted bf16 run; environment.json keeps both starts."""
+    run_dir = tmp_path / "bf16_two_ranks"
+    shutil.copytree(runs["bf16_two_ranks"], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / f"step_{STEPS:08d}")
+    meta_path = run_dir / "checkpoints" / f"step_{CHECKPOINT_AT:08d}" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["precision"] == "bf16"
+    meta["config"]["parallel"]["mixed_precision"] = "auto"
+    meta_path.write_text(json.dumps(meta))
+    result = run(2, tiny_overrides(*corpus, tmp_path, "bf16_two_ranks") + ["--parallel.mixed_precision=auto"])
+    assert "precision: bf16 (auto, decided when the run started and kept by the resume)" in result.stderr
+    assert train_losses(run_dir) == train_losses(runs["bf16_two_ranks"])
+    starts = json.loads((run_dir / "environment.json").read_text())
+    assert [(s["step"], s["precision"]["name"]) for s in starts] == [(0, "bf16"), (CHECKPOINT_AT, "bf16")]
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_stop_signal_with_the_default_logging_stops_with_a_checkpoint_and_resumes_exactly(
+    runs, corpus, tmp_path, stop_signal
+):
+    """`python -m dist_llama.train` as a user runs it (the progress line on): a stop signal after a few steps
+    ends the run with exit 0, a checkpoint of that step, stopped.json and a progress line for the stop; the
+    same command then finishes bitwise like the uninterrupted run."""
+    args = tiny_overrides(*corpus, tmp_path, "signalled")
+    run_dir = tmp_path / "signalled"
+    log = tmp_path / "first.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            command(1, args), cwd=REPO, env=environment(), stdout=output, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 300
+        while (
+            not (run_dir / "metrics.jsonl").is_file()
+            or '"step": 3' not in (run_dir / "metrics.jsonl").read_text()
+        ):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        process.send_signal(stop_signal)
+        assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    stopped = json.loads((run_dir / "stopped.json").read_text())
+    assert stopped["reason"] == f"signal {stop_signal.name}" and 3 <= stopped["step"] < STEPS, text[-3000:]
+    assert f"step {stopped['step']}/{STEPS} | stopping early: signal {stop_signal.name}" in text
+    assert (run_dir / "checkpoints" / f"step_{stopped['step']:08d}" / "meta.json").is_file()
+    run(1, args)
+    assert not (run_dir / "stopped.json").exists()
+    assert train_losses(run_dir) == train_losses(runs["one_rank"])
