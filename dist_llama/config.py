@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import signal
 import sys
 import types
@@ -230,6 +231,9 @@ class CheckpointConfig(Section):
     every: int = setting(50, positive=True)
     keep_last: int = setting(2, positive=True)
     resume: str = setting("auto")  # auto (the latest complete checkpoint of the run) | none | PATH
+    # Also save after the run's first step: a resumable point before the first cadence or the time budget's
+    # plan (the GPU session sets it for a compiled run, so a compile that hangs later loses no step)
+    first_step: bool = setting(False)
     # keys that may differ from the checkpoint's recipe on resume
     allow_changes: list[str] = setting(factory=list)
 
@@ -380,7 +384,25 @@ def _build(cls, values: dict, prefix: str):
     except ConfigError:
         raise
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"{prefix}: {error}") from None
+        message = _keys_in_full(str(error), prefix, names)
+        raise ConfigError(message if f"{prefix}." in message else f"{prefix}: {message}") from None
+
+
+def _keys_in_full(message: str, prefix: str, names: list[str]) -> str:
+    """The message of a class's own check, which knows only its field names ("attention='x'; choose one of
+    ...", "rope_scaling.factor=0.5 must be >= 1"), with the keys it is about named in full
+    ("model.attention", "model.rope_scaling.factor"). The keys it is about are those before its first
+    "must" or ";"; a field name counts there when followed by "=", ",", "/", " and ", " or " or nothing
+    ("head dim dim/n_heads=3" qualifies the second dim and n_heads, not the words "head dim")."""
+    end = min((i for i in (message.find(" must "), message.find(";")) if i >= 0), default=len(message))
+    subject, rest = message[:end], message[end:]
+    section = prefix.rsplit(".", 1)[-1]
+    # A nested section's checks name their keys under its own name: rope_scaling.factor, which is
+    # model.rope_scaling.factor in full.
+    subject = re.sub(rf"(?<![\w.]){re.escape(section)}\.(?=\w)", f"{prefix}.", subject)
+    field_names = "|".join(re.escape(name) for name in names)
+    subject = re.sub(rf"(?<![\w.])({field_names})(?=[=,/]| and | or |$)", rf"{prefix}.\1", subject)
+    return subject + rest
 
 
 def _model_section(values: dict) -> dict:
