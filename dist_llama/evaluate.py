@@ -9,7 +9,11 @@ Subcommands of `python -m dist_llama.evaluate` (with no subcommand, `mmlu` is as
             per_subject.json, tasks/<task>.yaml and summary.json (accuracy and subject-balanced accuracy
             with 95% CIs, IRT estimates, items/s = items / wall time of lm-eval's run, model load excluded).
   irt       --params PKL --samples SAMPLES.jsonl [--metric acc_norm] [--bench mmlu]
-            tinyBenchmarks' irt / pirt / gpirt from a samples file (ours or lm-eval's), as JSON.
+            tinyBenchmarks' irt / pirt / gpirt from a samples file (ours or lm-eval's), as JSON. PKL is
+            the file tinyBenchmarks/tinyBenchmarks.pkl of github.com/felipemaiapolo/tinyBenchmarks, which
+            `mmlu` downloads into ~/.cache/dist_llama/ when the network allows. SAMPLES is
+            OUT/samples_tinyMMLU.jsonl of a Hub run, or OUT/samples_tinymmlu_local.jsonl of a --data run
+            over items with tb_index that include the 100 tinyMMLU anchors (e.g. all of MMLU).
   ppl       --model DIR|HUB_ID|CHECKPOINT --data FILE --output DIR [--seq-len 1024] [--docs N]
             [--rope-scaling-factor F] [--label NAME] [--batch-size B] [--device D] [--dtype ...] [--plot PNG]
             Held-out loss in four position buckets of a seq_len window, and overall, as ppl_<label>.json:
@@ -104,8 +108,18 @@ def _add_mmlu_command(sub) -> None:
 
 def _add_irt_command(sub) -> None:
     irt_cmd = sub.add_parser("irt", help="IRT estimates from a samples jsonl, printed as JSON")
-    irt_cmd.add_argument("--params", required=True, help="tinyBenchmarks parameter pickle")
-    irt_cmd.add_argument("--samples", required=True, help="samples jsonl (ours or lm-eval --log_samples)")
+    irt_cmd.add_argument(
+        "--params",
+        required=True,
+        help="tinyBenchmarks.pkl (github.com/felipemaiapolo/tinyBenchmarks; the mmlu command caches the "
+        "official one in ~/.cache/dist_llama/ when it can download it)",
+    )
+    irt_cmd.add_argument(
+        "--samples",
+        required=True,
+        help="samples_<task>.jsonl of the mmlu command (samples_tinyMMLU.jsonl, or "
+        "samples_tinymmlu_local.jsonl with --data), or lm-eval's --log_samples file",
+    )
     irt_cmd.add_argument("--metric", default="acc_norm")
     irt_cmd.add_argument("--bench", default=irt.IRT_BENCH)
 
@@ -113,7 +127,12 @@ def _add_irt_command(sub) -> None:
 def _add_ppl_command(sub) -> None:
     ppl = sub.add_parser("ppl", help="held-out loss by position bucket")
     ppl.add_argument("--model", required=True, help="release folder, Hub id, or DCP checkpoint / run folder")
-    ppl.add_argument("--data", required=True, help="documents (.jsonl, .jsonl.zst, .parquet, .txt)")
+    ppl.add_argument(
+        "--data",
+        required=True,
+        help="held-out documents (.jsonl, .jsonl.zst, .parquet, .txt) the model did not train on, e.g. "
+        "the file the config names in data.val_paths",
+    )
     ppl.add_argument("--text-field", default="text")
     ppl.add_argument("--seq-len", type=int, default=1024)
     ppl.add_argument("--docs", type=int, default=32, help="first N documents of at least seq-len + 1 tokens")

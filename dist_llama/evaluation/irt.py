@@ -141,7 +141,8 @@ def fetch_official_params(cache_dir: Path | None = None) -> Path | None:
             data = response.read()
     except (urllib.error.URLError, OSError) as err:  # URLError, HTTPError, timeouts, resets
         logger.warning(
-            "IRT estimates cannot be computed: could not download %s (%s); pass --params with a local copy",
+            "IRT estimates cannot be computed: could not download %s (%s); name a local copy with "
+            "--irt-params FILE (python -m dist_llama.evaluate) or --eval.irt_params=FILE (a config)",
             OFFICIAL_PARAMS_URL,
             err,
         )
