@@ -8,6 +8,8 @@
 #   the data  python -m dist_llama.session bundle: tokenizer, training shards as parquet, held-out
 #             documents, tinyMMLU and spread MMLU items, manifest.json; it prints the total with the
 #             checkout's files and refuses above 60 MiB (training shards that do not fit are left out).
+#             The checkout's files are those git tracks and those it neither tracks nor ignores: a refusal
+#             names the largest of the latter (a data or cache folder to move out or git-ignore).
 # `make test-gpu-stack` then installs the wheels as the session does in an environment with the GPU machine's
 # versions (launch/gpu_machine.txt) and runs the release tests and the whole session rehearsal there.
 set -euo pipefail
@@ -16,7 +18,14 @@ out=${repo}/gpu_bundle
 bundle_args=()
 if [[ $# -ge 1 && $1 != --* ]]; then out=$1; shift; fi
 bundle_args=("$@")
-python=${PYTHON:-${repo}/.venv/bin/python}
+source "${repo}/launch/find_python.sh"
+for arg in "$@"; do
+  if [[ ${arg} == -h || ${arg} == --help ]]; then
+    echo "usage: launch/prepare_gpu_bundle.sh [OUT_DIR] [options of the bundle command below]"
+    echo "  downloads the wheels into OUT_DIR/wheels (default gpu_bundle/), then runs:"
+    PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" exec "${python}" -m dist_llama.session bundle --help
+  fi
+done
 
 # What lm-eval 0.4.13 (hf backend) and datasets need beyond the GPU machine's packages: the install set
 # `pip install --dry-run --report` gave on top of that machine's list in a clean 3.12 venv. Wheels of

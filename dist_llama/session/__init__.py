@@ -36,7 +36,7 @@ printed is a short table. `--rehearse` runs the same stages on the CPU with conf
 under five minutes. Exit status: 0 when every stage that ran succeeded, 1 when one failed, 2 for bad input
 (missing bundle, no GPU, a deadline too short for the preflight, a config error), each told in one line.
 
-Other subcommands:
+Other subcommands (`python -m dist_llama.session --help` lists them all, each with its own --help):
     python -m dist_llama.session bundle --out gpu_bundle [...]          the data half of the bundle
     python -m dist_llama.session install --bundle B --target DIR        install its wheels and import them
     python -m dist_llama.session preflight --bundle B --report F.json   the environment check alone

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +31,19 @@ from dist_llama.session.runner import Runner
 from dist_llama.session.wheels import INSTALL_CHECK_MODULES, check_install, install_wheels
 
 PROG = "python -m dist_llama.session"
+# Every subcommand in one line, as the session's --help lists them; main() dispatches to the same names.
+SUBCOMMANDS = {
+    "run": "the session inside one deadline (the default subcommand)",
+    "bundle": "write the data half of the offline bundle and its manifest",
+    "install": "install the bundle's wheels as the session does, then import them",
+    "preflight": "report this machine, the bundle and the resolved config as JSON",
+    "plan": "print the planned seconds of every stage as JSON",
+}
+
+
+def _subcommand_list() -> str:
+    lines = [f"  {name:<10} {about}" for name, about in SUBCOMMANDS.items()]
+    return f"subcommands ({PROG} SUBCOMMAND --help):\n" + "\n".join(lines)
 
 
 def _stages_list(text: str) -> list[str]:
@@ -42,9 +56,11 @@ def _stages_list(text: str) -> list[str]:
 
 def run_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=f"{PROG} [run]",
         description="Install, preflight, bench, train, release, evaluate and report inside one deadline.",
-        epilog="Any --section.key=value after the options overrides the training config.",
+        epilog="Any --section.key=value after the options overrides the training config.\n\n"
+        + _subcommand_list(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="folder for the few files that must come back")
     parser.add_argument(
@@ -138,7 +154,9 @@ def bundle_main(argv: list[str]) -> int:
             args.compression_level,
         )
     except BadInput as error:
-        print(f"error: {error}", file=sys.stderr)
+        # A refusal for size names what takes the room that git does not show: untracked files.
+        room = _untracked_room() if f"{args.limit_mib:g} MiB limit" in str(error) else ""
+        print(f"error: {error}{room}", file=sys.stderr)
         return 2
     for name in manifest["dropped_training_shards"]:
         print(f"left out training shard {name}: the bundle would exceed {args.limit_mib:g} MiB")
@@ -158,6 +176,40 @@ def _bundle_sizes(out: str, manifest: dict, limit_mib: float) -> str:
         f"{manifest['mmlu_spread_items']} MMLU items over {manifest['mmlu_spread_subjects']} subjects) "
         f"+ checkout {manifest['checkout_bytes'] / MIB:.2f} MiB = {total / MIB:.2f} MiB "
         f"of {limit_mib:g} MiB"
+    )
+
+
+def _untracked_room(shown: int = 3) -> str:
+    """The largest entries of the checkout that git neither tracks nor ignores, each an untracked folder as a
+    whole (git's shallowest one) or a file: they travel with the checkout and count against the bundle's
+    limit. A clause for the refusal's line, naming those of 0.1 MiB or more; empty when there are none."""
+
+    def listed(*options: str) -> list[str]:
+        command = ["git", "ls-files", "-z", "--others", "--exclude-standard", *options]
+        out = subprocess.run(command, cwd=REPO, capture_output=True, check=True, timeout=60).stdout
+        return [name for name in out.decode().split("\0") if name]
+
+    try:
+        entries, files = listed("--directory"), listed()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    sizes = dict.fromkeys(entries, 0)
+    for name in files:
+        path = REPO / name
+        if not path.is_file():
+            continue
+        # The entry that holds the file: the file itself, or the untracked folder above it.
+        holder = next((e for e in (name, *(f"{p}/" for p in Path(name).parents)) if e in sizes), name)
+        sizes[holder] = sizes.get(holder, 0) + path.stat().st_size
+    largest = sorted((item for item in sizes.items() if item[1] >= MIB / 10), key=lambda item: -item[1])[
+        :shown
+    ]
+    if not largest:
+        return ""
+    named = ", ".join(f"{name} {size / MIB:.1f} MiB" for name, size in largest)
+    return (
+        f"; of the checkout, files that git neither tracks nor ignores count too, the largest: {named} "
+        "(move them out of the checkout or add them to .gitignore)"
     )
 
 
@@ -236,12 +288,13 @@ def plan_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
+        "run": run_main,
         "bundle": bundle_main,
         "install": install_main,
         "preflight": preflight_main,
         "plan": plan_main,
-        "run": run_main,
     }
+    assert commands.keys() == SUBCOMMANDS.keys()
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return run_main(argv)
