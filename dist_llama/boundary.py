@@ -2,7 +2,8 @@
 
 `StepBoundary.after(step)` returns a `Todo`:
 - validate: every train.eval_every steps and at the last step;
-- save: every checkpoint.every steps, at the last step, and before a stop;
+- save: every checkpoint.every steps, at the last step, before a stop, and after the run's first step when
+  checkpoint.first_step is set;
 - plan: the time budget (`train.time_budget_s`) ends its measurement here. After warm-up steps it timed a
   few steps; now one evaluation and one checkpoint are timed too (validate and save), and
   `StepBoundary.plan` sets the step count that fits (`plan_steps`). The plan is kept in every later
@@ -62,10 +63,11 @@ class StepBoundary:
         stop_reason: Callable[[], str | None],
         clock: Callable[[], float],
         share: Callable[[dict | None], dict] = lambda plan: plan,
+        save_first_step: bool = False,
     ):
         """stop_reason: the stop decision every rank shares (StopRequest.reason). clock: training time without
         pauses (metrics.TrainingClock.now). share: rank 0's plan to every rank (broadcast_object)."""
-        self.train, self.save_every = train, save_every
+        self.train, self.save_every, self.save_first_step = train, save_every, save_first_step
         self.budget = TimeBudget(train, start_step, saved_plan)
         self.stop_reason, self.clock, self.share = stop_reason, clock, share
         if self.budget.starts_measuring(start_step):  # no warm-up steps: the first step is timed too
@@ -88,7 +90,8 @@ class StepBoundary:
         if stop:
             return Todo(save=True, stop=stop)
         return Todo(
-            validate=last or step % self.train.eval_every == 0, save=last or step % self.save_every == 0
+            validate=last or step % self.train.eval_every == 0,
+            save=last or step % self.save_every == 0 or (step == 1 and self.save_first_step),
         )
 
     def plan(self, step: int, eval_s: float, checkpoint_s: float, is_main: bool) -> dict:

@@ -678,6 +678,7 @@ def training_loop(run: Run, stop: StopRequest) -> dict:
         stop.reason,
         clock.now,
         share=broadcast_object,
+        save_first_step=config.checkpoint.first_step,
     )
     run.logger.total_steps = boundary.total_steps
     run.planned_steps = boundary.total_steps if run.budget_plan else None

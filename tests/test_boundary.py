@@ -18,7 +18,13 @@ def make(*overrides: str, start_step: int = 0, saved_plan=None, stop_at: dict | 
         return (stop_at or {}).get(len(asked))
 
     made = StepBoundary(
-        config.train, config.checkpoint.every, start_step, saved_plan, stop_reason, clock or (lambda: 0.0)
+        config.train,
+        config.checkpoint.every,
+        start_step,
+        saved_plan,
+        stop_reason,
+        clock or (lambda: 0.0),
+        save_first_step=config.checkpoint.first_step,
     )
     return made, asked
 
@@ -29,6 +35,15 @@ def test_validate_and_save_follow_their_cadences_and_the_last_step_does_both():
     assert [s for s, t in todos.items() if t.validate] == [4, 8, 12]
     assert [s for s, t in todos.items() if t.save] == [6, 12]
     assert not any(t.plan or t.stop for t in todos.values())
+
+
+def test_checkpoint_first_step_also_saves_after_the_runs_first_step_only():
+    steps, _ = make("--train.steps=12", "--checkpoint.every=6", "--checkpoint.first_step=true")
+    assert [step for step in range(1, 13) if steps.after(step).save] == [1, 6, 12]
+    resumed, _ = make(
+        "--train.steps=12", "--checkpoint.every=6", "--checkpoint.first_step=true", start_step=6
+    )
+    assert [step for step in range(7, 13) if resumed.after(step).save] == [12]
 
 
 def test_a_stop_request_saves_that_step_and_the_last_step_asks_no_collective():

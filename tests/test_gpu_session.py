@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -406,6 +407,64 @@ def test_a_compile_that_hangs_costs_the_compile_limit_and_training_runs_eager(bu
     assert train["seconds"] < 25 + 120, "the hang cost its limit, not the stage"
 
 
+# Loaded by every child of the session (PYTHONPATH): the compiled trainer compiles nothing (no compile cost)
+# and hangs when its time budget's measurement begins, after its first step; an eager one runs as it is.
+HANG_AFTER_FIRST_STEP = """
+import sys, time
+command = " ".join(sys.orig_argv)
+if "dist_llama.train" in command and command.rfind("compile=true") > command.rfind("compile=false"):
+    import torch
+    import dist_llama.boundary
+    torch.nn.Module.compile = lambda self, *args, **kwargs: None
+    dist_llama.boundary.measure_pauses = lambda *args, **kwargs: time.sleep(3600)
+"""
+
+
+def test_a_compiled_run_that_hangs_after_its_first_step_is_resumed_eager_and_released(bundle, tmp_path):
+    """The compiled run saves after its first step; when it then hangs (here: where the time budget's
+    measurement begins), the eager run resumes that checkpoint rather than starting over, and the session
+    releases what it trained."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HANG_AFTER_FIRST_STEP)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            str(REPO / "launch/gpu_session.sh"),
+            "--rehearse",
+            "--bundle",
+            str(bundle),
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "--skip=bench,evaluate,report",
+            "--compile-limit-s",
+            "20",
+            "--parallel.compile=true",
+            "--train.steps=12",
+            *TINY_RUN,
+            "--checkpoint.every=100",  # the first step's checkpoint is the only one before the hang
+        ],
+        cwd=REPO,
+        env={**environment(), "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    stages = {s["stage"]: s for s in summary["stages"]}
+    train = stages["train"]
+    assert train["status"] == "ok", train
+    assert "debug: stopped: no time-budget plan within 2" in train["detail"], train["detail"]
+    assert "(latest checkpoint step_00000001)" in train["detail"] and "debug_eager" not in train["detail"]
+    eager_log = (tmp_path / "work" / "logs" / "train_debug_eager.log").read_text()
+    assert "resumed from" in eager_log and " at step 1 (" in eager_log.split("resumed from")[1][:300]
+    assert stages["release"]["status"] == "ok", stages["release"]
+    assert summary["run"] == "debug"
+
+
 def test_a_child_that_misses_a_progress_mark_is_stopped_and_one_that_reaches_them_runs_on(tmp_path):
     """Marks in order, each within the limit of the one before: a child that reaches the first mark and then
     hangs is stopped at the second's limit; one that reaches both runs to its end."""
@@ -441,6 +500,19 @@ def test_a_child_that_misses_a_progress_mark_is_stopped_and_one_that_reaches_the
         progress,
     )
     assert both.ok and both.missed is None and both.seconds >= 4
+    # Each mark in time, but not all of them by all_by (the time an eager rerun needs): stopped there.
+    for name in ("first", "second"):
+        (tmp_path / name).unlink(missing_ok=True)
+    late = ProgressMarks(progress.marks, 1.8, progress.reached, all_by=time.monotonic() + 1.5)
+    cut = run_child(
+        tmp_path / "c.log",
+        [sys.executable, "-c", script, str(tmp_path), "both"],
+        30,
+        dict(os.environ),
+        tmp_path,
+        late,
+    )
+    assert cut.missed == "second" and cut.seconds < 3.5, cut.why()
 
 
 def test_the_install_stage_gives_pip_its_allowance(monkeypatch, tmp_path):
@@ -540,3 +612,14 @@ def test_training_builds_the_token_cache_then_reads_it(bundle, tmp_path):
     manifest = json.loads((work / "token_cache" / "manifest.json").read_text())
     assert manifest["documents"] > 0 and manifest["tokens"] > 0
     assert "token cache: tokenizing" in (work / "logs" / "train_debug.log").read_text()
+
+
+def test_the_release_takes_the_attempt_that_saw_the_most_tokens(make_checkpoint):
+    """A compiled run that failed late (checkpoint at step 30) and a shorter eager run after it (step 7):
+    the compiled run's checkpoint is released, whatever the order of the attempts."""
+    from dist_llama.session.context import trained_run
+
+    compiled, eager = make_checkpoint(step=30), make_checkpoint(step=7)
+    assert trained_run((compiled, eager)) == compiled
+    assert trained_run((eager, compiled, eager)) == compiled
+    assert trained_run(()) is None

@@ -193,11 +193,16 @@ class TrainingInterrupted(Interrupted):
 
 
 def trained_run(runs: tuple[Path, ...]) -> Path | None:
-    """The latest training attempt that left a checkpoint (a timed-out run keeps its last one)."""
-    from dist_llama.checkpoint import complete_checkpoints
+    """The training attempt whose latest checkpoint saw the most tokens (a timed-out run keeps its last one;
+    an eager attempt may resume the compiled one's folder), or None when none left a checkpoint."""
+    from dist_llama.checkpoint import complete_checkpoints, read_meta
 
-    with_checkpoints = [run for run in runs if complete_checkpoints(run / "checkpoints")]
-    return with_checkpoints[-1] if with_checkpoints else None
+    seen = {}
+    for run in dict.fromkeys(runs):
+        checkpoints = complete_checkpoints(run / "checkpoints")
+        if checkpoints:
+            seen[run] = read_meta(checkpoints[-1]).tokens_seen
+    return max(seen, key=seen.get) if seen else None
 
 
 def reported_run(runs: tuple[Path, ...]) -> Path | None:

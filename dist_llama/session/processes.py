@@ -24,12 +24,14 @@ def raise_interrupted(signum, frame):
 
 @dataclass(frozen=True)
 class ProgressMarks:
-    """Marks a child must reach in order, each within `within_s` of the one before (the first: of its start);
-    `reached(mark)` says whether it has. A child that misses one is stopped: a compile that hangs, say."""
+    """Marks a child must reach in order, each within `within_s` of the one before (the first: of its start),
+    and all of them by `all_by` (time.monotonic(); None: no such limit); `reached(mark)` says whether it has.
+    A child that misses one is stopped: a compile that hangs, say."""
 
     marks: tuple[str, ...]
     within_s: float
     reached: Callable[[str], bool]
+    all_by: float | None = None
 
 
 @dataclass
@@ -83,7 +85,7 @@ def run_child(
             command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            ending, missed = _wait(process, start + timeout, progress)
+            ending, missed, waited = _wait(process, start + timeout, progress)
         except Interrupted:
             stop_process_group(process)
             raise
@@ -93,12 +95,11 @@ def run_child(
     said = {
         "exit": f"exit {process.returncode}",
         "timeout": "stopped at the time limit",
-        "missed": f"stopped: no {missed} within {progress.within_s if progress else 0:.0f} s",
+        "missed": f"stopped: no {missed} within {waited:.0f} s",
     }[ending]
     with log.open("a") as handle:
         handle.write(f"# {said} after {seconds:.1f} s (limit {timeout:.0f} s)\n")
-    within = progress.within_s if missed else 0.0
-    return Child(process.returncode, ending == "timeout", seconds, log, missed, within)
+    return Child(process.returncode, ending == "timeout", seconds, log, missed, waited)
 
 
 POLL_S = 1.0  # how often a watched child's progress is read
@@ -106,24 +107,26 @@ POLL_S = 1.0  # how often a watched child's progress is read
 
 def _wait(
     process: subprocess.Popen, deadline: float, progress: ProgressMarks | None
-) -> tuple[str, str | None]:
-    """("exit", None) when the child exits by `deadline`, ("timeout", None) when it does not, ("missed",
-    mark) when it misses a progress mark first."""
+) -> tuple[str, str | None, float]:
+    """("exit", None, 0) when the child exits by `deadline`, ("timeout", None, 0) when it does not,
+    ("missed", mark, seconds waited for it) when it misses a progress mark first."""
     marks, since = list(progress.marks) if progress else [], time.monotonic()
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            return "timeout", None
+            return "timeout", None, 0.0
         try:
             process.wait(timeout=min(POLL_S, left) if marks else left)
-            return "exit", None
+            return "exit", None, 0.0
         except subprocess.TimeoutExpired:
             pass
         while marks and progress.reached(marks[0]):
             marks.pop(0)
             since = time.monotonic()
-        if marks and time.monotonic() - since > progress.within_s:
-            return "missed", marks[0]
+        now = time.monotonic()
+        late = progress is not None and progress.all_by is not None and now > progress.all_by
+        if marks and (now - since > progress.within_s or late):
+            return "missed", marks[0], now - since
 
 
 def stop_process_group(process: subprocess.Popen) -> None:

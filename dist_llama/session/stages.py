@@ -115,14 +115,15 @@ def _preflight_detail(report: dict) -> str:
 def train(context: Context, preflight: PreflightFacts, allowance: float) -> tuple[Outcome, tuple[Path, ...]]:
     """The config with the time budget the deadline leaves. A compiled run that fails, or misses a progress
     mark (its first step, then its time-budget plan, each within the mode's compile_limit_s of the one before:
-    the training graphs, then the evaluation graphs compile before them), is run again eager, as a new run,
-    with the time left; one that stopped on a user error (exit 2, said in one line) is not. Returns the runs
-    made, in order."""
+    the training graphs, then the evaluation graphs compile before them), is run again eager with the time
+    left; one that stopped on a user error (exit 2, said in one line) is not. The compiled run saves after its
+    first step too, and the eager run resumes its latest checkpoint (a new run only where it left none), so a
+    late failure keeps the steps done. Returns the runs made, in order."""
     from dist_llama.checkpoint import complete_checkpoints
 
     name = preflight.resolved("train", "name", "run")
     compiled = bool(preflight.resolved("parallel", "compile"))
-    attempts = [(name, [])]
+    attempts = [(name, ["--checkpoint.first_step=true"] if compiled else [])]
     runs, notes = [], []
     try:
         for attempt, (run_name, extra) in enumerate(attempts):
@@ -135,7 +136,8 @@ def train(context: Context, preflight: PreflightFacts, allowance: float) -> tupl
                 break
             run_dir = context.work / "runs" / run_name
             runs.append(run_dir)
-            child = _training_run(context, run_dir, budget, extra, watch=compiled and not extra)
+            label = f"train_{run_name}" + ("_eager" if attempt else "")
+            child = _training_run(context, run_dir, label, budget, extra, watch=compiled and attempt == 0)
             checkpoints = complete_checkpoints(run_dir / "checkpoints")
             if child.ok:
                 notes.append(f"{run_name}: budget {budget:.0f} s, final checkpoint {checkpoints[-1].name}")
@@ -145,7 +147,8 @@ def train(context: Context, preflight: PreflightFacts, allowance: float) -> tupl
                 + (f" (latest checkpoint {checkpoints[-1].name})" if checkpoints else "")
             )
             if attempt == 0 and compiled and not child.timed_out and child.returncode != USER_ERROR_EXIT:
-                attempts.append((f"{name}_eager", ["--parallel.compile=false"]))
+                eager = run_name if checkpoints else f"{name}_eager"  # resume the steps done, if any
+                attempts.append((eager, ["--parallel.compile=false"]))
     except Interrupted:
         raise TrainingInterrupted(tuple(runs)) from None
     return Outcome("train", "failed", detail="; ".join(notes)), tuple(runs)
@@ -154,24 +157,31 @@ def train(context: Context, preflight: PreflightFacts, allowance: float) -> tupl
 USER_ERROR_EXIT = 2  # dist_llama.cli: a one-line user error, which an eager run would repeat
 # What a compiled run reaches, in order, and the record in metrics.jsonl that shows it.
 TRAINING_MARKS = {"first step": "started", "time-budget plan": "plan"}
+# Stopping a child takes up to this long (processes.stop_process_group: SIGTERM, then SIGKILL).
+STOP_S = 15
 
 
-def _training_run(context: Context, run_dir: Path, budget: float, extra: list[str], watch: bool) -> Child:
-    """One training attempt as the new run run_dir, given `budget` seconds; when `watch`, it is stopped as
-    soon as it misses a progress mark (TRAINING_MARKS)."""
+def _training_run(
+    context: Context, run_dir: Path, label: str, budget: float, extra: list[str], watch: bool
+) -> Child:
+    """One training attempt in run_dir (a new run, or a resume of the checkpoints there), given `budget`
+    seconds; when `watch`, it is stopped as soon as it misses a progress mark (TRAINING_MARKS), and at the
+    latest when what is left would give an eager rerun less than its least time."""
     overrides = [
         *extra,
         f"--train.run_root={context.work / 'runs'}",
         f"--train.name={run_dir.name}",
         f"--train.time_budget_s={budget:.0f}",
     ]
+    rerun_needs = context.deadline.least("train") + STOP_S
     progress = ProgressMarks(
         tuple(TRAINING_MARKS),
         context.mode.compile_limit_s,
         lambda mark: TRAINING_MARKS[mark] in logged_kinds(run_dir),
+        all_by=time.monotonic() + budget - rerun_needs if budget > rerun_needs else None,
     )
     return context.run(
-        f"train_{run_dir.name}",
+        label,
         context.trainer(overrides),
         context.deadline.training_timeout(budget),
         progress=progress if watch else None,
