@@ -8,21 +8,28 @@ sharded like the parameter, so DCP saves and reshards it like AdamW's moments) a
 momentum-corrected gradient before Newton-Schulz. Every rank then orthogonalizes the same full matrix and
 keeps its own rows: the update is the unsharded one, at the cost of one all-gather per matrix and
 Newton-Schulz repeated on every rank (small next to the forward and backward at these sizes).
+
+Newton-Schulz computes in the training precision (`newton_schulz_dtype`): torch's Muon always casts to bf16,
+which a GPU without native bf16 (T4, V100, P100: where `auto` trains in fp16) refuses or emulates.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dist_llama.config import ConfigError, OptimConfig
+from dist_llama.devices import DTYPES, dtype_name
 
-try:  # torch >= 2.9; the math stays torch's own so the test can compare against torch.optim.Muon bit for bit
-    from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+try:  # torch >= 2.9; the learning-rate rule stays torch's own, so Muon's update is torch.optim.Muon's
+    from torch.optim._muon import _adjust_lr
 except ImportError:  # pragma: no cover - depends on the installed torch
-    _zeropower_via_newtonschulz = _adjust_lr = None
+    _adjust_lr = None
+
+log = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -68,23 +75,29 @@ def is_hidden_matrix(name: str, param: torch.nn.Parameter) -> bool:
     return param.dim() == 2 and ".layers." in f".{name}"
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> OptimizerGroup:
+def build_optimizer(
+    model: torch.nn.Module, optim: OptimConfig, device: torch.device, precision: str
+) -> OptimizerGroup:
     """AdamW over every parameter, or (optim.name=muon) Muon at optim.muon_lr for the hidden matrices and
     AdamW at optim.lr for embeddings, head and norm gains. Weight decay applies to matrices only: norm
-    gains are scales, and decaying them toward 0 fights the normalisation."""
+    gains are scales, and decaying them toward 0 fights the normalisation. `precision` is the training
+    precision (parallel.training_precision's), which Muon's Newton-Schulz computes in."""
     named = list(model.named_parameters())
     if optim.name == "muon":
-        if _zeropower_via_newtonschulz is None:
+        if _adjust_lr is None:
             raise ConfigError(
-                f"optim.name=muon: this torch ({torch.__version__}) has no torch.optim._muon Newton-Schulz "
-                "step; use torch >= 2.9 or --optim.name=adamw"
+                f"optim.name=muon: this torch ({torch.__version__}) has no torch.optim.Muon; "
+                "use torch >= 2.9 or --optim.name=adamw"
             )
         hidden = [p for n, p in named if is_hidden_matrix(n, p)]
+        ns_dtype = newton_schulz_dtype(precision)
+        log.info("Muon: Newton-Schulz in %s (training precision %s)", dtype_name(ns_dtype), precision)
         muon = ShardedMuon(
             [{"params": hidden, "peak_lr": optim.muon_lr}],
             lr=optim.muon_lr,
             momentum=optim.muon_momentum,
             weight_decay=optim.muon_weight_decay,
+            ns_dtype=ns_dtype,
         )
         rest = [p for n, p in named if not is_hidden_matrix(n, p)]
         return OptimizerGroup([muon, _adamw(rest, optim, device)])
@@ -105,12 +118,51 @@ def _adamw(params: list, optim: OptimConfig, device: torch.device) -> torch.opti
     )
 
 
+def newton_schulz_dtype(precision: str) -> torch.dtype:
+    """What Muon's Newton-Schulz computes in for a training precision: the dtype the model's own matmuls
+    use, which the device therefore computes natively. bf16 as torch.optim.Muon does (bit for bit); fp16 where
+    a GPU has no native bf16; fp32 where training is fp32: on a CPU, which has no 16-bit matrix units (most
+    emulate bf16 matmuls), or on a GPU where fp32 was asked for."""
+    return DTYPES[precision]
+
+
+def newton_schulz(
+    grad: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalization (torch.optim._muon._zeropower_via_newtonschulz) in `dtype`; in
+    bf16 the same operations in the same order as torch's, so the same bits.
+
+    Dividing by the Frobenius norm bounds the spectral norm by 1, and the quintic a s + b s^3 + c s^5 with
+    torch's coefficients (3.4445, -4.7750, 2.0315) maps [0, 1.21] into itself (its peak is 1.20 at s = 0.55):
+    X stays below 1.21, X X^T below 1.45, and the addmm's terms below 7 (b X X^T is the largest), far inside
+    fp16's 65504. fp16's danger is the input instead: a momentum entry above 65504 overflows in the cast and
+    one below 6e-8 vanishes. So fp16 (and fp32) divide by the norm in fp32 and cast the unit-norm matrix;
+    bf16, with fp32's range, casts first as torch does.
+    """
+    a, b, c = coefficients
+    tall = grad.size(0) > grad.size(1)
+    x = grad.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    if tall:
+        x = x.T
+    x = (x / x.norm().clamp(min=eps)).to(dtype)
+    for _ in range(steps):
+        gram = x @ x.T
+        update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, update, x, beta=a)
+    return x.T if tall else x
+
+
 class ShardedMuon(torch.optim.Muon):
-    """torch.optim.Muon whose Newton-Schulz step sees the whole matrix when parameters are FSDP2 DTensors.
+    """torch.optim.Muon whose Newton-Schulz step sees the whole matrix when parameters are FSDP2 DTensors,
+    and computes in `ns_dtype` (newton_schulz_dtype).
 
     Same hyperparameters, state (`momentum_buffer`) and update as torch's single-tensor Muon; on plain
-    tensors it is that update exactly.
+    tensors with the default bf16 it is that update exactly.
     """
+
+    def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **muon_options):
+        super().__init__(params, **muon_options)
+        self.ns_dtype = ns_dtype  # not a group option: the state dict and checkpoints stay torch's
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -131,8 +183,8 @@ class ShardedMuon(torch.optim.Muon):
                 buffer.lerp_(grad, 1 - momentum)  # elementwise: fine on each rank's rows
                 update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
                 full = update.full_tensor() if isinstance(update, DTensor) else update
-                orthogonal = _zeropower_via_newtonschulz(
-                    full, group["ns_coefficients"], group["ns_steps"], group["eps"]
+                orthogonal = newton_schulz(
+                    full, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype
                 )
                 if isinstance(param, DTensor):
                     # Every rank holds the same full result; keep this rank's rows without communication.

@@ -15,7 +15,14 @@ from dist_llama import boundary
 from dist_llama.boundary import BudgetError, check_budget_plan, measure_pauses, plan_steps
 from dist_llama.config import ConfigError, OptimConfig, load_config
 from dist_llama.model import PRESETS, Transformer
-from dist_llama.optim import ShardedMuon, build_optimizer, is_hidden_matrix, lr_factor
+from dist_llama.optim import (
+    ShardedMuon,
+    build_optimizer,
+    is_hidden_matrix,
+    lr_factor,
+    newton_schulz,
+    newton_schulz_dtype,
+)
 from dist_llama.parallel import DistEnv, parallelize
 from dist_llama.train import BatchLayout, train_step
 
@@ -97,7 +104,7 @@ def groups_by_name(model, optimizer):
 
 def test_adamw_decays_matrices_only():
     model = Transformer(PRESETS["debug"])
-    groups = groups_by_name(model, build_optimizer(model, OptimConfig(weight_decay=0.1), CPU))
+    groups = groups_by_name(model, build_optimizer(model, OptimConfig(weight_decay=0.1), CPU, "fp32"))
     decay, no_decay = groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(not n.endswith("norm.weight") for n in decay["names"])
@@ -108,7 +115,7 @@ def test_adamw_decays_matrices_only():
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     model = Transformer(PRESETS["debug"])
     optim = OptimConfig(name="muon", lr=3e-3, muon_lr=0.02, weight_decay=0.1, muon_weight_decay=0.0)
-    muon, adamw_decay, adamw_no_decay = groups_by_name(model, build_optimizer(model, optim, CPU))
+    muon, adamw_decay, adamw_no_decay = groups_by_name(model, build_optimizer(model, optim, CPU, "fp32"))
     assert muon["kind"] == "ShardedMuon" and muon["lr"] == 0.02 and muon["weight_decay"] == 0.0
     assert all(".layers." in n and n.endswith("proj.weight") for n in muon["names"])
     assert len(muon["names"]) == 7 * PRESETS["debug"].n_layers  # q k v o gate up down
@@ -119,15 +126,16 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert not is_hidden_matrix("model.embed_tokens.weight", model.model.embed_tokens.weight)
 
 
-def test_sharded_muon_on_plain_tensors_is_torch_muon_exactly():
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)], ids=["tall", "wide"])
+def test_sharded_muon_on_plain_tensors_is_torch_muon_exactly(shape):
     generator = torch.Generator().manual_seed(0)
     ours, reference = (
-        torch.nn.Parameter(torch.randn(48, 32, generator=torch.Generator().manual_seed(1))) for _ in range(2)
+        torch.nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(1))) for _ in range(2)
     )
     ours_opt = ShardedMuon([ours], lr=0.02, weight_decay=0.1, momentum=0.95)
     reference_opt = torch.optim.Muon([reference], lr=0.02, weight_decay=0.1, momentum=0.95)
     for _ in range(4):
-        grad = torch.randn(48, 32, generator=generator)
+        grad = torch.randn(*shape, generator=generator)
         ours.grad, reference.grad = grad.clone(), grad.clone()
         ours_opt.step()
         reference_opt.step()
@@ -135,6 +143,30 @@ def test_sharded_muon_on_plain_tensors_is_torch_muon_exactly():
     assert torch.equal(
         ours_opt.state[ours]["momentum_buffer"], reference_opt.state[reference]["momentum_buffer"]
     )
+
+
+def test_newton_schulz_computes_in_the_training_precision():
+    assert [newton_schulz_dtype(p) for p in ("bf16", "fp16", "fp32")] == [
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+    ]
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 1e6])
+def test_fp16_newton_schulz_normalises_in_fp32_so_tiny_and_huge_momenta_survive(scale):
+    """Entries of 1e-9 underflow to zero in fp16 and entries of 1e6 overflow: cast before the division by the
+    norm, they gave zeros and NaN. Normalised first, fp16 stays within 2e-3 of the fp32 result (bf16 within
+    1e-2), here and on a matrix of equal singular values, which pass the quintic's peak together (the largest
+    intermediates we found)."""
+    coefficients = torch.optim._muon.DEFAULT_A, torch.optim._muon.DEFAULT_B, torch.optim._muon.DEFAULT_C
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.linalg.qr(torch.randn(96, 64, generator=generator))[0].T
+    for grad in (torch.randn(64, 96, generator=generator) * scale, flat * scale):
+        half = newton_schulz(grad, coefficients, 5, 1e-7, torch.float16)
+        full = newton_schulz(grad, coefficients, 5, 1e-7, torch.float32)
+        assert half.dtype == torch.float16 and full.dtype == torch.float32
+        assert (half.float() - full).abs().max() < 2e-3
 
 
 @pytest.fixture
@@ -153,7 +185,7 @@ def tiny_batch(seed: int, rows: int = 4, seq: int = 16):
 
 def test_fsdp_muon_step_equals_unsharded_torch_muon(one_process_group):
     """The 1-rank FSDP2 run through our optimizer and train_step equals plain torch.optim.Muon + AdamW
-    on an unsharded copy of the model (the reference the 2-rank test is compared with in turn)."""
+    on an unsharded copy of the model, Newton-Schulz computing in bf16 in both."""
     config = load_config(
         None,
         [
@@ -168,7 +200,8 @@ def test_fsdp_muon_step_equals_unsharded_torch_muon(one_process_group):
     sharded = Transformer(config.model)
     sharded.load_state_dict(reference.state_dict())
     sharded = parallelize(sharded, config.parallel, one_process_group)
-    optimizer = build_optimizer(sharded, config.optim, CPU)
+    # Newton-Schulz in bf16, as torch.optim.Muon computes it, although the model computes in fp32.
+    optimizer = build_optimizer(sharded, config.optim, CPU, "bf16")
     hidden = [p for n, p in reference.named_parameters() if is_hidden_matrix(n, p)]
     rest = [p for n, p in reference.named_parameters() if not is_hidden_matrix(n, p)]
     reference_muon = torch.optim.Muon(
@@ -214,7 +247,7 @@ def test_grad_clip_zero_means_no_clipping(one_process_group):
         model = Transformer(config.model)
         model.init_weights(0)
         model = parallelize(model, config.parallel, one_process_group)
-        optimizer = build_optimizer(model, config.optim, CPU)
+        optimizer = build_optimizer(model, config.optim, CPU, "fp32")
         layout = BatchLayout(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
         for seed in range(2):
             train_step(

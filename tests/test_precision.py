@@ -4,6 +4,7 @@ weights, dynamic loss scaling (an injected overflow), and the memory estimate wi
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_llama.config import ConfigError, load_config
 from dist_llama.devices import auto_precision
@@ -55,7 +56,7 @@ def fp16_model(env: DistEnv, *overrides: str):
     model = Transformer(config.model)
     model.init_weights(0)
     model = parallelize(model, config.parallel, env)
-    return config, model, build_optimizer(model, config.optim, CPU)
+    return config, model, build_optimizer(model, config.optim, CPU, "fp16")
 
 
 def batch(seed: int):
@@ -102,6 +103,33 @@ def test_an_overflow_halves_the_scale_skips_exactly_that_update_and_training_goe
         (True, False, 2.0**15),
         (False, True, 2.0**15),
     ]
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """The dtypes of the matrix products issued while it is active, by operator name."""
+
+    MATMULS = ("mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[str, set[torch.dtype]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.MATMULS:
+            self.seen.setdefault(name, set()).update(a.dtype for a in args if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+def test_muon_with_fp16_training_issues_no_bf16_matmul(one_process_group):
+    """fp16 is what `auto` trains in on a GPU without native bf16 (T4, V100, P100), where a bf16 matmul is
+    refused or emulated: torch.optim.Muon's Newton-Schulz casts to bf16. Ours computes in fp16 (its addmm,
+    which nothing else in the step issues), and so does the whole step."""
+    config, model, optimizer = fp16_model(one_process_group, "--optim.name=muon")
+    with MatmulDtypes() as matmuls:
+        train_step(model, optimizer, batch(0), LAYOUT, 1.0, 1.0, 0, CPU, loss_scaler("fp16", CPU, 2.0**16))
+    assert matmuls.seen["addmm"] == {torch.float16}
+    assert torch.bfloat16 not in set().union(*matmuls.seen.values()), matmuls.seen
 
 
 # --- the memory estimate ----------------------------------------------------------------------------------
