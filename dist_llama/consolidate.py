@@ -1,19 +1,24 @@
 """Turn a sharded training checkpoint into a Hugging Face release folder, on one CPU process.
 
-`python -m dist_llama.consolidate --checkpoint CKPT_OR_RUN_DIR --out DIR [--dtype bf16|fp32] [--stock-llama]`
-writes everything `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` needs:
+`python -m dist_llama.consolidate --checkpoint CKPT_OR_RUN_DIR [--out DIR] [--dtype bf16|fp32]
+[--stock-llama]` writes everything `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` needs:
 
 - model.safetensors (or shards + model.safetensors.index.json), with transformers' Llama parameter names;
 - config.json (model_type dist_llama, auto_map) and generation_config.json;
 - the tokenizer the run trained with (`data.tokenizer`), saved with save_pretrained;
 - the model code: dist_llama/model.py and interop.py plus dist_llama/hub_release/*.py (package data, so
-  a plain `pip install` carries them), copied at release time so
-  the release runs the very code that trained (one source of truth), and loads without dist_llama;
+  a plain `pip install` carries them), copied at release time so the release runs the very code that
+  trained (one source of truth), and loads without dist_llama;
 - README.md (model card filled from the run) and training_config.yaml (the resolved run config).
 
 With --stock-llama, config.json is a stock LlamaConfig instead (no code files, no trust_remote_code):
 the weights need no conversion, since model.py uses Llama's names and layouts.
 No weights are ever unpickled: the checkpoint is read through DCP, the release holds safetensors only.
+
+Without --out the folder is hub_release/<the run's train.name> (release_dir): the hub_release/ at the top of
+the checkout dist_llama runs from, or ./hub_release in the working directory when dist_llama is an installed
+wheel with no checkout around it. A new release of the same run replaces the folder whole: it is written
+beside it and renamed into place once complete, and a folder that is not a release is never overwritten.
 """
 
 from __future__ import annotations
@@ -36,9 +41,10 @@ from dist_llama.interop import llama_config_dict
 from dist_llama.model import ModelArgs, Transformer
 
 RELEASE_DTYPES = ("fp32", "bf16")
-MODEL_SOURCE = Path(__file__).resolve().parent / "model.py"
-INTEROP_SOURCE = Path(__file__).resolve().parent / "interop.py"
-RELEASE_CODE = Path(__file__).resolve().parent / "hub_release"
+PACKAGE = Path(__file__).resolve().parent
+MODEL_SOURCE = PACKAGE / "model.py"
+INTEROP_SOURCE = PACKAGE / "interop.py"
+RELEASE_CODE = PACKAGE / "hub_release"  # package data, not the checkout's hub_release/ of releases
 AUTO_MAP = {
     "AutoConfig": "configuration_dist_llama.DistLlamaConfig",
     "AutoModelForCausalLM": "modeling_dist_llama.DistLlamaForCausalLM",
@@ -72,6 +78,28 @@ def local_path_or_hub_id(name: str | Path, option: str) -> str:
             "Hub ids look like NAMESPACE/NAME)"
         )
     return name
+
+
+def default_release_root() -> Path:
+    """The folder that holds one release folder per run name: hub_release/ at the top of the checkout that
+    dist_llama runs from (a source tree or an editable install: pyproject.toml beside the package), else
+    ./hub_release in the working directory (an installed wheel has no checkout to put it in)."""
+    checkout = PACKAGE.parent
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "hub_release"
+    return Path.cwd() / "hub_release"
+
+
+RELEASE_ROOT_HELP = (
+    "folder of releases, one per run: RELEASE_ROOT/<train.name> (default: hub_release/ at the top of this "
+    "checkout; with dist_llama installed from a wheel, ./hub_release in the working directory)"
+)
+
+
+def release_dir(name: str, release_root: str | Path | None = None) -> Path:
+    """The release folder of the run `name`, absolute: release_root/name, release_root defaulting to
+    default_release_root()."""
+    return (Path(release_root if release_root is not None else default_release_root()) / name).resolve()
 
 
 # --- Weights ----------------------------------------------------------------------------------------
@@ -224,18 +252,36 @@ def _find_eval_summary(checkpoint_dir: Path, eval_summary) -> dict | None:
 
 
 def _prepare_output(out: Path) -> Path:
-    """A fresh staging folder beside out; out itself is replaced only when the release is complete."""
+    """A fresh staging folder beside out, hidden so that a listing of releases passes over it; out itself
+    is replaced only when the release is complete (_move_into_place)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise ReleaseError(f"{out} exists and is not a release folder; refusing to overwrite it")
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = out.with_name(f".{out.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted release
     staging.mkdir(parents=True)
     return staging
 
 
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the complete staging folder to out. An earlier release there is renamed aside first and
+    deleted after, so an interruption leaves out as the old release or the new one, never half of either
+    (between the two renames there is briefly no folder at out)."""
+    previous = out.with_name(f".{out.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if out.exists():
+        out.rename(previous)
+    try:
+        staging.rename(out)
+    except OSError:
+        if previous.exists():
+            previous.rename(out)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def consolidate(
     checkpoint: str | Path,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     dtype: str = "fp32",
     stock_llama: bool = False,
     eval_summary: str | Path | dict | None = None,
@@ -243,9 +289,11 @@ def consolidate(
     tokenizer: str | None = None,
     max_shard_size: int | str = "5GB",
     repo_name: str | None = None,
+    release_root: str | Path | None = None,
 ) -> Path:
     """Write a release folder for `checkpoint` (a step_N folder, or a run directory for its latest).
 
+    out_dir: the folder to write (default: release_dir of the run's train.name under release_root).
     eval_summary: a JSON file or dict for the model card (default: run_dir/eval/summary.json if present).
     tokenizer: a load_tokenizer source overriding the run config's data.tokenizer.
     Raises CheckpointError, ConfigError or ReleaseError with a one-line message.
@@ -270,7 +318,7 @@ def consolidate(
             f"tokenizer {tokenizer or config.data.tokenizer!r} does not fit the model: {error}"
         ) from None
 
-    out = Path(out_dir).resolve()
+    out = Path(out_dir if out_dir is not None else release_dir(config.train.name, release_root)).resolve()
     staging = _prepare_output(out)
     try:
         save_weights(weights, staging, max_shard_size)
@@ -287,9 +335,7 @@ def consolidate(
         card = model_card(config, meta, summary, repo_name or out.name, stock_llama, dtype)
         (staging / "README.md").write_text(card)
         check_release_folder(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        _move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -363,13 +409,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(
         command="consolidate",
         description="Consolidate a sharded checkpoint into a Hugging Face release folder.",
+        epilog="Without --out the release goes to RELEASE_ROOT/<the run's train.name>; a folder that "
+        "holds an earlier release is replaced once the new one is complete, any other is left alone.",
     )
     parser.add_argument(
         "--checkpoint", required=True, help="a step_N checkpoint folder, or a run directory (its latest)"
     )
-    parser.add_argument(
-        "--out", required=True, help="release folder to write (replaced if it is an earlier release)"
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out", default=None, help="release folder to write (default: RELEASE_ROOT/<the run's train.name>)"
     )
+    where.add_argument("--release-root", default=None, help=RELEASE_ROOT_HELP)
     parser.add_argument("--dtype", choices=RELEASE_DTYPES, default="fp32", help="weight dtype in the release")
     parser.add_argument(
         "--stock-llama",
@@ -401,6 +451,7 @@ def main(argv: list[str] | None = None) -> None:
             tokenizer=args.tokenizer,
             max_shard_size=args.max_shard_size,
             repo_name=args.repo_name,
+            release_root=args.release_root,
         )
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")

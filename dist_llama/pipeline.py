@@ -1,9 +1,11 @@
-"""`python -m dist_llama.pipeline --config configs/X.yaml [overrides]`:
+"""`python -m dist_llama.pipeline --config configs/X.yaml [--release-root DIR] [overrides]`:
 train -> consolidate -> evaluate -> report.
 
-Every stage records what it produced, and from what, in run_dir/pipeline.json. Run the command again
-and it skips the stages whose inputs have not changed and picks up an interrupted training run from
-its latest checkpoint. `--skip STAGE` leaves a stage out; `--redo STAGE` forces it.
+The run's files go to run_dir (train.run_root/train.name), its release to hub_release/<train.name> at the
+top of the checkout (consolidate.release_dir; --release-root moves it). Every stage records what it
+produced, and from what, in run_dir/pipeline.json. Run the command again and it skips the stages whose
+inputs have not changed and picks up an interrupted training run from its latest checkpoint.
+`--skip STAGE` leaves a stage out; `--redo STAGE` forces it.
 
 The Position Interpolation route is `--stage1-config configs/main_256.yaml --config configs/pi_1024.yaml`:
 stage 1 trains at the short length, stage 2 starts from its weights (train.init_from), and the
@@ -23,6 +25,13 @@ from pathlib import Path
 from dist_llama.checkpoint import CheckpointError, complete_checkpoints, read_meta
 from dist_llama.cli import CommandParser, error_message, fail
 from dist_llama.config import Config, ConfigError, load_config, to_dict
+from dist_llama.consolidate import (
+    RELEASE_ROOT_HELP,
+    ReleaseError,
+    consolidate,
+    release_dir,
+    write_model_card,
+)
 
 log = logging.getLogger("dist_llama.pipeline")
 
@@ -128,15 +137,27 @@ def run_training(config: Config, config_path: str | None, overrides: list[str], 
 def consolidate_stage(
     checkpoint: Path, out: Path, name: str, state: PipelineState, key: str, redo: bool
 ) -> Path:
-    inputs = {"checkpoint": str(checkpoint)}
-    if not redo and state.is_current(key, inputs) and (out / "config.json").is_file():
+    """Consolidate checkpoint into out, unless out is still the release this stage wrote from it."""
+    inputs = {"checkpoint": str(checkpoint), "release": str(out)}
+    written = _written(out)
+    if not redo and written is not None and state.is_current(key, {**inputs, "written": written}):
         log.info("%s: %s is up to date", key, out)
         return out
-    from dist_llama.consolidate import consolidate
-
     consolidate(checkpoint, out, dtype="fp32", repo_name=name)
-    state.record(key, inputs)
+    state.record(key, {**inputs, "written": _written(out)})
     return out
+
+
+def _written(release: Path) -> list[int] | None:
+    """Which writing of the release this is: its config.json's inode and modification time (None without
+    one). The release folder lies outside the run directory, so another run of the same train.name, or a
+    consolidate by hand, may have replaced it since; a replaced folder has a new config.json. The evaluate
+    stage rewrites only README.md, which leaves this as it is."""
+    try:
+        stat = (release / "config.json").stat()
+    except FileNotFoundError:
+        return None
+    return [stat.st_ino, stat.st_mtime_ns]
 
 
 def evaluate_stage(config: Config, release: Path, stage1: tuple[Config, Path] | None, eval_dir: Path) -> None:
@@ -197,8 +218,10 @@ def run_pipeline(
     skip: set[str] = frozenset(),
     redo: set[str] = frozenset(),
     nproc: int = 1,
+    release_root: str | Path | None = None,
 ) -> Path:
-    """Returns the results.md of the report (or the run directory when the report is skipped)."""
+    """Returns the results.md of the report (or the run directory when the report is skipped). Releases
+    go to release_root/<train.name> (consolidate.release_dir)."""
     run_dir = config.run_dir
     state = PipelineState(run_dir)
     stage1 = None
@@ -212,7 +235,7 @@ def run_pipeline(
         stage1_overrides, overrides = overrides, [*overrides, f"--train.init_from={stage1_config.run_dir}"]
         config = load_config(config_path, overrides)
         stage1_release = _release_stage1(
-            stage1_config, stage1_path, stage1_overrides, state, skip, redo, nproc
+            stage1_config, stage1_path, stage1_overrides, state, skip, redo, nproc, release_root
         )
         stage1 = (stage1_config, stage1_release)
 
@@ -221,7 +244,7 @@ def run_pipeline(
     else:
         checkpoint = run_training(config, config_path, overrides, nproc)
 
-    release = run_dir / "release"
+    release = release_dir(config.train.name, release_root)
     if "consolidate" not in skip:
         consolidate_stage(checkpoint, release, config.train.name, state, "consolidate", "consolidate" in redo)
 
@@ -255,6 +278,7 @@ def _release_stage1(
     skip: set[str],
     redo: set[str],
     nproc: int,
+    release_root: str | Path | None,
 ) -> Path:
     """Stage 1 of the Position Interpolation route, trained (unless --skip train) and consolidated; returns
     its release folder."""
@@ -266,7 +290,7 @@ def _release_stage1(
         )
     return consolidate_stage(
         checkpoint,
-        stage1_config.run_dir / "release",
+        release_dir(stage1_config.train.name, release_root),
         stage1_config.train.name,
         state,
         "consolidate_stage1",
@@ -292,8 +316,6 @@ def _evaluate_unless_current(
     evaluate_stage(config, release, stage1, eval_dir)
     state.record("evaluate", eval_inputs)
     # The model card quotes the evaluation: rewrite it now that results exist.
-    from dist_llama.consolidate import write_model_card
-
     write_model_card(
         release,
         checkpoint,
@@ -302,7 +324,7 @@ def _evaluate_unless_current(
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> CommandParser:
     parser = CommandParser(
         command="pipeline",
         description="Train, consolidate, evaluate and report in one command.",
@@ -318,20 +340,24 @@ def main(argv: list[str] | None = None) -> None:
         "--skip", default="", help=f"comma-separated stages to leave out: {', '.join(STAGES)}"
     )
     parser.add_argument("--redo", default="", help="comma-separated stages to run even if up to date")
+    parser.add_argument("--release-root", default=None, help=RELEASE_ROOT_HELP)
     parser.add_argument(
         "--nproc",
         type=int,
         default=int(os.environ.get("NPROC", 1)),
         help="processes (GPUs) for training; >1 launches torchrun",
     )
-    args, overrides = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = _parser().parse_known_args(argv)
     skip = {s for s in args.skip.split(",") if s}
     redo = {s for s in args.redo.split(",") if s}
     for stage in skip | redo:
         if stage not in STAGES:
             fail("pipeline", f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from dist_llama.consolidate import ReleaseError
     from dist_llama.evaluation import EvaluationError
     from dist_llama.train import NonFiniteError
 
@@ -345,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
             skip=skip,
             redo=redo,
             nproc=args.nproc,
+            release_root=args.release_root,
         )
     except (
         ConfigError,

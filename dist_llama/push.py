@@ -1,9 +1,12 @@
 """Upload a release folder to the Hugging Face Hub, after checking that it loads on its own.
 
-`python -m dist_llama.push --dir RELEASE_DIR --repo-id USER/NAME [--private] [--dry-run]`
+`python -m dist_llama.push --repo-id USER/NAME --run-name RUN [--private] [--dry-run]` uploads
+hub_release/RUN, the release that consolidate wrote for that run (consolidate.release_dir; `--release-root`
+names another folder of releases). `--config YAML` takes RUN from the config's train.name; `--dir DIR` names
+any release folder instead.
 Validation loads config, model and tokenizer in a fresh Python process where dist_llama cannot be
 imported, as a user's machine would, and runs one forward pass. `--dry-run` stops there and lists
-the files that would be uploaded. The token comes from `huggingface-cli login` or HF_TOKEN.
+the files that would be uploaded. The token comes from `hf auth login` or HF_TOKEN.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import sys
 from pathlib import Path
 
 from dist_llama.cli import CommandParser, fail
-from dist_llama.consolidate import ReleaseError, check_release_folder
+from dist_llama.config import ConfigError, load_config
+from dist_llama.consolidate import RELEASE_ROOT_HELP, ReleaseError, check_release_folder, release_dir
 
 # Run in a child process with `python -I`: dist_llama is blocked, so the folder's own code must suffice.
 _VALIDATE = r"""
@@ -102,21 +106,29 @@ def push(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool 
 
 def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(command="push", description="Upload a release folder to the Hugging Face Hub.")
-    parser.add_argument(
-        "--dir", required=True, help="release folder written by python -m dist_llama.consolidate"
-    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-name", help="push RELEASE_ROOT/RUN_NAME, the run's release from consolidate")
+    which.add_argument("--config", help="push RELEASE_ROOT/<train.name of this YAML config>")
+    which.add_argument("--dir", help="push this release folder (written by python -m dist_llama.consolidate)")
+    parser.add_argument("--release-root", default=None, help=RELEASE_ROOT_HELP)
     parser.add_argument("--repo-id", required=True, help="USER/NAME of the model repository")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the files, upload nothing")
     args = parser.parse_args(argv)
     if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
         parser.error(f"--repo-id {args.repo_id!r} must look like USER/NAME")
+    if args.dir is not None and args.release_root is not None:
+        parser.error("--release-root goes with --run-name or --config; --dir names the folder itself")
+    folder = args.dir
     try:
-        print(push(args.dir, args.repo_id, args.private, args.dry_run))
-    except ReleaseError as error:
+        if folder is None:
+            name = args.run_name or load_config(args.config, []).train.name
+            folder = release_dir(name, args.release_root)
+        print(push(folder, args.repo_id, args.private, args.dry_run))
+    except (ReleaseError, ConfigError) as error:
         fail("push", str(error))
     except subprocess.TimeoutExpired:
-        fail("push", f"loading {args.dir} took too long")
+        fail("push", f"loading {folder} took too long")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from dist_llama.report import generate_report, read_metrics
 
@@ -77,17 +80,18 @@ def inputs(tmp_path_factory, shared_data):
 
 
 def test_pipeline_runs_every_stage_then_skips_and_resumes(inputs, tmp_path):
+    # Releases go to hub_release/<train.name> of the checkout; here a folder of the test's own stands in.
+    releases = tmp_path / "hub_release"
     args = [
         "--config",
         str(REPO / "configs/debug.yaml"),
+        f"--release-root={releases}",
         *tiny(*inputs, tmp_path, **{"data.seq_len": 32, "train.steps": 4, "train.name": "tiny"}),
     ]
     first = pipeline(*args)
-    run_dir = tmp_path / "tiny"
+    run_dir, release = tmp_path / "tiny", releases / "tiny"
     for produced in (
         "metrics.jsonl",
-        "release/config.json",
-        "release/model.safetensors",
         "eval/summary.json",
         "eval/ppl_tiny.json",
         "eval/loss_by_position.png",
@@ -95,15 +99,17 @@ def test_pipeline_runs_every_stage_then_skips_and_resumes(inputs, tmp_path):
         "report/loss.png",
     ):
         assert (run_dir / produced).is_file(), produced
-    card = (run_dir / "release/README.md").read_text()
+    for produced in ("config.json", "model.safetensors", "modeling_dist_llama.py", "model.py"):
+        assert (release / produced).is_file(), produced
+    assert sorted(os.listdir(releases)) == ["tiny"], "a staging folder was left beside the release"
+    assert not (run_dir / "release").exists()
+    card = (release / "README.md").read_text()
     assert "tinymmlu_local" in card and "No evaluation results" not in card, "the card quotes the evaluation"
     assert "| final_val_loss |" in first.stdout
+    assert_loads_with_transformers(release)
 
     # Again: nothing to do, nothing rewritten.
-    stamps = {
-        p: p.stat().st_mtime_ns
-        for p in [run_dir / "release/model.safetensors", run_dir / "eval/summary.json"]
-    }
+    stamps = {p: p.stat().st_mtime_ns for p in [release / "model.safetensors", run_dir / "eval/summary.json"]}
     second = pipeline(*args)
     assert "already finished" in second.stderr and "up to date" in second.stderr
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
@@ -119,14 +125,72 @@ def test_pipeline_runs_every_stage_then_skips_and_resumes(inputs, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6], "resumed from the checkpoint, not from scratch"
     state = json.loads((run_dir / "pipeline.json").read_text())
     assert state["evaluate"]["release_of"].endswith("step_00000006")
-    assert (run_dir / "release/model.safetensors").stat().st_mtime_ns != stamps[
-        run_dir / "release/model.safetensors"
+    assert (release / "model.safetensors").stat().st_mtime_ns != stamps[release / "model.safetensors"]
+    assert sorted(os.listdir(releases)) == ["tiny"], "the new release replaced the old one in place"
+    assert yaml.safe_load((release / "training_config.yaml").read_text())["train"]["steps"] == 6
+
+
+def assert_loads_with_transformers(release: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(release, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(release, trust_remote_code=True)
+    ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    assert bool(torch.isfinite(logits).all())
+
+
+def test_consolidate_stage_redoes_a_release_replaced_since(tmp_path, monkeypatch):
+    """The release lies outside the run directory: another run of the same name, or a consolidate by hand,
+    may replace it, and then the pipeline's record of having written it no longer holds."""
+    from dist_llama import pipeline as pipeline_module
+
+    def write_release(checkpoint: Path, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json.new").write_text(str(checkpoint))
+        (out / "config.json.new").replace(out / "config.json")  # a new file, as consolidate writes one
+
+    written = []
+
+    def fake_consolidate(checkpoint, out, **_):
+        write_release(checkpoint, out)
+        written.append((checkpoint.name, out.parent.name))
+
+    monkeypatch.setattr(pipeline_module, "consolidate", fake_consolidate)
+    state = pipeline_module.PipelineState(tmp_path / "run")
+    step_4, step_6 = tmp_path / "run/checkpoints/step_4", tmp_path / "run/checkpoints/step_6"
+    release, elsewhere = tmp_path / "hub_release" / "tiny", tmp_path / "elsewhere" / "tiny"
+
+    def stage(checkpoint=step_4, out=release, redo=False):
+        pipeline_module.consolidate_stage(checkpoint, out, "tiny", state, "consolidate", redo)
+
+    stage()
+    stage()  # up to date
+    write_release(step_6, release)  # replaced by another run's release of the same name
+    stage()
+    stage(step_6)
+    stage(step_6, elsewhere)
+    stage(step_6, elsewhere, redo=True)
+    shutil.rmtree(elsewhere)
+    stage(step_6, elsewhere)
+    stage(step_6, elsewhere)  # up to date
+    assert written == [
+        ("step_4", "hub_release"),
+        ("step_4", "hub_release"),
+        ("step_6", "hub_release"),
+        ("step_6", "elsewhere"),
+        ("step_6", "elsewhere"),
+        ("step_6", "elsewhere"),
     ]
 
 
 def test_pipeline_position_interpolation_route(inputs, tmp_path):
     common = tiny(*inputs, tmp_path, **{"train.steps": 4})
+    releases = tmp_path / "hub_release"
     pipeline(
+        f"--release-root={releases}",
         "--stage1-config",
         str(REPO / "configs/debug_short.yaml"),
         "--config",
@@ -139,9 +203,9 @@ def test_pipeline_position_interpolation_route(inputs, tmp_path):
     stage2 = tmp_path / "debug_pi"
     labels = sorted(json.loads(p.read_text())["label"] for p in (stage2 / "eval").glob("ppl_*.json"))
     assert labels == ["debug_pi_after_pi_finetune", "short_no_scaling", "short_pi_x4_no_finetune"]
-    config = json.loads((stage2 / "release/config.json").read_text())
+    config = json.loads((releases / "debug_pi/config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 4.0
-    assert (tmp_path / "debug_short/release/config.json").is_file()
+    assert (releases / "debug_short/config.json").is_file()
     assert not (stage2 / "report").exists(), "--skip=report was ignored"
 
 
