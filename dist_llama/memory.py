@@ -7,15 +7,22 @@ Per rank, at the start of backward (where the saved activations peak):
   and the root's embedding and output head stay gathered through forward and backward;
 - activations: what autograd keeps per token and block (below), or only each block's input for a checkpointed
   block plus one block's activations while it is recomputed;
-- the loss: one chunk of logits in the compute dtype and its fp32 log-softmax, and the chunked loss's fp32
-  gradient buffers (model.ChunkedCrossEntropy);
+- the loss: the chunked loss (model.ChunkedCrossEntropy) holds one chunk's fp32 logits and their fp32
+  log-softmax at its peak (its 16-bit logits are freed first, and each chunk's buffers before the next
+  chunk's logits exist), beside its fp32 gradient buffers for the hidden states and the output head; the
+  unchunked loss keeps the whole micro-batch's fp32 log-softmax for backward, where the loss's and the
+  logits' fp32 gradients join it. Both figures per logit were measured with torch.profiler
+  (tests/test_precision.py);
 - overhead: the CUDA context, library workspaces and allocator slack, as a fixed amount plus a share.
 
 Saved per token and block, in bytes (b: the compute dtype's size; RMSNorm keeps an fp32 copy of its input):
 two norms 2 x (4 D + 2 b D), attention q, k, v and output b (2 D + 2 kv), the output projection's input b D,
 the SwiGLU gate, silu(gate), up and their product 4 b H. So 8 D + b (7 D + 2 kv + 4 H), D the width, kv the
-key/value width, H the feed-forward width. The training log prints this estimate beside the measured peak
-after the first step, so it can be checked on each card.
+key/value width, H the feed-forward width.
+
+Whether a step fits is decided on the total. What torch's allocator can see is the `allocated` part, the total
+less the overhead: torch.cuda.max_memory_allocated after the first step is the number to compare it with, so
+that an undercount shows on each card.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OVERHEAD_BYTES = 0.75 * GIB  # CUDA context and library workspaces: an assumption until a GPU run measures it
 OVERHEAD_SHARE = 0.10  # allocator fragmentation on top of what is live
 CHECKPOINTING = ("none", "selective", "full")
+# The loss's peak bytes per logit, whatever the compute dtype (see the module docstring): chunked, a chunk's
+# fp32 logits and their fp32 log-softmax; unchunked, the kept fp32 log-softmax and two fp32 gradients.
+CHUNKED_LOSS_BYTES_PER_LOGIT = 8
+UNCHUNKED_LOSS_BYTES_PER_LOGIT = 12
 
 
 @dataclass(frozen=True)
@@ -42,23 +53,26 @@ class MemoryEstimate:
     loss: float
 
     @property
-    def live(self) -> float:
+    def allocated(self) -> float:
+        """What torch's caching allocator hands out at the peak: the part max_memory_allocated measures."""
         return self.weights + self.gradients + self.optimizer + self.gathered + self.activations + self.loss
 
     @property
     def overhead(self) -> float:
-        return self.live * OVERHEAD_SHARE + OVERHEAD_BYTES
+        """The CUDA context, library workspaces and fragmentation, which the allocator's peak does not see."""
+        return self.allocated * OVERHEAD_SHARE + OVERHEAD_BYTES
 
     @property
     def total(self) -> float:
-        return self.live + self.overhead
+        return self.allocated + self.overhead
 
     def describe(self) -> str:
-        parts = ("weights", "gradients", "optimizer", "gathered", "activations", "loss", "overhead")
+        """E.g. "9.3 GiB (7.7 allocated: weights 0.10, ..., loss 1.25; overhead 1.52)", in GiB."""
+        parts = ("weights", "gradients", "optimizer", "gathered", "activations", "loss")
         return (
-            f"{self.total / GIB:.1f} GiB ("
+            f"{self.total / GIB:.1f} GiB ({self.allocated / GIB:.1f} allocated: "
             + ", ".join(f"{name} {getattr(self, name) / GIB:.2f}" for name in parts)
-            + ")"
+            + f"; overhead {self.overhead / GIB:.2f})"
         )
 
 
@@ -94,8 +108,12 @@ def estimate_memory(
     if recomputed:
         activations += full_block  # the block being recomputed in backward
     activations += tokens * (b * args.dim + 4 * args.dim + 2 * b * args.dim)  # embedding output, final norm
-    chunk = min(loss_chunk_tokens or tokens, tokens)
-    loss = chunk * args.vocab_size * (2 * b + 4) + 4 * (tokens * args.dim + args.vocab_size * args.dim)
+    if loss_chunk_tokens:
+        chunk = min(loss_chunk_tokens, tokens)
+        gradient_buffers = 4 * (tokens * args.dim + args.vocab_size * args.dim)
+        loss = chunk * args.vocab_size * CHUNKED_LOSS_BYTES_PER_LOGIT + gradient_buffers
+    else:
+        loss = tokens * args.vocab_size * UNCHUNKED_LOSS_BYTES_PER_LOGIT
     return MemoryEstimate(
         weights=4 * total / world_size,
         gradients=4 * total / world_size,

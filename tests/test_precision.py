@@ -1,15 +1,24 @@
 """Precision on the GPUs students have: what `auto` picks by compute capability, fp16 compute with fp32 master
-weights, dynamic loss scaling (an injected overflow), and the memory estimate with its refusal."""
+weights, dynamic loss scaling (an injected overflow), and the memory estimate
+(its loss figure measured with the profiler) with its refusal."""
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_llama.config import ConfigError, load_config
-from dist_llama.devices import auto_precision
-from dist_llama.memory import GIB, activation_bytes_per_token, check_memory_fits, estimate_memory
-from dist_llama.model import PRESETS, Transformer, count_parameters
+from dist_llama.devices import DTYPES, auto_precision
+from dist_llama.memory import (
+    CHUNKED_LOSS_BYTES_PER_LOGIT,
+    GIB,
+    UNCHUNKED_LOSS_BYTES_PER_LOGIT,
+    activation_bytes_per_token,
+    check_memory_fits,
+    estimate_memory,
+)
+from dist_llama.model import PRESETS, ChunkedCrossEntropy, Transformer, causal_lm_loss, count_parameters
 from dist_llama.optim import build_optimizer
 from dist_llama.parallel import DistEnv, loss_scaler, parallelize, training_precision
 from dist_llama.train import BatchLayout, train_step
@@ -197,3 +206,62 @@ def test_a_step_that_will_not_fit_stops_naming_a_setting_that_fits():
     )
     with pytest.raises(ConfigError, match="no micro-batch or checkpointing setting fits: use more GPUs"):
         check_memory_fits(args, 2 * GIB, micro_batch=16, rows_per_rank=64, checkpointing="none", **shape)
+
+
+def peak_bytes(work) -> int:
+    """The peak of the bytes allocated while `work()` runs, from the profiler's memory events (CPU)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_the_loss_peaks_at_the_bytes_per_logit_the_estimate_counts(precision):
+    """The peak's growth from 64- to 128-token chunks, per added logit, is the chunked loss's figure (it was
+    14 at 16 bits and 12 at 32 while the last chunk's buffers stayed alive into the next); from 128 to 256
+    tokens in one piece, the unchunked loss's (forward and backward). The estimate counts these figures."""
+    dtype, vocab, dim, tokens = DTYPES[precision], 4096, 16, 512
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, dim, generator=generator).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, dim, generator=generator).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+
+    def chunked(chunk: int) -> int:
+        return peak_bytes(lambda: ChunkedCrossEntropy.apply(hidden, weight, labels, chunk, True))
+
+    def unchunked(rows: int) -> int:
+        def work():  # as in Transformer.forward, the logits are gone before backward
+            logits = (hidden[:rows].detach().requires_grad_() @ weight.T)[None]
+            loss = causal_lm_loss(logits, labels[None, :rows], reduction="sum")
+            del logits
+            loss.backward()
+
+        return peak_bytes(work)
+
+    assert (chunked(128) - chunked(64)) / (64 * vocab) == pytest.approx(CHUNKED_LOSS_BYTES_PER_LOGIT, abs=0.1)
+    assert (unchunked(256) - unchunked(128)) / (128 * vocab) == pytest.approx(
+        UNCHUNKED_LOSS_BYTES_PER_LOGIT, abs=0.1
+    )
+
+    def estimated(chunk: int) -> float:
+        return main_estimate(precision=precision, loss_chunk_tokens=chunk).loss
+
+    assert estimated(4096) - estimated(2048) == 2048 * 32000 * CHUNKED_LOSS_BYTES_PER_LOGIT
+    assert estimated(0) == 8 * 1024 * 32000 * UNCHUNKED_LOSS_BYTES_PER_LOGIT  # micro-batch 8 x 1024 tokens
+
+
+def test_the_estimate_names_the_allocators_part_beside_the_total():
+    """torch.cuda.max_memory_allocated sees what the allocator hands out, not the CUDA context or
+    fragmentation: a measured peak is compared with `allocated`, which describe() shows beside the total."""
+    estimate = main_estimate()
+    parts = ("weights", "gradients", "optimizer", "gathered", "activations", "loss")
+    assert estimate.allocated == sum(getattr(estimate, part) for part in parts)
+    assert estimate.total == estimate.allocated + estimate.overhead > estimate.allocated
+    described = estimate.describe()
+    assert described.startswith(f"{estimate.total / GIB:.1f} GiB ({estimate.allocated / GIB:.1f} allocated: ")
+    assert f"; overhead {estimate.overhead / GIB:.2f})" in described
