@@ -32,7 +32,13 @@ except ImportError:  # pragma: no cover - depends on the installed torch
 log = logging.getLogger(__name__)
 
 
-def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
+def lr_factor(
+    step: int,
+    optim: OptimConfig,
+    total_steps: int,
+    planned_at: int | None = None,
+    total_before_plan: int | None = None,
+) -> float:
     """The schedule as a multiple of the peak learning rate at 0-based `step` of `total_steps`.
 
     Linear warmup over warmup_steps, then
@@ -44,21 +50,42 @@ def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
     on total_steps only through where the warmup ends and the decay sits: raising train.steps on resume moves
     the WSD decay to the new end, so a run resumed from a checkpoint taken in the stable phase continues as
     if it had been planned longer; steps already decayed are not undone.
+
+    A time budget's plan (made after `planned_at` steps, which ran on the schedule of `total_before_plan`
+    steps; total_steps is then the planned count) changes the schedule without a jump: from the factor its
+    last step before the plan ran at, the rate rises by at most one planned warmup increment (1 / the
+    planned warmup) a step until it meets the planned schedule, and a decay does not start before the plan.
+    Without a plan the schedule is the unplanned one, bit for bit.
     """
+    if planned_at is None:
+        return _scheduled(step, optim, total_steps, decay_from=0)
+    if step < planned_at:
+        return _scheduled(step, optim, total_before_plan, decay_from=0)
+    planned = _scheduled(step, optim, total_steps, decay_from=planned_at)
+    warmup = min(optim.warmup_steps, total_steps // 2)
+    if step >= total_steps - 1 or warmup == 0:
+        return planned
+    reached = _scheduled(planned_at - 1, optim, total_before_plan, decay_from=0) if planned_at else 0.0
+    return min(planned, reached + (step - planned_at + 1) / warmup)
+
+
+def _scheduled(step: int, optim: OptimConfig, total_steps: int, decay_from: int) -> float:
+    """lr_factor's schedule for a run of total_steps whose decay starts at step `decay_from` or later."""
     last = total_steps - 1
     if step >= last:
         return optim.min_lr_ratio
     warmup = min(optim.warmup_steps, total_steps // 2)
     if step < warmup:
         return (step + 1) / warmup
+    decay_start = max(warmup, decay_from)
     if optim.schedule == "wsd":
-        decay_start = max(warmup, total_steps - round(optim.decay_fraction * total_steps))
-        if step < decay_start:
-            return 1.0
-        progress = (step - decay_start) / max(1, last - decay_start)
+        decay_start = max(decay_start, total_steps - round(optim.decay_fraction * total_steps))
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1, last - decay_start)
+    if optim.schedule == "wsd":
         remaining = 1.0 - progress if optim.decay_shape == "linear" else 1.0 - math.sqrt(progress)
     else:
-        progress = (step - warmup) / max(1, last - warmup)
         remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
     return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * remaining
 

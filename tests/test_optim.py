@@ -69,6 +69,31 @@ def test_a_plan_shorter_than_the_warmup_still_decays_to_the_final_rate(schedule)
     assert lr_factor(0, optim, 1) == 0.1  # a one-step run's only step is its last
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+@pytest.mark.parametrize(
+    "warmup, planned_at, planned",
+    [(30, 8, 16), (30, 12, 16), (30, 8, 25), (30, 8, 200), (30, 40, 60), (5, 3, 7)],
+)
+def test_a_time_budget_plan_changes_the_rate_without_a_jump(schedule, warmup, planned_at, planned):
+    """Before the plan the rate follows train.steps=100,000: a warmup of 30, so steps 0-7 ran at 1/30 to 8/30
+    of the peak. A plan of 16 steps made at step 8 shortens the warmup to 8, and step 8 jumped to the peak.
+    Now the rate rises from where it stood by at most one planned warmup increment a step, does not fall at
+    the plan (a decay starts after it), and the plan's last step still gets the final rate."""
+    optim = OptimConfig(warmup_steps=warmup, schedule=schedule, min_lr_ratio=0.1)
+    before = [lr_factor(s, optim, 100_000) for s in range(planned_at)]
+    after = [
+        lr_factor(s, optim, planned, planned_at=planned_at, total_before_plan=100_000)
+        for s in range(planned_at, planned)
+    ]
+    factors = before + after
+    increment = 1 / min(warmup, planned // 2)
+    assert max(b - a for a, b in zip(factors, factors[1:])) <= increment + 1e-12
+    assert factors[planned_at] >= factors[planned_at - 1]
+    assert factors[-1] == 0.1
+    # With the plan, the steps before it get the schedule they ran at: one function describes the whole run.
+    assert [lr_factor(s, optim, planned, planned_at, 100_000) for s in range(planned_at)] == before
+
+
 def test_bad_optimizer_settings_name_the_key():
     with pytest.raises(ConfigError, match="optim.schedule='step'"):
         load_config(None, ["--optim.schedule=step"])
