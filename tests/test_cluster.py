@@ -48,10 +48,8 @@ def tiny_overrides(corpus: Path, val: Path, run_root: Path, name: str) -> list[s
         "--train.eval_batches=1",
         f"--checkpoint.every={CHECKPOINT_EVERY}",
         "--checkpoint.keep_last=2",
-        "--logging.tensorboard=false",
-        "--logging.progress=false",
         "--parallel.mixed_precision=fp32",
-    ]
+    ]  # logging as by default (the progress line, TensorBoard): a stop must not crash what users see
 
 
 def environment(**extra: str) -> dict:
@@ -90,6 +88,14 @@ def start(command: list[str], log: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def stopped_by(reason: str, signal_name: str) -> bool:
+    """A stop record's reason for a signal that Slurm sends to every node of a 2-node job. Rank 0 writes the
+    record with its own view at the step boundary where the ranks agree to stop: when the signal has reached
+    rank 1 by then and rank 0 not yet (each node's slurmd delivers it; they are milliseconds apart), the
+    reason is "signal (on another rank)", which does not name it."""
+    return reason in (f"signal {signal_name}", "signal (on another rank)")
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
@@ -198,7 +204,9 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_checkpoint_and_the_run_res
 
 def test_five_dead_workers_in_a_row_restart_and_resume_exactly(reference, corpus, tmp_path):
     """torchrun --max-restarts: each SIGKILL of a worker restarts both, which resume from the newest
-    complete checkpoint. Five kills of one run, at five different checkpoints, alternating ranks."""
+    complete checkpoint. Five kills of one run, at five different checkpoints, alternating ranks. Each kill
+    waits for the restarted workers to have resumed: a kill that lagged a checkpoint behind would otherwise
+    find the next kill's condition already met and kill the new workers before they say so."""
     kills = 5
     run_dir = tmp_path / "killed"
     log = tmp_path / "killed.log"
@@ -207,7 +215,8 @@ def test_five_dead_workers_in_a_row_restart_and_resume_exactly(reference, corpus
         checkpoint_step = (kill + 1) * CHECKPOINT_EVERY
         wait_for(
             lambda: (
-                steps_done(run_dir) > checkpoint_step
+                log.read_text().count("resumed from") == kill
+                and steps_done(run_dir) > checkpoint_step
                 and (run_dir / "checkpoints" / f"step_{checkpoint_step:08d}" / "meta.json").is_file()
             ),
             300,
@@ -317,11 +326,11 @@ def job_fields(job: str, slurm_env: dict) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", text))
 
 
-def submit(slurm_env: dict, output: Path, args: list[str], *sbatch_options: str) -> str:
+def submit(slurm_env: dict, output: Path, args: list[str], *sbatch_options: str, nodes: int = 2) -> str:
     command = [
         "sbatch",
         "--parsable",
-        "--nodes=2",
+        f"--nodes={nodes}",
         "--gpus-per-node=0",
         "--cpus-per-task=1",
         f"--output={output}",
@@ -360,7 +369,7 @@ def test_a_preempted_slurm_job_requeues_resumes_and_ends_like_torchrun(slurm, re
     slurm_run(["scancel", "--signal=USR1", job], slurm)
     release(job, slurm)
     first_stop = json.loads(output.read_text().split("stopped early (")[1].split(")")[0])
-    assert first_stop["reason"] == "signal SIGUSR1"
+    assert stopped_by(first_stop["reason"], "SIGUSR1"), first_stop
 
     wait_for(lambda: steps_done(run_dir) >= first_stop["step"] + 4, 300, "4 steps after the first resume")
     slurm_run(["scontrol", "requeue", job], slurm)
@@ -375,27 +384,68 @@ def test_a_preempted_slurm_job_requeues_resumes_and_ends_like_torchrun(slurm, re
         for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
         if r["kind"] == "stop"
     ]
-    assert [s["reason"] for s in stops] == ["signal SIGUSR1", "signal SIGTERM"], stops
+    assert len(stops) == 2, stops
+    assert stopped_by(stops[0]["reason"], "SIGUSR1") and stopped_by(stops[1]["reason"], "SIGTERM"), stops
     assert text.count("resumed from") == 2
     assert_bitwise_equal_runs(run_dir, reference)
 
 
 def test_slurm_time_limit_stops_with_a_checkpoint_and_the_requeue_bound_holds(slurm, corpus, tmp_path):
-    """--time=1 with a 50 s margin: the trainer stops by itself ~10 s in; DIST_LLAMA_MAX_REQUEUES=0
-    then refuses the requeue, and says so."""
+    """The trainer's own time-limit stop, alone: --time=2 with a 100 s margin stops it ~20 s after the job
+    starts (or after its first step, if later), 100 s before Slurm's end; DIST_LLAMA_MAX_REQUEUES=0 then
+    refuses the requeue, and says so.
+
+    --signal=USR1@0 (the command line overrides train.sbatch's --signal=USR1@120) turns Slurm's warning
+    signal off: slurmctld sends it only for a sig_time above 0. No other sig_time could stay out of the way:
+    slurmctld checks time limits every 30 s and sends --signal=USR1@N at its first check at or after
+    end - N - 30 s (sbatch(1): "up to 60 seconds earlier than specified"), so even @1 with --time=1 can come
+    29 s after the start, before a slowly starting trainer has taken its first step, and @120 comes at the
+    first check. Seen: 'signal SIGUSR1' instead of 'time limit' (issue 31). ~30 s (a 2-node job)."""
     run_dir = tmp_path / "limited"
     output = tmp_path / "job.out"
     args = tiny_overrides(*corpus, tmp_path, "limited") + [
         "--train.steps=100000",
-        "--train.time_limit_margin_s=50",
+        "--train.time_limit_margin_s=100",
     ]
-    job = submit({**slurm, "DIST_LLAMA_MAX_REQUEUES": "0"}, output, args, "--time=1")
+    job = submit({**slurm, "DIST_LLAMA_MAX_REQUEUES": "0"}, output, args, "--time=2", "--signal=USR1@0")
     fields = wait_for_state(job, slurm, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 240)
     text = output.read_text()
     assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", (fields, text[-3000:])
     stopped = json.loads((run_dir / STOPPED_FILE).read_text())
-    assert stopped["reason"] == "time limit"
+    assert stopped["reason"] == "time limit", (stopped, text[-3000:])
     assert complete_checkpoints(run_dir / "checkpoints")[-1].name == f"step_{stopped['step']:08d}"
+    assert f"step {stopped['step']}/100000 | stopping early: time limit" in text  # the default progress line
+    assert "not requeued: 0 requeues reached DIST_LLAMA_MAX_REQUEUES=0" in text
+
+
+def test_slurms_time_limit_signal_stops_with_a_checkpoint_before_the_limit(slurm, corpus, tmp_path):
+    """Slurm's own warning signal, train.sbatch's --signal=USR1@120, with the trainer's time-limit stop off
+    (train.time_limit_margin_s=null), so the signal is the only way to stop before the limit.
+
+    The timing, explicit: submitted with --time=10, the signal cannot come in the first 450 s
+    (10 min - 120 s - 30 s). Once training runs (step 3), the time limit is cut so that the job ends about 60
+    to 120 s from now: slurmctld checks time limits every 30 s, sends USR1 at its first check at or after
+    end - 150 s, which is the next one (within 30 s), and ends the job at its first check at or after the end,
+    at least one check (30 s) later. The trainer stops within a step and a checkpoint of the signal, and
+    DIST_LLAMA_MAX_REQUEUES=0 refuses the requeue. One node, one rank: rank 0 itself receives the signal, so
+    the stop record names it (see stopped_by). ~40 s (start-up to step 3, then up to 30 s for the check)."""
+    run_dir = tmp_path / "signalled"
+    output = tmp_path / "job.out"
+    args = tiny_overrides(*corpus, tmp_path, "signalled") + [
+        "--train.steps=100000",
+        "--train.time_limit_margin_s=null",
+    ]
+    job = submit({**slurm, "DIST_LLAMA_MAX_REQUEUES": "0"}, output, args, "--time=10", nodes=1)
+    wait_for(lambda: steps_done(run_dir) >= 3, 300, "step 3")
+    ran_s = parse_slurm_duration(job_fields(job, slurm)["RunTime"])
+    slurm_run(["scontrol", "update", f"JobId={job}", f"TimeLimit={int(ran_s // 60) + 2}"], slurm)
+    fields = wait_for_state(job, slurm, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 200)
+    text = output.read_text()
+    assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", (fields, text[-3000:])
+    stopped = json.loads((run_dir / STOPPED_FILE).read_text())
+    assert stopped["reason"] == "signal SIGUSR1", (stopped, text[-3000:])
+    assert complete_checkpoints(run_dir / "checkpoints")[-1].name == f"step_{stopped['step']:08d}"
+    assert f"step {stopped['step']}/100000 | stopping early: signal SIGUSR1" in text
     assert "not requeued: 0 requeues reached DIST_LLAMA_MAX_REQUEUES=0" in text
 
 
