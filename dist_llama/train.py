@@ -501,10 +501,11 @@ class Run:
         record = {"kind": "started", "step": self.progress.step, "age_s": process_age_s()}
         if self.memory_estimate is not None:
             record.update(
-                memory_gib=memory_gib(self.env.device), memory_estimate_gib=self.memory_estimate.total / GIB
+                memory_gib=memory_gib(self.env.device),
+                memory_estimate_gib=self.memory_estimate.allocated / GIB,
             )
-            log.info(
-                "peak memory after the first step: %.2f GiB measured, %s estimated",
+            log.info(  # the allocator's peak against the estimate's allocated part, which it can exceed
+                "peak memory after the first step: %.2f GiB allocated, estimate %s",
                 record["memory_gib"],
                 self.memory_estimate.describe(),
             )
@@ -618,7 +619,7 @@ def build_model(config: Config, env: DistEnv, precision: str):
     model = Transformer(config.model)
     model.init_weights(seed=config.train.seed)
     model = parallelize(model, config.parallel, env, precision)
-    return model, build_optimizer(model, config.optim, env.device)
+    return model, build_optimizer(model, config.optim, env.device, precision)
 
 
 def log_shapes(config: Config, layout: BatchLayout, env: DistEnv) -> None:
@@ -690,7 +691,10 @@ def training_loop(run: Run, stop: StopRequest) -> dict:
     start_step, last = run.progress.step, {}
     while run.progress.step < boundary.total_steps:
         step = run.progress.step + 1
-        lr_scale = lr_factor(step - 1, config.optim, boundary.total_steps)
+        planned_at = run.budget_plan["measured_at_step"] if run.budget_plan else None
+        lr_scale = lr_factor(
+            step - 1, config.optim, boundary.total_steps, planned_at, total_before_plan=config.train.steps
+        )
         with step_guard(step, run.layout, timeouts):
             result = run.step(data_wait.next(run.data), lr_scale)
         throughput.add(run.layout.tokens_per_step)
