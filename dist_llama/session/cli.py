@@ -55,6 +55,28 @@ def _stages_list(text: str) -> list[str]:
 
 
 def run_main(argv: list[str]) -> int:
+    parser = _run_parser()
+    args, overrides = parser.parse_known_args(argv)
+    strays = [item for item in overrides if not re.fullmatch(r"--\w+\.\w+=.*", item)]
+    if strays:
+        parser.exit(
+            2, f"error: unrecognized argument {strays[0]!r}; overrides look like --section.key=value\n"
+        )
+    if args.nproc < 1:
+        parser.exit(2, "error: --nproc must be at least 1\n")
+    mode = REHEARSAL if args.rehearse else GPU
+    if args.compile_limit_s is not None:
+        mode = dataclasses.replace(mode, compile_limit_s=args.compile_limit_s)
+    try:
+        context = Context.from_command_line(mode, args, overrides)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.exit(2, f"error: cannot create --out/--work folders: {error}\n")
+    signal.signal(signal.SIGTERM, raise_interrupted)
+    return Runner(context).execute()
+
+
+def _run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} [run]",
         description="Install, preflight, bench, train, release, evaluate and report inside one deadline.",
@@ -98,24 +120,7 @@ def run_main(argv: list[str]) -> int:
         default=[],
         help=f"comma-separated stages to leave out: {', '.join(STAGES)}",
     )
-    args, overrides = parser.parse_known_args(argv)
-    strays = [item for item in overrides if not re.fullmatch(r"--\w+\.\w+=.*", item)]
-    if strays:
-        parser.exit(
-            2, f"error: unrecognized argument {strays[0]!r}; overrides look like --section.key=value\n"
-        )
-    if args.nproc < 1:
-        parser.exit(2, "error: --nproc must be at least 1\n")
-    mode = REHEARSAL if args.rehearse else GPU
-    if args.compile_limit_s is not None:
-        mode = dataclasses.replace(mode, compile_limit_s=args.compile_limit_s)
-    try:
-        context = Context.from_command_line(mode, args, overrides)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        parser.exit(2, f"error: cannot create --out/--work folders: {error}\n")
-    signal.signal(signal.SIGTERM, raise_interrupted)
-    return Runner(context).execute()
+    return parser
 
 
 def bundle_main(argv: list[str]) -> int:
