@@ -1,27 +1,18 @@
-"""The one configuration path: nested frozen dataclasses, loaded from YAML, overridden by --section.key=value.
-
-Unknown sections or keys, wrong types and invalid combinations raise ConfigError, whose message names
-the key, the value and what is allowed. `python -m dist_llama.config --config FILE [overrides]` prints
-the resolved config.
+"""The config's declarations: each section a frozen dataclass whose keys are declared once, beside their
+fields, with their default, allowed values, bounds and whether a resume may change them (`setting`), then
+the rules that involve several keys of a section (`Section.check`) or several sections (`Config`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import re
 import signal
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-import yaml
 
-from dist_llama.cli import CommandParser, user_errors
 from dist_llama.model import PRESETS, ModelArgs
 
 
@@ -42,10 +33,10 @@ def setting(
     interval: str | None = None,
     resumable: bool = False,
 ):
-    """One config key. choices: the values it accepts. positive / non_negative / interval ("(0, 1]",
-    "[0, 1)"): its bounds, checked unless the value is null. resumable: a resumed run may change it (how fast,
-    how often or where: not the trajectory of the weights); any other change is refused on resume unless
-    named in checkpoint.allow_changes. Undeclared, a key is not resumable: the safe side."""
+    """One config key. choices: the values it accepts. Its bounds, checked unless the value is null:
+    positive, non_negative or an interval ("(0, 1]", "[0, 1)"). resumable: a resumed run may change it (how
+    fast, how often or where: not the trajectory of the weights); any other change is refused on resume
+    unless named in checkpoint.allow_changes. Undeclared, a key is not resumable: the safe side."""
     metadata = {
         "choices": tuple(choices),
         "positive": positive,
@@ -102,6 +93,8 @@ def _check_declared(key: str, value, declared) -> None:
         raise ConfigError(f"{key}={value} must be in {declared['interval']}")
 
 
+# --- The sections, and Config, which holds them -----------------------------------------------------
+
 # The defaults are the embedded debug run (`python -m dist_llama.train` with no config): the debug model
 # on the Hub dataset. configs/*.yaml set everything a real run needs.
 
@@ -127,9 +120,8 @@ class DataConfig(Section):
     seq_len: int = setting(128, positive=True)
     shuffle: bool = setting(True)
     prefetch_steps: int = setting(4, resumable=True)  # batches tokenized ahead by the background thread
-    # A folder of pre-tokenized documents (python -m dist_llama.data.prepare), built on first use
-    # by each node's
-    # local rank 0 when missing; null: tokenize on the fly. The batches are the same either way.
+    # A folder of pre-tokenized documents (python -m dist_llama.data.prepare), built on first use by each
+    # node's local rank 0 when missing; null: tokenize on the fly. The batches are the same either way.
     token_cache: str | None = setting(None, resumable=True)
 
     def check(self) -> None:
@@ -188,8 +180,8 @@ class TrainConfig(Section):
     steps: int = setting(150, positive=True, resumable=True)
     # The global batch in tokens; gradient accumulation follows from it.
     tokens_per_step: int = setting(2048, positive=True)
-    # Sequences per forward pass per rank: a memory limit (the largest divisor of the rank's rows up to
-    # it is used).
+    # Sequences per forward pass per rank, a memory limit:
+    # the largest divisor of the rank's rows up to it is used.
     micro_batch_size: int = setting(16, positive=True, resumable=True)
     eval_every: int = setting(50, positive=True, resumable=True)
     eval_batches: int = setting(2, positive=True, resumable=True)
@@ -210,8 +202,8 @@ class TrainConfig(Section):
     budget_safety: float = setting(0.03, interval="[0, 1)", resumable=True)
     # Cross-entropy this many tokens at a time (no full fp32 logits); 0: in one piece.
     loss_chunk_tokens: int = setting(4096, non_negative=True, resumable=True)
-    # Signals that stop training at the next step with a checkpoint (preemption, Slurm's --signal before the
-    # time limit); the handler only sets a flag, every rank then stops at the same step.
+    # Signals that stop training at the next step with a checkpoint (preemption, Slurm's --signal before
+    # the time limit); the handler only sets a flag, every rank then stops at the same step.
     stop_signals: list[str] = setting(factory=lambda: ["SIGUSR1", "SIGTERM"], resumable=True)
     # Under Slurm: stop this long before the job's time limit; null: never.
     time_limit_margin_s: float | None = setting(90.0, positive=True, resumable=True)
@@ -231,8 +223,9 @@ class CheckpointConfig(Section):
     every: int = setting(50, positive=True)
     keep_last: int = setting(2, positive=True)
     resume: str = setting("auto")  # auto (the latest complete checkpoint of the run) | none | PATH
-    # Also save after the run's first step: a resumable point before the first cadence or the time budget's
-    # plan (the GPU session sets it for a compiled run, so a compile that hangs later loses no step)
+    # Also save after the run's first step, so there is a resumable point before the first cadence and
+    # before the time budget's plan (the GPU session sets it for a compiled run: a compile that hangs later
+    # loses no step).
     first_step: bool = setting(False)
     # keys that may differ from the checkpoint's recipe on resume
     allow_changes: list[str] = setting(factory=list)
@@ -252,18 +245,18 @@ class ParallelConfig(Section):
     NAME: ClassVar[str] = "parallel"
     # none | full | selective (every other block)
     activation_checkpointing: str = setting("none", choices=("none", "full", "selective"), resumable=True)
-    # auto: bf16 on a GPU of compute capability >= 8.0, fp16 (with loss scaling) on an older one, fp32
-    # on a CPU
+    # auto: bf16 on a GPU of compute capability >= 8.0, fp16 (with loss scaling) on an older one,
+    # fp32 on a CPU
     mixed_precision: str = setting("auto", choices=("auto", "bf16", "fp16", "fp32"))
-    # fp16: the dynamic loss scale's start (torch's default), and the floor below which the run stops (the
-    # gradients overflow even unscaled)
+    # fp16: the dynamic loss scale's start (torch's default), and the floor below which the run stops
+    # (the gradients overflow even unscaled)
     initial_loss_scale: float = setting(65536.0, positive=True, resumable=True)
     min_loss_scale: float = setting(1.0, positive=True, resumable=True)
     compile: bool = setting(False, resumable=True)
     # auto: nccl on CUDA, gloo on CPU
     backend: str = setting("auto", choices=("auto", "nccl", "gloo"), resumable=True)
-    # Collectives until the first step ends (loading, compile, checkpoint reads), then after it: a rank that
-    # waits longer for another stops the run.
+    # Collectives until the first step ends (loading, compile, checkpoint reads), then after it: a rank
+    # that waits longer for another stops the run.
     init_timeout_s: float = setting(600.0, positive=True, resumable=True)
     timeout_s: float = setting(300.0, positive=True, resumable=True)
 
@@ -300,8 +293,8 @@ class Config:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
-                "lower data.seq_len or raise model.max_seq_len (with rope_scaling for Position "
-                "Interpolation)"
+                "lower data.seq_len or raise model.max_seq_len "
+                "(with rope_scaling for Position Interpolation)"
             )
         if self.train.tokens_per_step % self.data.seq_len:
             raise ConfigError(
@@ -312,233 +305,3 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.train.run_root) / self.train.name
-
-
-# --- Building dataclasses from plain dicts, with messages that name the key -------------------------
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value, tp, key: str):
-    """Check (and where lossless, convert) a YAML value to the annotated type."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(f"{key} may not be null")
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0])
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(
-                f"{key} must be a mapping of {[f.name for f in dataclasses.fields(tp)]}, got {value!r}"
-            )
-        return _build(tp, value, key)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        (item_type,) = typing.get_args(tp)
-        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads "1e-4" (no dot) as a string; anyone typing a learning rate means the number.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, float, str, bool) and not (
-        isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-    ):
-        raise ConfigError(f"{key}={value!r} must be of type {_type_name(tp)}")
-    return value
-
-
-def _build(cls, values: dict, prefix: str):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        if prefix:
-            raise ConfigError(
-                f"unknown key {prefix}.{unknown[0]}; valid keys of {prefix}: {', '.join(names)}"
-            )
-        raise ConfigError(f"unknown section {unknown[0]}; valid sections: {', '.join(names)}")
-    kwargs = {
-        name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
-        for name, value in values.items()
-    }
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as error:
-        message = _keys_in_full(str(error), prefix, names)
-        raise ConfigError(message if f"{prefix}." in message else f"{prefix}: {message}") from None
-
-
-def _keys_in_full(message: str, prefix: str, names: list[str]) -> str:
-    """The message of a class's own check, which knows only its field names ("attention='x'; choose one of
-    ...", "rope_scaling.factor=0.5 must be >= 1"), with the keys it is about named in full
-    ("model.attention", "model.rope_scaling.factor"). The keys it is about are those before its first
-    "must" or ";"; a field name counts there when followed by "=", ",", "/", " and ", " or " or nothing
-    ("head dim dim/n_heads=3" qualifies the second dim and n_heads, not the words "head dim")."""
-    end = min((i for i in (message.find(" must "), message.find(";")) if i >= 0), default=len(message))
-    subject, rest = message[:end], message[end:]
-    section = prefix.rsplit(".", 1)[-1]
-    # A nested section's checks name their keys under its own name: rope_scaling.factor, which is
-    # model.rope_scaling.factor in full.
-    subject = re.sub(rf"(?<![\w.]){re.escape(section)}\.(?=\w)", f"{prefix}.", subject)
-    field_names = "|".join(re.escape(name) for name in names)
-    subject = re.sub(rf"(?<![\w.])({field_names})(?=[=,/]| and | or |$)", rf"{prefix}.\1", subject)
-    return subject + rest
-
-
-def _model_section(values: dict) -> dict:
-    """A model section may name a preset (default: debug); its other keys override the preset's fields.
-    `model: main` is short for `model: {preset: main}`."""
-    values = {"preset": values} if isinstance(values, str) else dict(values)
-    preset = values.pop("preset", "debug")
-    if preset not in PRESETS:
-        raise ConfigError(f"model.preset={preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    return {**to_dict(PRESETS[preset]), **values}
-
-
-# What may differ between a checkpoint's config and the config that resumes it: the keys declared resumable.
-RESUMABLE = frozenset(f"{section.NAME}.{key}" for section in SECTIONS for key in section.resumable_keys())
-
-
-def flatten(values: dict, prefix: str = "") -> dict[str, object]:
-    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; lists and other values are leaves."""
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def is_resumable(key: str) -> bool:
-    return key in RESUMABLE
-
-
-def recipe_changes(saved: Config, config: Config) -> list[dict]:
-    """The keys outside RESUMABLE whose values differ, as [{"key", "old", "new"}]."""
-    old, new = flatten(to_dict(saved)), flatten(to_dict(config))
-    return [
-        {"key": key, "old": old.get(key), "new": new.get(key)}
-        for key in sorted(set(old) | set(new))
-        if not is_resumable(key) and old.get(key) != new.get(key)
-    ]
-
-
-def to_dict(obj) -> dict:
-    return dataclasses.asdict(obj)
-
-
-def from_dict(values: dict) -> Config:
-    values = dict(values or {})
-    if "model" in values and isinstance(values["model"], (str, dict, type(None))):
-        values["model"] = _model_section(values["model"] or {})
-    for name, section in values.items():
-        if not isinstance(section, (dict, type(None))):
-            raise ConfigError(f"section {name} must be a mapping of keys, got {section!r}")
-    return _build(Config, {name: dict(section or {}) for name, section in values.items()}, "")
-
-
-def parse_override(text: str) -> tuple[list[str], object]:
-    """'--train.steps=10' -> (['train', 'steps'], 10); values are parsed as YAML (ints, floats, bools, lists,
-    null)."""
-    if not text.startswith("--") or "=" not in text:
-        raise ConfigError(f"override {text!r} must look like --section.key=value")
-    key, raw = text[2:].split("=", 1)
-    parts = key.split(".")
-    if len(parts) < 2:
-        raise ConfigError(f"override {text!r} must name a section and a key, e.g. --train.steps=100")
-    return parts, yaml.safe_load(raw) if raw != "" else ""
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {path} not found; the presets are in configs/ (e.g. configs/debug.yaml)"
-            )
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise ConfigError(
-                f"{where}: not valid YAML ({problem}); fix the file at that line and column"
-            ) from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, got {type(values).__name__}")
-    for text in overrides:
-        parts, value = parse_override(text)
-        target = values
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise ConfigError(f"cannot override {text!r}: {part} is not a section")
-        target[parts[-1]] = value
-    return from_dict(values)
-
-
-def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-def config_argument_parser(command: str, description: str) -> argparse.ArgumentParser:
-    parser = CommandParser(
-        command=command,
-        description=description,
-        epilog="Any --section.key=value after the options overrides the config file.",
-    )
-    parser.add_argument(
-        "--config", default=None, help="YAML file in configs/ (default: the built-in debug config)"
-    )
-    return parser
-
-
-def parse_cli(
-    command: str, description: str, argv: list[str] | None = None
-) -> tuple[argparse.Namespace, Config]:
-    """Parse --config and --section.key=value overrides; exit with a one-line message on a user mistake."""
-    parser = config_argument_parser(command, description)
-    args, overrides = parser.parse_known_args(argv)
-    with user_errors(command, ConfigError):
-        return args, load_config(args.config, overrides)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = config_argument_parser("config", "Print the resolved configuration.")
-    parser.add_argument(
-        "--run-dir", action="store_true", help="print only the run directory (train.run_root/train.name)"
-    )
-    args, overrides = parser.parse_known_args(argv)
-    with user_errors("config", ConfigError):
-        config = load_config(args.config, overrides)
-    sys.stdout.write(
-        f"{config.run_dir}\n" if args.run_dir else yaml.safe_dump(to_dict(config), sort_keys=False)
-    )
-
-
-if __name__ == "__main__":
-    main()
