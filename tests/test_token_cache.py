@@ -1,6 +1,7 @@
-"""Tests for the token cache (dist_llama.data.cache): the same batches and data state as tokenizing on the
-fly, a checkpoint of either resumed by the other at another world size, the held-out documents left out, one
-build per node, refusal of a cache that does not match the config, and builds that die.
+"""Tests for the token cache (dist_llama.data.cache, cache_build, cache_manifest): the same batches and data
+state as tokenizing on the fly, a checkpoint of either resumed by the other at another world size, the
+held-out documents left out, one build per node, refusal of a cache that does not match the config, and
+builds that die.
 
 The small tokenizer, the documents and the Hub stand-in are test_data.py's.
 """
@@ -32,7 +33,7 @@ from test_data import (
 
 from dist_llama import data
 from dist_llama.config import ConfigError, load_config, recipe_changes
-from dist_llama.data import cache
+from dist_llama.data import cache, cache_build, cache_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +113,7 @@ def test_held_out_documents_stay_out_of_the_cache(tmp_path, tokenizer):
 
 def test_two_build_processes_write_the_same_cache_as_one(tmp_path, tokenizer, monkeypatch):
     corpus(tmp_path / "data", seed=34, n=90)
-    monkeypatch.setattr(cache, "BUILD_PIECE_DOCS", 7)  # many pieces, shared out between the processes
+    monkeypatch.setattr(cache_build, "BUILD_PIECE_DOCS", 7)  # many pieces, shared out between the processes
     cfg = config([tmp_path / "data" / "*"], val_per_mille=100)
     one = cache.build_token_cache(cached(cfg, tmp_path / "one"), tokenizer, workers=1)
     two = cache.build_token_cache(cached(cfg, tmp_path / "two"), tokenizer, workers=2)
@@ -120,9 +121,9 @@ def test_two_build_processes_write_the_same_cache_as_one(tmp_path, tokenizer, mo
     assert names == sorted(path.name for path in two.iterdir())
     assert len([name for name in names if name.startswith("tokens-")]) == 3  # a shard per file
     for name in names:
-        if name != cache.MANIFEST:
+        if name != cache_manifest.MANIFEST:
             assert (one / name).read_bytes() == (two / name).read_bytes(), name
-    manifests = [json.loads((folder / cache.MANIFEST).read_text()) for folder in (one, two)]
+    manifests = [json.loads((folder / cache_manifest.MANIFEST).read_text()) for folder in (one, two)]
     assert [m["workers"] for m in manifests] == [1, 2]
     assert manifests[0]["shards"] == manifests[1]["shards"] and manifests[0]["files"] == manifests[1]["files"]
 
@@ -164,8 +165,8 @@ def test_a_cache_that_does_not_match_the_config_is_refused_in_one_line(tmp_path,
 def test_a_build_that_dies_leaves_no_cache_and_is_run_again(tmp_path, tokenizer, monkeypatch):
     corpus(tmp_path / "data", seed=36)
     cfg = cached(config([tmp_path / "data" / "*"]), tmp_path / "cache")
-    monkeypatch.setattr(cache, "BUILD_PIECE_DOCS", 4)
-    real, calls = cache._encode_piece, []
+    monkeypatch.setattr(cache_build, "BUILD_PIECE_DOCS", 4)
+    real, calls = cache_build._encode_piece, []
 
     def dies(texts):
         calls.append(len(texts))
@@ -173,7 +174,7 @@ def test_a_build_that_dies_leaves_no_cache_and_is_run_again(tmp_path, tokenizer,
             raise MemoryError("killed")
         return real(texts)
 
-    monkeypatch.setattr(cache, "_encode_piece", dies)
+    monkeypatch.setattr(cache_build, "_encode_piece", dies)
     with pytest.raises(MemoryError):
         cache.build_token_cache(cfg, tokenizer, workers=1)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["data"], "nothing of the dead build is left"
@@ -187,7 +188,7 @@ def test_a_build_that_dies_leaves_no_cache_and_is_run_again(tmp_path, tokenizer,
     (stale / "tokens-00000.bin").write_bytes(b"\0" * 10)
     with pytest.raises(FileNotFoundError, match="no token cache"):
         cache.load_token_cache(cfg, tokenizer)
-    monkeypatch.setattr(cache, "_encode_piece", real)
+    monkeypatch.setattr(cache_build, "_encode_piece", real)
     with data.PackedBatches(cfg, tokenizer, global_rows=2) as batches:  # builds the missing cache
         next(batches)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cache", "data"]
@@ -220,11 +221,11 @@ def test_hub_dataset_cache_gives_the_same_batches_and_records_the_revision(
 ):
     docs = make_docs(70, seed=37)
     hub.publish(docs, revision="v1")
-    monkeypatch.setattr(cache, "CACHE_SHARD_ROWS", 16)
+    monkeypatch.setattr(cache_build, "CACHE_SHARD_ROWS", 16)
     text = hub_config(hub_revision="v1", shuffle=True, val_per_mille=100)
     tokens = cached(text, tmp_path / "hub_cache")
     cache.build_token_cache(tokens, tokenizer, workers=1)
-    manifest = json.loads((tmp_path / "hub_cache" / cache.MANIFEST).read_text())
+    manifest = json.loads((tmp_path / "hub_cache" / cache_manifest.MANIFEST).read_text())
     assert len(manifest["shards"]) == 5 and manifest["hub_revision"] == "v1" and manifest["files"] == []
     from_text, text_state = global_windows(text, tokenizer, global_rows=4, world_size=1, steps=30, seed=2)
     reads = len(hub.reads)
@@ -263,7 +264,7 @@ def test_prepare_command_builds_the_cache_and_refuses_a_mismatch_in_one_line(tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     built = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
-    assert json.loads((tmp_path / "cache" / cache.MANIFEST).read_text())["documents"] == 30
+    assert json.loads((tmp_path / "cache" / cache_manifest.MANIFEST).read_text())["documents"] == 30
     refused = subprocess.run(
         args + ["--data.text_field=body"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )

@@ -1,12 +1,14 @@
-"""The training data stream: documents -> lanes -> packed (inputs, labels) batches, resumable at any world
-size.
+"""The training data stream: documents -> lanes -> packed batches, resumable at any world size.
 
 Which module holds what:
 
     readers.py        one reader per file format (.jsonl, .jsonl.zst, .parquet, .txt); the globs naming files
     sources.py        the epoch order of a local source or a Hub dataset (cached once per node, or streamed)
     encoding.py       documents -> [bos] ids [eos] token arrays; the tokenizer's identity and share of cores
-    cache.py          the token cache: the training documents tokenized once (build_token_cache), by index
+    cache.py          the token cache (the training documents tokenized once), read back by index: what its
+                      folder holds, TokenCache, load_token_cache and open_token_cache
+    cache_build.py    the cache's build, with every core, into a folder renamed into place (build_token_cache)
+    cache_manifest.py what a cache was made from (manifest.json), and whether that matches the config
     prepare.py        `python -m dist_llama.data.prepare --config X.yaml`: build the token cache beforehand
     packing.py        the lanes, and the one packer that cuts their tokens into windows (LanePacker)
     token_sources.py  where a lane's next documents come from: a source's text tokenized on a worker thread
@@ -65,7 +67,8 @@ their lane is a few windows from running dry). Local files allow a seek by whole
 
 # The public names. The tunables (TOKENIZE_BATCH_DOCS, HUB_CHUNK_ROWS, ...) are not re-exported: a copy here
 # would not be the value the module that uses it reads, so set them on that module.
-from dist_llama.data.cache import build_token_cache, load_token_cache, open_token_cache
+from dist_llama.data.cache import load_token_cache, open_token_cache
+from dist_llama.data.cache_build import build_token_cache
 from dist_llama.data.encoding import DocumentEncoder
 from dist_llama.data.heldout import (
     cut_windows,

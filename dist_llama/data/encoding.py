@@ -48,8 +48,8 @@ class DocumentEncoder:
             raise TypeError(
                 f"{type(tokenizer).__name__} has no backend_tokenizer: pass a fast (Rust) tokenizer"
             )
-        # A copy of our own: no truncation or padding left enabled by another caller, and no
-        # sharing across threads.
+        # A copy of our own: no truncation or padding left enabled by another caller,
+        # and no sharing across threads.
         try:
             from tokenizers import Tokenizer
 

@@ -1,6 +1,6 @@
-"""`python -m dist_llama.data.prepare --config configs/X.yaml [--workers N] [--force]
-    [--section.key=value ...]`:
-tokenize the config's training documents once, with every core, into data.token_cache (see cache.py).
+"""Tokenize the config's training documents once, with every core, into data.token_cache (cache_build.py).
+
+    python -m dist_llama.data.prepare --config configs/X.yaml [--workers N] [--force] [--section.key=value]
 
 Training builds a missing cache by itself (once per node); this command builds it beforehand, on one machine,
 and says whether an existing one matches the config.
@@ -12,12 +12,13 @@ import logging
 
 from dist_llama.cli import user_errors
 from dist_llama.config import ConfigError, config_argument_parser, load_config
-from dist_llama.data.cache import build_token_cache, load_token_cache
+from dist_llama.data.cache import load_token_cache
+from dist_llama.data.cache_build import build_token_cache
 from dist_llama.tokenizer import load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = config_argument_parser("data.prepare", __doc__.splitlines()[2].strip())
+    parser = config_argument_parser("data.prepare", __doc__.splitlines()[0].strip())
     parser.add_argument(
         "--workers",
         type=int,

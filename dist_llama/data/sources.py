@@ -152,8 +152,7 @@ def once_per_node(load):
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return load()
-    # A gloo group of its own: the default group's timeout is too short for a download, and
-    # NCCL needs tensors.
+    # A gloo group of its own: NCCL needs tensors, and the default group's timeout is too short for downloads.
     group = dist.new_group(backend="gloo", timeout=HUB_DOWNLOAD_TIMEOUT)
     first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
     result, error, failure = None, None, None
