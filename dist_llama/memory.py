@@ -27,6 +27,7 @@ that an undercount shows on each card.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from dist_llama.config import ConfigError
@@ -82,42 +83,65 @@ def activation_bytes_per_token(args: ModelArgs, compute_bytes: int) -> int:
     return 8 * args.dim + compute_bytes * (7 * args.dim + 2 * kv_width + 4 * args.hidden_dim)
 
 
-def estimate_memory(
-    args: ModelArgs,
-    *,
-    precision: str,
-    optimizer: str,
-    micro_batch: int,
-    seq_len: int,
-    checkpointing: str,
-    world_size: int,
-    loss_chunk_tokens: int,
-) -> MemoryEstimate:
+@dataclass(frozen=True)
+class StepShape:
+    """What a training step's memory depends on: the model, the compute precision, the optimizer, the
+    micro-batch and its tokens, activation checkpointing, the ranks sharding the state and the loss's chunk.
+    rows_per_rank bounds the micro-batches a fitting setting may use (each divides it)."""
+
+    args: ModelArgs
+    precision: str
+    optimizer: str
+    micro_batch: int
+    seq_len: int
+    checkpointing: str
+    world_size: int
+    loss_chunk_tokens: int
+    rows_per_rank: int
+
+    @classmethod
+    def of(cls, config, layout, precision: str, world_size: int) -> StepShape:
+        """The configured step: config.Config, step.BatchLayout."""
+        return cls(
+            config.model,
+            precision,
+            config.optim.name,
+            layout.micro_batch_size,
+            layout.seq_len,
+            config.parallel.activation_checkpointing,
+            world_size,
+            config.train.loss_chunk_tokens,
+            layout.rows_per_rank,
+        )
+
+
+def estimate_memory(shape: StepShape) -> MemoryEstimate:
     """Peak bytes per rank of one training step (an estimate: see the module docstring)."""
+    args, precision, checkpointing = shape.args, shape.precision, shape.checkpointing
     b = BYTES[precision]
     counts = count_parameters(args)
     total = counts["total"]
     per_block = (counts["non_embedding"] - args.dim) // args.n_layers
     hidden = args.n_layers * (per_block - 2 * args.dim)  # the attention and MLP matrices
-    state = 4 * hidden + 8 * (total - hidden) if optimizer == "muon" else 8 * total
+    state = 4 * hidden + 8 * (total - hidden) if shape.optimizer == "muon" else 8 * total
     root = counts["embedding"] + counts["lm_head"]
-    tokens = micro_batch * seq_len
+    tokens = shape.micro_batch * shape.seq_len
     full_block = tokens * activation_bytes_per_token(args, b)
     recomputed = {"none": 0, "selective": (args.n_layers + 1) // 2, "full": args.n_layers}[checkpointing]
     activations = (args.n_layers - recomputed) * full_block + recomputed * tokens * b * args.dim
     if recomputed:
         activations += full_block  # the block being recomputed in backward
     activations += tokens * (b * args.dim + 4 * args.dim + 2 * b * args.dim)  # embedding output, final norm
-    if loss_chunk_tokens:
-        chunk = min(loss_chunk_tokens, tokens)
+    if shape.loss_chunk_tokens:
+        chunk = min(shape.loss_chunk_tokens, tokens)
         gradient_buffers = 4 * (tokens * args.dim + args.vocab_size * args.dim)
         loss = chunk * args.vocab_size * CHUNKED_LOSS_BYTES_PER_LOGIT + gradient_buffers
     else:
         loss = tokens * args.vocab_size * UNCHUNKED_LOSS_BYTES_PER_LOGIT
     return MemoryEstimate(
-        weights=4 * total / world_size,
-        gradients=4 * total / world_size,
-        optimizer=state / world_size,
+        weights=4 * total / shape.world_size,
+        gradients=4 * total / shape.world_size,
+        optimizer=state / shape.world_size,
         gathered=b * root + per_block * (3 * b + 4),
         activations=activations,
         loss=loss,
@@ -128,42 +152,34 @@ def divisors_down_from(limit: int, rows: int) -> list[int]:
     return [d for d in range(min(limit, rows), 0, -1) if rows % d == 0]
 
 
-def _first_fit(args: ModelArgs, capacity_bytes: float, micro_batch: int, rows_per_rank: int, **shape):
-    """(checkpointing, micro-batch, estimate) of the first setting that fits, in the order check_memory_fits
-    names; None when none does."""
+def _first_fit(shape: StepShape, capacity_bytes: float) -> StepShape | None:
+    """The first setting that fits, in the order check_memory_fits names; None when none does."""
     for mode in CHECKPOINTING:
-        for micro in divisors_down_from(micro_batch, rows_per_rank):
-            estimate = estimate_memory(args, micro_batch=micro, checkpointing=mode, **shape)
-            if estimate.total <= capacity_bytes:
-                return mode, micro, estimate
+        for micro in divisors_down_from(shape.micro_batch, shape.rows_per_rank):
+            candidate = dataclasses.replace(shape, micro_batch=micro, checkpointing=mode)
+            if estimate_memory(candidate).total <= capacity_bytes:
+                return candidate
     return None
 
 
-def check_memory_fits(
-    args: ModelArgs,
-    capacity_bytes: float,
-    *,
-    micro_batch: int,
-    rows_per_rank: int,
-    checkpointing: str,
-    **shape,
-) -> MemoryEstimate:
+def check_memory_fits(shape: StepShape, capacity_bytes: float) -> MemoryEstimate:
     """The estimate of the configured step; ConfigError in one line when it exceeds the card, naming the first
     setting that fits: the least recomputation (none, then selective, then full checkpointing), then the
     largest micro-batch that divides the rank's rows."""
-    estimate = estimate_memory(args, micro_batch=micro_batch, checkpointing=checkpointing, **shape)
+    estimate = estimate_memory(shape)
     if estimate.total <= capacity_bytes:
         return estimate
-    fits = _first_fit(args, capacity_bytes, micro_batch, rows_per_rank, **shape)
+    fits = _first_fit(shape, capacity_bytes)
     where = (
-        f"; --train.micro_batch_size={fits[1]} --parallel.activation_checkpointing={fits[0]} fits "
-        f"(~{fits[2].total / GIB:.1f} GiB)"
+        f"; --train.micro_batch_size={fits.micro_batch} "
+        f"--parallel.activation_checkpointing={fits.checkpointing} "
+        f"fits (~{estimate_memory(fits).total / GIB:.1f} GiB)"
         if fits
-        else "; no micro-batch or checkpointing setting fits: "
-        "use more GPUs (FSDP shards the weights and optimizer state) or a smaller model"
+        else "; no micro-batch or checkpointing setting fits: use more GPUs (FSDP shards the weights and "
+        "optimizer state) or a smaller model"
     )
     raise ConfigError(
-        f"a training step needs ~{estimate.total / GIB:.1f} GiB per GPU (micro-batch {micro_batch} x "
-        f"{shape['seq_len']} tokens, activation checkpointing {checkpointing}) and the card has "
+        f"a training step needs ~{estimate.total / GIB:.1f} GiB per GPU (micro-batch {shape.micro_batch} x "
+        f"{shape.seq_len} tokens, activation checkpointing {shape.checkpointing}) and the card has "
         f"{capacity_bytes / GIB:.1f} GiB{where}"
     )

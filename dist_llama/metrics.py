@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import torch
 
 log = logging.getLogger(__name__)
@@ -227,9 +228,10 @@ class DataWait:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, tensorboard: bool, progress: bool):
+    """metrics.jsonl, tensorboard and the progress line of rank 0 (`enabled`); the other ranks log nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, progress: bool):
         self.enabled = enabled
-        self.total_steps = total_steps
         self.progress = progress
         self.start = time.perf_counter()
         self.writer = None
@@ -244,9 +246,10 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
-    def log(self, record: dict, start_step: int = 0) -> None:
+    def log(self, record: dict, total_steps: int, start_step: int = 0) -> None:
         """Write one record (must hold `step`); `kind` (default "train") is one of PROGRESS_LINES, checked
-        whether or not the progress line is on, so that every kind is known to print."""
+        whether or not the progress line is on, so that every kind is known to print. The progress line shows
+        the step of `total_steps`, and a train record's ETA from the steps done since `start_step`."""
         kind = record.get("kind", "train")
         if kind not in PROGRESS_LINES:
             raise ValueError(f"no progress line for records of kind {kind!r}; add one to PROGRESS_LINES")
@@ -261,7 +264,7 @@ class MetricsLogger:
                 if key not in ("step", "kind") and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
         if self.progress:
-            print(self._progress_line(record, start_step), flush=True)
+            print(self._progress_line(record, total_steps, start_step), flush=True)
         if record.get("kind", "train") == "train":
             self.train_records += 1
             self._warn_data_wait(record)
@@ -282,21 +285,19 @@ class MetricsLogger:
             100 * DATA_WAIT_WARNING,
         )
 
-    def _progress_line(self, record: dict, start_step: int) -> str:
+    def _progress_line(self, record: dict, total_steps: int, start_step: int) -> str:
         """The console line of a record: the step, then its kind's line (PROGRESS_LINES), and a train
         record's ETA."""
         kind = record.get("kind", "train")
-        head = f"step {record['step']}/{self.total_steps}"
+        head = f"step {record['step']}/{total_steps}"
         if kind != "train":
             return f"{head} | {PROGRESS_LINES[kind](record)}"
         elapsed = time.perf_counter() - self.start
         done = record["step"] - start_step
-        eta = (
-            [f"ETA {format_duration(elapsed / done * (self.total_steps - record['step']))}"]
-            if done > 0
-            else []
-        )
-        return " | ".join([head, train_line(record), *eta])
+        parts = [head, train_line(record)]
+        if done > 0:
+            parts.append(f"ETA {format_duration(elapsed / done * (total_steps - record['step']))}")
+        return " | ".join(parts)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -334,3 +335,78 @@ PROGRESS_LINES = {
     "plan": lambda record: f"time budget: {record['planned_steps']} steps planned",
     "stop": lambda record: f"stopping early: {record['reason']}",
 }
+
+
+def process_age_s() -> float:
+    """Seconds since this process started: the time budget counts imports and set-up too."""
+    return time.time() - psutil.Process().create_time()
+
+
+class StepMeter:
+    """The speed of training over the window since the last `take`: tokens per second of training time (the
+    clock leaves pauses out), MFU, and the seconds the loop waited for its batches."""
+
+    def __init__(
+        self, clock: TrainingClock, peak_flops_per_s: float | None, flops_per_token: float, ranks: int
+    ):
+        self.throughput, self.data_wait = Throughput(clock), DataWait()
+        self.peak, self.flops_per_token, self.ranks = peak_flops_per_s, flops_per_token, ranks
+
+    def next_batch(self, data):
+        return self.data_wait.next(data)
+
+    def add(self, tokens: int) -> None:
+        self.throughput.add(tokens)
+
+    def take(self) -> dict:
+        tokens_per_s, elapsed = self.throughput.take()
+        mfu = self.flops_per_token * tokens_per_s / (self.peak * self.ranks) if self.peak else None
+        return {"tokens_per_s": tokens_per_s, "mfu": mfu, **self.data_wait.take(elapsed)}
+
+
+# --- The records a training run writes, one function per kind (PROGRESS_LINES prints each) ---------------
+
+
+def train_record(run, result, lr_scale: float, speed: dict) -> dict:
+    """After a step: its loss, gradient norm and learning rate, the batch, the speed (StepMeter.take), memory,
+    and fp16's loss scale. `run` is train.Run."""
+    optim, progress = run.config.optim, run.progress
+    record = {
+        "kind": "train",
+        "step": progress.step,
+        "tokens_seen": progress.tokens_seen,
+        "loss": result.loss,
+        "grad_norm": result.grad_norm,
+        "lr": optim.lr * lr_scale,
+        "tokens_in_batch": run.layout.tokens_per_step,
+        "epoch": run.data.epoch,
+        **speed,
+        "memory_gib": memory_gib(run.env.device),
+        "time_s": time.perf_counter() - run.logger.start,
+    }
+    if optim.name == "muon":
+        record["muon_lr"] = optim.muon_lr * lr_scale
+    if run.stepper.scaler is not None:
+        record.update(loss_scale=run.stepper.scaler.get_scale(), overflow_steps=progress.overflow_steps)
+    return record
+
+
+def val_record(progress, val_loss: float) -> dict:
+    return {"kind": "val", "step": progress.step, "tokens_seen": progress.tokens_seen, "val_loss": val_loss}
+
+
+def started_record(step: int, device: torch.device, estimate) -> dict:
+    """After the first step: how long start-up, data and compile took, and on a GPU the allocator's peak
+    beside the memory estimate's allocated part (memory.MemoryEstimate), which it can exceed."""
+    record = {"kind": "started", "step": step, "age_s": process_age_s()}
+    if estimate is not None:
+        record.update(memory_gib=memory_gib(device), memory_estimate_gib=estimate.allocated / 2**30)
+    return record
+
+
+def plan_record(step: int, plan) -> dict:
+    return {"kind": "plan", "step": step, **plan.to_dict()}
+
+
+def stop_record(step: int, reason: str) -> dict:
+    return {"kind": "stop", "step": step, "reason": reason}

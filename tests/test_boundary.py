@@ -4,8 +4,8 @@ plan, and the training clock that leaves pauses out."""
 import pytest
 import torch
 
-from dist_llama import boundary, metrics
-from dist_llama.boundary import BudgetError, StepBoundary, Todo
+from dist_llama import metrics
+from dist_llama.boundary import BudgetError, BudgetPlan, StepBoundary, Todo
 from dist_llama.config import load_config
 
 
@@ -56,8 +56,7 @@ def test_a_stop_request_saves_that_step_and_the_last_step_asks_no_collective():
     assert len(asked) == 5, "every boundary but the last asks every rank whether to stop"
 
 
-def test_the_budget_measures_after_its_warm_up_then_plans_with_a_timed_evaluation_and_checkpoint(monkeypatch):
-    monkeypatch.setattr(boundary, "process_age_s", lambda: 10.0)
+def test_the_budget_measures_after_its_warm_up_then_plans_with_a_timed_evaluation_and_checkpoint():
     now = [0.0]
     steps, _ = make(
         "--train.time_budget_s=100",
@@ -74,20 +73,21 @@ def test_the_budget_measures_after_its_warm_up_then_plans_with_a_timed_evaluatio
         assert not steps.after(step).plan and steps.total_steps == 100000
     now[0] = 104.0  # steps 4..8 took 2.5 s
     assert steps.after(8) == Todo(validate=True, save=True, plan=True)
-    plan = steps.plan(8, eval_s=1.0, checkpoint_s=2.0, is_main=True)
-    assert plan["step_s"] == pytest.approx(0.5) and plan["measured_at_step"] == 8
-    assert steps.total_steps == plan["planned_steps"] > 8
+    plan = steps.plan(8, eval_s=1.0, checkpoint_s=2.0, age_s=10.0, is_main=True)
+    assert plan.step_s == pytest.approx(0.5) and plan.measured_at_step == 8
+    assert steps.total_steps == plan.planned_steps > 8 and steps.plan_made == plan
     assert not steps.after(9).plan, "one plan per run"
 
 
-def test_a_resumed_plan_stands_and_a_plan_too_small_stops(monkeypatch):
-    saved = {"planned_steps": 30, "measured_at_step": 8}
+def test_a_resumed_plan_stands_and_a_plan_too_small_stops():
+    saved = BudgetPlan(
+        30, step_s=1.0, eval_s=1.0, checkpoint_s=1.0, measured_at_step=8, budget_s=100, age_s=9
+    )
     steps, _ = make("--train.time_budget_s=100", "--train.steps=100000", start_step=20, saved_plan=saved)
     assert steps.total_steps == 30 and not any(steps.after(s).plan for s in range(21, 31))
     capped, _ = make("--train.time_budget_s=100", "--train.steps=25", start_step=20, saved_plan=saved)
     assert capped.total_steps == 25
 
-    monkeypatch.setattr(boundary, "process_age_s", lambda: 99.0)
     now = [5.0]  # with no warm-up steps the first step is timed too: from the loop's start
     late, _ = make(
         "--train.time_budget_s=100",
@@ -99,7 +99,7 @@ def test_a_resumed_plan_stands_and_a_plan_too_small_stops(monkeypatch):
     now[0] = 5.5
     assert late.after(1).plan
     with pytest.raises(BudgetError, match=r"is too small: 99 s are gone after 1 steps.*a step takes 0.50 s"):
-        late.plan(1, eval_s=1.0, checkpoint_s=1.0, is_main=True)
+        late.plan(1, eval_s=1.0, checkpoint_s=1.0, age_s=99.0, is_main=True)
 
 
 def test_the_training_clock_leaves_pauses_out_of_throughput(monkeypatch):

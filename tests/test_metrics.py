@@ -83,7 +83,7 @@ def data_wait_shares(batches, logger, windows=3, steps=6, step_s=0.002) -> list[
             "memory_gib": 0.1,
             **wait.take(time.perf_counter() - start),
         }
-        logger.log(record)
+        logger.log(record, total_steps=18)
         shares.append(record["data_wait"])
     return shares
 
@@ -99,7 +99,7 @@ def test_a_slow_source_makes_the_data_wait_large_and_the_run_says_so_once(
         return real(self, texts)
 
     monkeypatch.setattr(data.DocumentEncoder, "encode_batch", slow)
-    logger = metrics.MetricsLogger(tmp_path / "run", True, 18, tensorboard=False, progress=True)
+    logger = metrics.MetricsLogger(tmp_path / "run", True, tensorboard=False, progress=True)
     with caplog.at_level(logging.WARNING, logger="dist_llama.metrics"):
         with data.PackedBatches(
             config([tmp_path / "a.jsonl"], prefetch_steps=1, seq_len=256), tokenizer, global_rows=4
@@ -118,7 +118,7 @@ def test_the_token_cache_makes_the_data_wait_nearly_nothing(tmp_path, tokenizer,
         config([tmp_path / "a.jsonl"], prefetch_steps=1), token_cache=str(tmp_path / "cache")
     )
     data.build_token_cache(cfg, tokenizer, workers=1)
-    logger = metrics.MetricsLogger(tmp_path / "run", True, 18, tensorboard=False, progress=False)
+    logger = metrics.MetricsLogger(tmp_path / "run", True, tensorboard=False, progress=False)
     with caplog.at_level(logging.WARNING, logger="dist_llama.metrics"):
         with data.PackedBatches(cfg, tokenizer, global_rows=4) as batches:
             shares = data_wait_shares(batches, logger, step_s=0.01)
@@ -142,7 +142,7 @@ def test_every_record_kind_the_trainer_writes_prints_a_progress_line(tmp_path, c
     written = record_kinds_written_by_the_package()
     assert {"train", "val", "started", "plan", "stop"} <= written
     assert written <= set(metrics.PROGRESS_LINES), written - set(metrics.PROGRESS_LINES)
-    logger = metrics.MetricsLogger(tmp_path, True, total_steps=20, tensorboard=False, progress=True)
+    logger = metrics.MetricsLogger(tmp_path, True, tensorboard=False, progress=True)
     examples = {
         "train": {"loss": 7.1, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0, "memory_gib": 0.1},
         "val": {"val_loss": 7.2},
@@ -152,10 +152,10 @@ def test_every_record_kind_the_trainer_writes_prints_a_progress_line(tmp_path, c
     }
     assert set(examples) == set(metrics.PROGRESS_LINES)
     for kind, fields in examples.items():
-        logger.log({"kind": kind, "step": 4, **fields})
+        logger.log({"kind": kind, "step": 4, **fields}, total_steps=20)
     logger.close()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(examples) and all(line.startswith("step 4/20 | ") for line in lines)
     assert lines[-1] == "step 4/20 | stopping early: signal SIGUSR1"
     with pytest.raises(ValueError, match="no progress line for records of kind 'mystery'"):
-        metrics.MetricsLogger(tmp_path, False, 20, False, False).log({"kind": "mystery", "step": 1})
+        metrics.MetricsLogger(tmp_path, False, False, False).log({"kind": "mystery", "step": 1}, 20)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from dist_llama import boundary
-from dist_llama.boundary import BudgetError, check_budget_plan, measure_pauses, plan_steps
+from dist_llama.boundary import BudgetError, BudgetPlan, check_budget_plan, plan_steps
 from dist_llama.config import ConfigError, OptimConfig, load_config
 from dist_llama.model import PRESETS, Transformer
 from dist_llama.optim import (
@@ -24,7 +24,8 @@ from dist_llama.optim import (
     newton_schulz_dtype,
 )
 from dist_llama.parallel import DistEnv, parallelize
-from dist_llama.train import BatchLayout, train_step
+from dist_llama.run import Run
+from dist_llama.step import BatchLayout, TrainingStep
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -247,16 +248,7 @@ def test_fsdp_muon_step_equals_unsharded_torch_muon(one_process_group):
     layout = BatchLayout(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
     for seed in range(3):
         inputs, labels = tiny_batch(seed)
-        train_step(
-            sharded,
-            optimizer,
-            (inputs, labels),
-            layout,
-            1.0,
-            config.optim.grad_clip,
-            config.train.loss_chunk_tokens,
-            CPU,
-        )
+        TrainingStep.of(config, sharded, optimizer, layout, CPU, scaler=None).step((inputs, labels), 1.0)
         loss = reference(inputs, labels=labels) / labels.numel()
         loss.backward()
         reference_muon.step()
@@ -275,16 +267,7 @@ def test_grad_clip_zero_means_no_clipping(one_process_group):
         optimizer = build_optimizer(model, config.optim, CPU, "fp32")
         layout = BatchLayout(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
         for seed in range(2):
-            train_step(
-                model,
-                optimizer,
-                tiny_batch(seed),
-                layout,
-                1.0,
-                config.optim.grad_clip,
-                config.train.loss_chunk_tokens,
-                CPU,
-            )
+            TrainingStep.of(config, model, optimizer, layout, CPU, scaler=None).step(tiny_batch(seed), 1.0)
         return model.lm_head.weight.full_tensor().clone()
 
     unclipped = updated_weights("1e9")
@@ -329,9 +312,10 @@ def test_budget_plan_fits_the_measured_costs_and_refuses_a_budget_too_small(monk
             "--checkpoint.every=50",
         ],
     )
-    monkeypatch.setattr(boundary, "process_age_s", lambda: 20.0)
-    plan = plan_steps(config.train, config.checkpoint.every, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0)
-    total = plan["planned_steps"]  # 80 s left: steps + an evaluation every 10 + checkpoints, finals included
+    plan = plan_steps(
+        config.train, config.checkpoint.every, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0, age_s=20.0
+    )
+    total = plan.planned_steps  # 80 s left: steps + an evaluation every 10 + checkpoints, finals included
 
     def cost(n: int) -> float:
         return (n - 8) + 2.0 * (n // 10 - 0 + (n % 10 > 0)) + 5.0 * (n // 50 + (n % 50 > 0))
@@ -339,12 +323,12 @@ def test_budget_plan_fits_the_measured_costs_and_refuses_a_budget_too_small(monk
     assert cost(total) <= 80 < cost(total + 1)
     check_budget_plan(plan)  # fits: no error
     assert (
-        plan_steps(dataclasses.replace(config.train, steps=20), 50, 8, 1.0, 2.0, 5.0)["planned_steps"] == 20
+        plan_steps(dataclasses.replace(config.train, steps=20), 50, 8, 1.0, 2.0, 5.0, 20.0).planned_steps
+        == 20
     ), "train.steps caps the plan"
 
-    monkeypatch.setattr(boundary, "process_age_s", lambda: 99.0)
     too_small = plan_steps(
-        config.train, config.checkpoint.every, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0
+        config.train, config.checkpoint.every, step=8, step_s=1.0, eval_s=2.0, checkpoint_s=5.0, age_s=99.0
     )
     with pytest.raises(
         BudgetError,
@@ -355,17 +339,32 @@ def test_budget_plan_fits_the_measured_costs_and_refuses_a_budget_too_small(monk
 
 def test_the_budget_times_a_warm_evaluation():
     """A compiled model compiles its evaluation graphs in the first evaluation (28x a warm one, debug
-    model): the plan must charge every evaluation what a warm one costs, so the first is not the one timed."""
-    now = [0.0]
-    calls = []
+    model): the plan must charge every evaluation what a warm one costs, so the first is not the one timed.
+    Run.plan_budget times its own evaluation and checkpoint and passes the seconds to the boundary."""
+    now, calls, planned = [0.0], [], {}
 
-    def evaluate(warm_up: bool) -> None:
+    def validate(warm_up: bool = False) -> None:
         calls.append(warm_up)
         now[0] += 11.5 if len(calls) == 1 else 0.4  # the first pass compiles, whichever it is
 
-    def save_checkpoint() -> None:
+    def save() -> None:
         now[0] += 2.0
 
-    eval_s, checkpoint_s = measure_pauses(evaluate, save_checkpoint, lambda: now[0])
+    def plan(step, eval_s, checkpoint_s, age_s, is_main):
+        planned.update(eval_s=eval_s, checkpoint_s=checkpoint_s)
+        return BudgetPlan(20, 0.1, eval_s, checkpoint_s, step, 100.0, age_s)
+
+    run = SimpleNamespace(
+        validate=validate,
+        save=save,
+        clock=SimpleNamespace(wall=lambda: now[0]),
+        boundary=SimpleNamespace(plan=plan),
+        progress=SimpleNamespace(step=8),
+        env=SimpleNamespace(is_main=True),
+        total_steps=20,
+        logger=SimpleNamespace(log=lambda record, total_steps: None),
+        checkpointer=SimpleNamespace(update_meta=lambda step, **fields: None),
+    )
+    Run.plan_budget(run)
     assert calls == [True, False]
-    assert eval_s == pytest.approx(0.4) and checkpoint_s == pytest.approx(2.0)
+    assert planned == {"eval_s": pytest.approx(0.4), "checkpoint_s": pytest.approx(2.0)}

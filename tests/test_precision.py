@@ -2,6 +2,8 @@
 weights, dynamic loss scaling (an injected overflow), and the memory estimate
 (its loss figure measured with the profiler) with its refusal."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -14,6 +16,7 @@ from dist_llama.memory import (
     CHUNKED_LOSS_BYTES_PER_LOGIT,
     GIB,
     UNCHUNKED_LOSS_BYTES_PER_LOGIT,
+    StepShape,
     activation_bytes_per_token,
     check_memory_fits,
     estimate_memory,
@@ -21,7 +24,7 @@ from dist_llama.memory import (
 from dist_llama.model import PRESETS, ChunkedCrossEntropy, Transformer, causal_lm_loss, count_parameters
 from dist_llama.optim import build_optimizer
 from dist_llama.parallel import DistEnv, loss_scaler, parallelize, training_precision
-from dist_llama.train import BatchLayout, train_step
+from dist_llama.step import BatchLayout, TrainingStep
 
 CPU = torch.device("cpu")
 
@@ -78,13 +81,21 @@ def batch(seed: int):
 LAYOUT = BatchLayout(global_rows=4, rows_per_rank=4, micro_batch_size=4, seq_len=16)
 
 
+def fp16_step(model, optimizer, scaler=None) -> TrainingStep:
+    """A step of LAYOUT with clipping at 1 and fp16's loss scaler (a new one at 2^16 unless given)."""
+    scaler = scaler if scaler is not None else loss_scaler("fp16", CPU, 2.0**16)
+    return TrainingStep(model, optimizer, LAYOUT, CPU, grad_clip=1.0, scaler=scaler)
+
+
 def test_fp16_computes_in_fp16_and_keeps_fp32_master_weights(one_process_group):
     config, model, optimizer = fp16_model(one_process_group)
     seen = []
     model.model.layers[0].self_attn.q_proj.register_forward_hook(
         lambda m, i, o: seen.append((i[0].dtype, o.dtype))
     )
-    train_step(model, optimizer, batch(0), LAYOUT, 1.0, 1.0, 0, CPU, loss_scaler("fp16", CPU, 2.0**16))
+    TrainingStep(model, optimizer, LAYOUT, CPU, grad_clip=1.0, scaler=loss_scaler("fp16", CPU, 2.0**16)).step(
+        batch(0), 1.0
+    )
     assert seen == [(torch.float16, torch.float16)]
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
@@ -103,7 +114,9 @@ def test_an_overflow_halves_the_scale_skips_exactly_that_update_and_training_goe
     for step in range(4):
         inject["on"] = step == 2
         before = weights()
-        result = train_step(model, optimizer, batch(step), LAYOUT, 1.0, 1.0, 0, CPU, scaler)
+        result = TrainingStep(model, optimizer, LAYOUT, CPU, grad_clip=1.0, scaler=scaler).step(
+            batch(step), 1.0
+        )
         changed = any(not torch.equal(a, b) for a, b in zip(before, weights()))
         steps.append((result.overflow, changed, scaler.get_scale()))
     assert steps == [
@@ -136,7 +149,9 @@ def test_muon_with_fp16_training_issues_no_bf16_matmul(one_process_group):
     which nothing else in the step issues), and so does the whole step."""
     config, model, optimizer = fp16_model(one_process_group, "--optim.name=muon")
     with MatmulDtypes() as matmuls:
-        train_step(model, optimizer, batch(0), LAYOUT, 1.0, 1.0, 0, CPU, loss_scaler("fp16", CPU, 2.0**16))
+        TrainingStep(
+            model, optimizer, LAYOUT, CPU, grad_clip=1.0, scaler=loss_scaler("fp16", CPU, 2.0**16)
+        ).step(batch(0), 1.0)
     assert matmuls.seen["addmm"] == {torch.float16}
     assert torch.bfloat16 not in set().union(*matmuls.seen.values()), matmuls.seen
 
@@ -144,17 +159,12 @@ def test_muon_with_fp16_training_issues_no_bf16_matmul(one_process_group):
 # --- the memory estimate ----------------------------------------------------------------------------------
 
 
+# The main preset at 1024 tokens in fp16 with AdamW, micro-batches of 8 of a rank's 64 rows, on one GPU.
+MAIN_STEP = StepShape(PRESETS["main"], "fp16", "adamw", 8, 1024, "none", 1, 4096, rows_per_rank=64)
+
+
 def main_estimate(**changes):
-    shape = dict(
-        precision="fp16",
-        optimizer="adamw",
-        micro_batch=8,
-        seq_len=1024,
-        checkpointing="none",
-        world_size=1,
-        loss_chunk_tokens=4096,
-    )
-    return estimate_memory(PRESETS["main"], **{**shape, **changes})
+    return estimate_memory(dataclasses.replace(MAIN_STEP, **changes))
 
 
 def test_the_estimate_of_weights_gradients_and_optimizer_state_is_16_bytes_a_parameter_sharded():
@@ -191,12 +201,11 @@ def test_the_estimate_of_activations_follows_the_tokens_and_the_checkpointing():
 
 
 def test_a_step_that_will_not_fit_stops_naming_a_setting_that_fits():
-    args = PRESETS["main"]
-    shape = dict(precision="fp16", optimizer="adamw", seq_len=1024, world_size=1, loss_chunk_tokens=4096)
-    fits = check_memory_fits(args, 16 * GIB, micro_batch=8, rows_per_rank=64, checkpointing="none", **shape)
+    fits = check_memory_fits(MAIN_STEP, 16 * GIB)
     assert fits.total < 16 * GIB
+    sixteen = dataclasses.replace(MAIN_STEP, micro_batch=16)
     with pytest.raises(ConfigError) as refused:
-        check_memory_fits(args, 12 * GIB, micro_batch=16, rows_per_rank=64, checkpointing="none", **shape)
+        check_memory_fits(sixteen, 12 * GIB)
     eight = main_estimate(micro_batch=8).total / GIB
     assert str(refused.value) == (
         f"a training step needs ~{main_estimate(micro_batch=16).total / GIB:.1f} GiB per GPU (micro-batch "
@@ -205,7 +214,7 @@ def test_a_step_that_will_not_fit_stops_naming_a_setting_that_fits():
         f"--parallel.activation_checkpointing=none fits (~{eight:.1f} GiB)"
     )
     with pytest.raises(ConfigError, match="no micro-batch or checkpointing setting fits: use more GPUs"):
-        check_memory_fits(args, 2 * GIB, micro_batch=16, rows_per_rank=64, checkpointing="none", **shape)
+        check_memory_fits(sixteen, 2 * GIB)
 
 
 def peak_bytes(work) -> int:

@@ -20,7 +20,7 @@ import torch
 from dist_llama.checkpoint import CheckpointMeta
 from dist_llama.config import ConfigError, load_config, to_dict
 from dist_llama.report import read_metrics
-from dist_llama.train import recipe_history, resumed_precision
+from dist_llama.resume import recipe_history, resumed_precision
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_AT = 12, 6
