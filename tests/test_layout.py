@@ -1,5 +1,6 @@
 """How the package is laid out, checked so that it holds without anyone policing it: no module imports
-another in a circle, and no function grows past what a reader holds at once."""
+another in a circle, no function grows past what a reader holds at once, no module past what a reader
+finishes, and the step boundary stays a pure decision table."""
 
 import ast
 from pathlib import Path
@@ -7,6 +8,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "dist_llama"
 LONGEST_FUNCTION = 60  # lines, def to last line
+LONGEST_MODULE = 450  # lines
+# What the step boundary (boundary.py) decides with must come in as values or functions: it does no I/O,
+# handles no signal and starts nothing.
+NOT_IN_THE_BOUNDARY = {"signal", "subprocess", "psutil", "threading", "os", "time", "torch"}
 
 
 def module_name(path: Path) -> str:
@@ -66,3 +71,24 @@ def test_no_function_is_longer_than_a_reader_holds_at_once():
                 if lines > LONGEST_FUNCTION:
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+def test_no_module_is_longer_than_a_reader_finishes():
+    long = [
+        f"{path.relative_to(REPO)} ({lines} lines)"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (lines := len(path.read_text().splitlines())) > LONGEST_MODULE
+    ]
+    assert not long, long
+
+
+def test_the_step_boundary_imports_nothing_that_acts():
+    tree = ast.parse((PACKAGE / "boundary.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            imported.add((node.module or "").split(".")[0])
+    assert "dist_llama" in imported, "the check must see the module's imports"
+    assert not imported & NOT_IN_THE_BOUNDARY, imported & NOT_IN_THE_BOUNDARY
