@@ -1,11 +1,11 @@
 """`python -m dist_llama.pipeline --config configs/X.yaml [--release-root DIR] [overrides]`:
-train -> consolidate -> evaluate -> report.
+train -> consolidate -> evaluate -> report, run by dist_llama.stages' runner (the GPU session's too).
 
 The run's files go to run_dir (train.run_root/train.name), its release to hub_release/<train.name> at the
 top of the checkout (consolidate.release_dir; --release-root moves it). Every stage records what it
 produced, and from what, in run_dir/pipeline.json. Run the command again and it skips the stages whose
 inputs have not changed and picks up an interrupted training run from its latest checkpoint.
-`--skip STAGE` leaves a stage out; `--redo STAGE` forces it.
+`--skip STAGE` leaves a stage out; `--redo STAGE` runs it even when it is up to date.
 
 The Position Interpolation route is `--stage1-config configs/main_256.yaml --config configs/pi_1024.yaml`:
 stage 1 trains at the short length, stage 2 starts from its weights (train.init_from), and the
@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from dist_llama.checkpoint import CheckpointError, complete_checkpoints, read_meta
-from dist_llama.cli import CommandParser, error_message, fail
+from dist_llama.cli import CommandParser, fail
 from dist_llama.config import Config, ConfigError, load_config, to_dict
 from dist_llama.consolidate import (
     RELEASE_ROOT_HELP,
@@ -32,10 +32,11 @@ from dist_llama.consolidate import (
     release_dir,
     write_model_card,
 )
+from dist_llama.stages import Outcome, Stage, StageRunner, chain, run_child, stage_list
 
 log = logging.getLogger("dist_llama.pipeline")
 
-STAGES = ("train", "consolidate", "evaluate", "report")
+STAGES = chain("train", "consolidate", "evaluate", "report")
 
 
 class PipelineState:
@@ -55,13 +56,12 @@ class PipelineState:
 
 
 class StageError(RuntimeError):
-    """A stage that failed in a child process; the message names the stage and its log."""
+    """A stage that failed in a child process; the message names the stage, the child's error and its log."""
 
 
 def finished_checkpoint(config: Config) -> Path | None:
-    """The run's final checkpoint, if training reached its planned step count: the trainer's own
-    `planned_steps` in meta.json when it planned one (a time budget; null or absent otherwise), else
-    train.steps."""
+    """The run's final checkpoint, if training reached its planned step count: train.steps, or the
+    `planned_steps` in meta.json where the trainer planned one (a time budget; null or absent otherwise)."""
     found = complete_checkpoints(config.run_dir / "checkpoints")
     if not found:
         return None
@@ -70,45 +70,9 @@ def finished_checkpoint(config: Config) -> Path | None:
     return found[-1] if meta.step >= (planned if planned is not None else config.train.steps) else None
 
 
-def run_logged(command: list[str], log_path: Path, stage: str) -> None:
-    """Run a child process, its output shown as it comes and appended to log_path.
-
-    A failure raises StageError with the message of the child's own first error line (our commands'
-    one-line errors, see dist_llama.cli) rather than the launcher's traceback that follows it.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    first_error = None
-    with open(log_path, "a", encoding="utf-8") as log_file:
-        log_file.write(f"$ {' '.join(command)}\n")
-        log_file.flush()
-        # Unbuffered: the child's lines reach the console as they are written, not when a buffer fills.
-        with subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        ) as child:
-            for line in child.stdout:
-                sys.stderr.write(line)
-                log_file.write(line)
-                if first_error is None:
-                    first_error = error_message(line)
-    if child.returncode != 0:
-        cause = f": {first_error}" if first_error else ""
-        raise StageError(
-            f"{stage} stage failed (exit status {child.returncode}){cause}; its log is {log_path}"
-        )
-
-
 def run_training(config: Config, config_path: str | None, overrides: list[str], nproc: int) -> Path:
-    """Train (resuming if a checkpoint exists) unless the run already finished; returns its final
-    checkpoint."""
-    done = finished_checkpoint(config)
-    if done is not None:
-        log.info("train: %s already finished (%s)", config.train.name, done.name)
-        return done
+    """Train, resuming if a checkpoint exists: in this process, or under torchrun in a child (its output shown
+    as it comes and appended to run_dir/logs/train.log). Returns the final checkpoint."""
     if nproc > 1:
         command = [
             sys.executable,
@@ -121,9 +85,13 @@ def run_training(config: Config, config_path: str | None, overrides: list[str], 
             *(["--config", config_path] if config_path else []),
             *overrides,
         ]
-        run_logged(
-            command, config.run_dir / "logs" / "train.log", f"train ({config.train.name}, {nproc} processes)"
-        )
+        log_path = config.run_dir / "logs" / "train.log"
+        # Unbuffered: the children's lines reach the console as they are written, not when a buffer fills.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        child = run_child(log_path, command, env=env, echo=sys.stderr)
+        if not child.ok:
+            label = f"train ({config.train.name}, {nproc} processes)"
+            raise StageError(f"{label} stage failed: {child.why(log_as=str(log_path))}")
     else:
         from dist_llama.train import train
 
@@ -134,18 +102,96 @@ def run_training(config: Config, config_path: str | None, overrides: list[str], 
     return done
 
 
-def consolidate_stage(
-    checkpoint: Path, out: Path, name: str, state: PipelineState, key: str, redo: bool
-) -> Path:
-    """Consolidate checkpoint into out, unless out is still the release this stage wrote from it."""
-    inputs = {"checkpoint": str(checkpoint), "release": str(out)}
-    written = _written(out)
-    if not redo and written is not None and state.is_current(key, {**inputs, "written": written}):
-        log.info("%s: %s is up to date", key, out)
-        return out
-    consolidate(checkpoint, out, dtype="fp32", repo_name=name)
-    state.record(key, {**inputs, "written": _written(out)})
-    return out
+@dataclass
+class RunStages:
+    """One training run's stages: train, consolidate (its release, into release_root/<train.name>),
+    evaluate and report. A stage is up to date when pipeline.json records that it ran on the same inputs;
+    the checkpoint trained, or found, is what the later stages work from."""
+
+    config: Config
+    config_path: str | None
+    overrides: list[str]
+    state: PipelineState
+    nproc: int = 1
+    release_root: str | Path | None = None
+    release_key: str = "consolidate"  # the consolidation's record in pipeline.json
+    stage1: tuple[Config, Path] | None = None  # the PI route's stage 1: its config and release
+    checkpoint: Path | None = None
+    results: Path | None = None  # the report's results.md
+
+    def stages(self, names: tuple[str, ...] = STAGES) -> list[Stage]:
+        stages = {
+            "train": Stage("train", self.train, up_to_date=self.training_finished),
+            "consolidate": Stage("consolidate", self.consolidate, up_to_date=self.release_current),
+            "evaluate": Stage("evaluate", self.evaluate, up_to_date=self.evaluation_current),
+            "report": Stage("report", self.report),
+        }
+        return [stages[name] for name in names]
+
+    @property
+    def release(self) -> Path:
+        return release_dir(self.config.train.name, self.release_root)
+
+    def trained(self) -> Path:
+        """The checkpoint the later stages work from; with --skip train, the run's latest."""
+        if self.checkpoint is None:
+            found = complete_checkpoints(self.config.run_dir / "checkpoints")
+            if not found:
+                raise CheckpointError(f"--skip train, but {self.config.run_dir} has no checkpoint to release")
+            self.checkpoint = found[-1]
+        return self.checkpoint
+
+    def training_finished(self) -> str | None:
+        done = finished_checkpoint(self.config)
+        if done is None:
+            return None
+        self.checkpoint = done
+        return f"{self.config.train.name} already finished ({done.name})"
+
+    def train(self, allowance: float | None) -> Outcome:
+        self.checkpoint = run_training(self.config, self.config_path, self.overrides, self.nproc)
+        return Outcome("train", "ok", detail=f"final checkpoint {self.checkpoint.name}")
+
+    def _release_inputs(self) -> dict:
+        return {"checkpoint": str(self.trained()), "release": str(self.release)}
+
+    def release_current(self) -> str | None:
+        """Whether the release is still the one this stage wrote from this checkpoint."""
+        written = _written(self.release)
+        if written is None:
+            return None
+        current = self.state.is_current(self.release_key, {**self._release_inputs(), "written": written})
+        return f"{self.release} is up to date" if current else None
+
+    def consolidate(self, allowance: float | None) -> Outcome:
+        inputs = self._release_inputs()
+        consolidate(self.trained(), self.release, dtype="fp32", repo_name=self.config.train.name)
+        self.state.record(self.release_key, {**inputs, "written": _written(self.release)})
+        return Outcome("consolidate", "ok", detail=str(self.release))
+
+    def _evaluation_inputs(self) -> dict:
+        return {"release_of": str(self.trained()), "eval": to_dict(self.config)["eval"]}
+
+    def evaluation_current(self) -> str | None:
+        """Whether the evaluation already ran on this checkpoint's release with these eval settings."""
+        current = self.state.is_current("evaluate", self._evaluation_inputs())
+        return f"results for {self.trained().name} are up to date" if current else None
+
+    def evaluate(self, allowance: float | None) -> Outcome:
+        eval_dir = self.config.run_dir / "eval"
+        evaluate_stage(self.config, self.release, self.stage1, eval_dir)
+        self.state.record("evaluate", self._evaluation_inputs())
+        # The model card quotes the evaluation: rewrite it now that results exist.
+        name = self.config.train.name
+        write_model_card(self.release, self.trained(), eval_summary=eval_dir / "summary.json", repo_name=name)
+        return Outcome("evaluate", "ok", detail=str(eval_dir))
+
+    def report(self, allowance: float | None) -> Outcome:
+        from dist_llama.report import generate_report
+
+        self.results = generate_report(self.config.run_dir)
+        self.state.record("report", {"checkpoint": str(self.trained())})
+        return Outcome("report", "ok", detail=str(self.results))
 
 
 def _written(release: Path) -> list[int] | None:
@@ -222,106 +268,36 @@ def run_pipeline(
 ) -> Path:
     """Returns the results.md of the report (or the run directory when the report is skipped). Releases
     go to release_root/<train.name> (consolidate.release_dir)."""
-    run_dir = config.run_dir
-    state = PipelineState(run_dir)
+    state = PipelineState(config.run_dir)
     stage1 = None
     if stage1_path is not None:
         stage1_config = load_config(stage1_path, overrides)
-        if stage1_config.run_dir == run_dir:
+        if stage1_config.run_dir == config.run_dir:
             raise ConfigError(
                 "the two stages need different train.name values (they are separate run directories)"
             )
         # Stage 2 starts from stage 1's weights; stage 1 itself trains with the overrides as given.
         stage1_overrides, overrides = overrides, [*overrides, f"--train.init_from={stage1_config.run_dir}"]
         config = load_config(config_path, overrides)
-        stage1_release = _release_stage1(
-            stage1_config, stage1_path, stage1_overrides, state, skip, redo, nproc, release_root
+        first = RunStages(
+            stage1_config,
+            stage1_path,
+            stage1_overrides,
+            state,
+            nproc=nproc,
+            release_root=release_root,
+            release_key="consolidate_stage1",
         )
-        stage1 = (stage1_config, stage1_release)
-
-    if "train" in skip:
-        checkpoint = _latest_checkpoint(run_dir, f"{run_dir} has no checkpoint to release")
-    else:
-        checkpoint = run_training(config, config_path, overrides, nproc)
-
-    release = release_dir(config.train.name, release_root)
-    if "consolidate" not in skip:
-        consolidate_stage(checkpoint, release, config.train.name, state, "consolidate", "consolidate" in redo)
-
-    if "evaluate" not in skip:
-        _evaluate_unless_current(config, checkpoint, release, stage1, run_dir / "eval", state, redo)
-
-    if "report" in skip:
-        return run_dir
-    from dist_llama.report import generate_report
-
-    results = generate_report(run_dir)
-    state.record("report", {"checkpoint": str(checkpoint)})
-    log.info("report: %s", results)
-    return results
-
-
-def _latest_checkpoint(run_dir: Path, none_found: str) -> Path:
-    """With --skip train: the run's latest complete checkpoint (CheckpointError ending in `none_found` when
-    there is none)."""
-    found = complete_checkpoints(run_dir / "checkpoints")
-    if not found:
-        raise CheckpointError(f"--skip train, but {none_found}")
-    return found[-1]
-
-
-def _release_stage1(
-    stage1_config: Config,
-    stage1_path: str,
-    overrides: list[str],
-    state: PipelineState,
-    skip: set[str],
-    redo: set[str],
-    nproc: int,
-    release_root: str | Path | None,
-) -> Path:
-    """Stage 1 of the Position Interpolation route, trained (unless --skip train) and consolidated; returns
-    its release folder."""
-    if "train" not in skip:
-        checkpoint = run_training(stage1_config, stage1_path, overrides, nproc)
-    else:
-        checkpoint = _latest_checkpoint(
-            stage1_config.run_dir, f"stage 1 ({stage1_config.run_dir}) has no checkpoint"
-        )
-    return consolidate_stage(
-        checkpoint,
-        release_dir(stage1_config.train.name, release_root),
-        stage1_config.train.name,
-        state,
-        "consolidate_stage1",
-        "consolidate" in redo,
+        # Stage 2's evaluation needs stage 1's release: only its training may be skipped.
+        StageRunner(
+            first.stages(("train", "consolidate")), skip=skip & {"train"}, redo=redo, say=log.info
+        ).run()
+        stage1 = (stage1_config, first.release)
+    run = RunStages(
+        config, config_path, overrides, state, nproc=nproc, release_root=release_root, stage1=stage1
     )
-
-
-def _evaluate_unless_current(
-    config: Config,
-    checkpoint: Path,
-    release: Path,
-    stage1: tuple[Config, Path] | None,
-    eval_dir: Path,
-    state: PipelineState,
-    redo: set[str],
-) -> None:
-    """The evaluate stage, skipped when it already ran on this checkpoint's release with these eval
-    settings (unless --redo evaluate)."""
-    eval_inputs = {"release_of": str(checkpoint), "eval": to_dict(config)["eval"]}
-    if "evaluate" not in redo and state.is_current("evaluate", eval_inputs):
-        log.info("evaluate: results for %s are up to date", checkpoint.name)
-        return
-    evaluate_stage(config, release, stage1, eval_dir)
-    state.record("evaluate", eval_inputs)
-    # The model card quotes the evaluation: rewrite it now that results exist.
-    write_model_card(
-        release,
-        checkpoint,
-        eval_summary=eval_dir / "summary.json",
-        repo_name=config.train.name,
-    )
+    StageRunner(run.stages(), skip=skip, redo=redo, say=log.info).run()
+    return run.results or config.run_dir
 
 
 def _parser() -> CommandParser:
@@ -352,11 +328,10 @@ def _parser() -> CommandParser:
 
 def main(argv: list[str] | None = None) -> None:
     args, overrides = _parser().parse_known_args(argv)
-    skip = {s for s in args.skip.split(",") if s}
-    redo = {s for s in args.redo.split(",") if s}
-    for stage in skip | redo:
-        if stage not in STAGES:
-            fail("pipeline", f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    try:
+        skip, redo = stage_list(args.skip, STAGES), stage_list(args.redo, STAGES)
+    except ValueError as error:
+        fail("pipeline", str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from dist_llama.evaluation import EvaluationError
     from dist_llama.train import NonFiniteError

@@ -146,6 +146,8 @@ def test_consolidate_stage_redoes_a_release_replaced_since(tmp_path, monkeypatch
     """The release lies outside the run directory: another run of the same name, or a consolidate by hand,
     may replace it, and then the pipeline's record of having written it no longer holds."""
     from dist_llama import pipeline as pipeline_module
+    from dist_llama.config import load_config
+    from dist_llama.stages import StageRunner
 
     def write_release(checkpoint: Path, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
@@ -159,23 +161,28 @@ def test_consolidate_stage_redoes_a_release_replaced_since(tmp_path, monkeypatch
         written.append((checkpoint.name, out.parent.name))
 
     monkeypatch.setattr(pipeline_module, "consolidate", fake_consolidate)
-    state = pipeline_module.PipelineState(tmp_path / "run")
-    step_4, step_6 = tmp_path / "run/checkpoints/step_4", tmp_path / "run/checkpoints/step_6"
-    release, elsewhere = tmp_path / "hub_release" / "tiny", tmp_path / "elsewhere" / "tiny"
+    config = load_config(None, [f"--train.run_root={tmp_path}", "--train.name=tiny"])
+    state = pipeline_module.PipelineState(config.run_dir)
+    step_4, step_6 = config.run_dir / "checkpoints/step_4", config.run_dir / "checkpoints/step_6"
 
-    def stage(checkpoint=step_4, out=release, redo=False):
-        pipeline_module.consolidate_stage(checkpoint, out, "tiny", state, "consolidate", redo)
+    def stage(checkpoint=step_4, root="hub_release", redo=False):
+        run = pipeline_module.RunStages(config, None, [], state, release_root=tmp_path / root)
+        run.checkpoint = checkpoint
+        redone = {"consolidate"} if redo else set()
+        StageRunner(run.stages(("consolidate",)), redo=redone, say=lambda line: None).run()
 
     stage()
     stage()  # up to date
-    write_release(step_6, release)  # replaced by another run's release of the same name
+    write_release(
+        step_6, tmp_path / "hub_release" / "tiny"
+    )  # replaced by another run's release of the same name
     stage()
     stage(step_6)
-    stage(step_6, elsewhere)
-    stage(step_6, elsewhere, redo=True)
-    shutil.rmtree(elsewhere)
-    stage(step_6, elsewhere)
-    stage(step_6, elsewhere)  # up to date
+    stage(step_6, "elsewhere")
+    stage(step_6, "elsewhere", redo=True)
+    shutil.rmtree(tmp_path / "elsewhere" / "tiny")
+    stage(step_6, "elsewhere")
+    stage(step_6, "elsewhere")  # up to date
     assert written == [
         ("step_4", "hub_release"),
         ("step_4", "hub_release"),
@@ -238,11 +245,10 @@ def test_pipeline_names_the_failed_stage_and_its_log(tmp_path):
     log = tmp_path / "broken" / "logs" / "train.log"
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1, result.stderr[-3000:]
-    # One line: the stage, the children's own error, the log.
-    assert last.startswith("pipeline: error: train (broken, 2 processes) stage failed (exit status 1): "), (
-        last
-    )
-    assert "not valid JSON" in last and last.endswith(f"; its log is {log}"), last
+    # One line: the stage, the children's own error, their exit status and the log (dist_llama.stages).
+    assert last.startswith("pipeline: error: train (broken, 2 processes) stage failed: "), last
+    assert "record 0 is not valid JSON" in last and last.endswith(f" (exit 1, log {log})"), last
+    assert "train: running" in result.stderr  # the runner's line before the stage
     assert "CalledProcessError" not in result.stderr
     assert "record 0 is not valid JSON" in log.read_text()  # the children's own output is kept
 

@@ -113,8 +113,8 @@ def build_bundle(
 def _write_fixed_parts(
     out: Path, held_out: str, tinymmlu: str, mmlu: str, mmlu_items: int, compression_level: int
 ) -> list[dict]:
-    """Everything but the training shards: tokenizer, held-out documents, item files. Returns the spread
-    items."""
+    """Everything but the training shards: tokenizer, held-out documents, item files.
+    Returns the spread items."""
     from dist_llama.data import read_documents
     from dist_llama.evaluation.tasks import check_mmlu_data, spread_subset
     from dist_llama.tokenizer import load_tokenizer
@@ -229,8 +229,7 @@ def load_manifest(bundle: Path) -> dict:
 
 
 def unpack_bundle(bundle: Path, manifest: dict, inputs: Path) -> None:
-    """The bundle's gzipped files (tokenizer, items) as plain files under inputs/, where the commands read
-    them."""
+    """The bundle's gzipped files (tokenizer, items), unpacked under inputs/ where the commands read them."""
     for name in manifest["gzipped"]:
         target = inputs / name.removesuffix(".gz")
         target.parent.mkdir(parents=True, exist_ok=True)

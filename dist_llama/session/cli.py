@@ -1,5 +1,5 @@
-"""The command lines: `python -m dist_llama.session [run] ...` (the session), `bundle`, `install`,
-`preflight` and `plan`."""
+"""The command lines of `python -m dist_llama.session`: the session itself (`run`, the default subcommand),
+and `bundle`, `install`, `preflight` and `plan`."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from dist_llama.session.bundle import (
 from dist_llama.session.context import Context, resolve_config_path
 from dist_llama.session.deadline import GPU, REHEARSAL, STAGES, stage_times
 from dist_llama.session.preflight import preflight_report
-from dist_llama.session.processes import raise_interrupted
 from dist_llama.session.runner import Runner
 from dist_llama.session.wheels import INSTALL_CHECK_MODULES, check_install, install_wheels
+from dist_llama.stages import raise_interrupted, stage_list
 
 PROG = "python -m dist_llama.session"
 # Every subcommand in one line, as the session's --help lists them; main() dispatches to the same names.
@@ -46,12 +46,11 @@ def _subcommand_list() -> str:
     return f"subcommands ({PROG} SUBCOMMAND --help):\n" + "\n".join(lines)
 
 
-def _stages_list(text: str) -> list[str]:
-    stages = [s for s in text.split(",") if s]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
-    return stages
+def _stages_list(text: str) -> set[str]:
+    try:
+        return stage_list(text, STAGES)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def run_main(argv: list[str]) -> int:
@@ -76,12 +75,44 @@ def run_main(argv: list[str]) -> int:
     return Runner(context).execute()
 
 
+RUN_DESCRIPTION = """\
+One command on a GPU without network: install, preflight, train, release, evaluate, bench and report inside
+one deadline. Everything the run needs comes from one bundle folder (launch/prepare_gpu_bundle.sh builds it).
+What must come back is at most five small files in OUT: summary.md, summary.json, session.tar.gz (the run's
+metrics, tensorboard events, config, environment, evaluation summaries and samples, plots, generations and
+every stage's log), loss.png and loss_by_position.png. Weights and checkpoints stay in the work folder."""
+
+RUN_STAGES = """\
+stages, in this order, each in its own processes with its own time limit; every stage but training has a
+planned time and training gets the rest (the plan subcommand prints them):
+  install    the bundle's wheels that are not installed already, into WORK/site, put on the import path
+  preflight  the GPU, package versions (and what the bundle's packages need but do not find), free memory,
+             the bundle's data and tokenizer, the resolved training config
+  train      the config with train.time_budget_s set to what the deadline leaves after the later stages'
+             plan; on a GPU the run builds its token cache first, with every core. A compiled run that
+             fails, or misses its first step or then its time-budget plan (each within --compile-limit-s
+             of the one before), is run again eager with the time left, resuming its latest checkpoint
+  release    consolidate once; then, where dist_llama is not importable, load it with trust_remote_code,
+             compare its logits with stock LlamaForCausalLM on the same files, generate from fixed prompts
+  evaluate   tinyMMLU (IRT with --eval.irt_params=FILE), held-out loss by position, MMLU spread over all
+             subjects
+  bench      only on time left after the evaluation: ours vs transformers' Llama step (and ours
+             compiled), and the training loader's tokens/s
+  report     the run's plots and results; then the summary and the pack
+A stage runs when its inputs exist, whatever an unrelated stage did; each outcome (ok, failed and why,
+skipped and why) goes into summary.md and summary.json beside its planned time.
+
+--rehearse runs the same stages on this CPU with configs/debug.yaml, in under five minutes.
+Exit status: 0 when every stage that ran succeeded, 1 when one failed, 2 for bad input (no bundle, no GPU,
+a deadline too short for the preflight, a config error), said in one line.
+Any --section.key=value after the options overrides the training config."""
+
+
 def _run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} [run]",
-        description="Install, preflight, bench, train, release, evaluate and report inside one deadline.",
-        epilog="Any --section.key=value after the options overrides the training config.\n\n"
-        + _subcommand_list(),
+        description=RUN_DESCRIPTION,
+        epilog=f"{RUN_STAGES}\n\n{_subcommand_list()}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="folder for the few files that must come back")
@@ -110,9 +141,9 @@ def _run_parser() -> argparse.ArgumentParser:
         "--compile-limit-s",
         type=float,
         default=None,
-        help=f"a compiled training run must reach its first step, then its time-budget plan, each "
-        f"within this many seconds of the one before, or it runs eager (default {GPU.compile_limit_s:g}; "
-        f"rehearsal {REHEARSAL.compile_limit_s:g})",
+        help="a compiled training run must reach its first step, then its time-budget plan, "
+        "each within this many seconds of the one before, or it runs eager "
+        f"(default {GPU.compile_limit_s:g}; rehearsal {REHEARSAL.compile_limit_s:g})",
     )
     parser.add_argument(
         "--skip",
@@ -170,8 +201,8 @@ def bundle_main(argv: list[str]) -> int:
 
 
 def _bundle_sizes(out: str, manifest: dict, limit_mib: float) -> str:
-    """One line: the bundle's MiB by part, and with the checkout's files that travel with it, against the
-    limit."""
+    """One line: the bundle's MiB by part, then with the checkout's files that travel with it, against
+    the limit."""
     wheels = sum(manifest["files"][w] for w in manifest["wheels"])
     shards = sum(manifest["files"][t] for t in manifest["train"])
     total = manifest["bundle_bytes"] + manifest["checkout_bytes"]

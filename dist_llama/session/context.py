@@ -4,9 +4,9 @@ Context is what is fixed for the whole session: the mode and its deadline, the f
 manifest, the training config and the user's overrides; and from those, the commands, environment and logs
 of the stages' child processes. It is frozen: no stage changes it.
 
-A stage returns its Outcome, and the stages whose products later stages use return those too: the preflight
-its facts (PreflightFacts), training the runs it made, the release its folder. The runner passes each later
-stage only what it needs of them.
+A stage returns its Outcome (dist_llama.stages), and the stages whose products later stages use return those
+too: the preflight its facts (PreflightFacts), training the runs it made, the release its folder. The
+session's runner passes each later stage only what it needs of them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from dist_llama.session import REPO
 from dist_llama.session.bundle import data_overrides
 from dist_llama.session.deadline import Deadline, Mode
-from dist_llama.session.processes import Child, Interrupted, ProgressMarks, run_child
+from dist_llama.stages import Child, Interrupted, ProgressMarks, run_child
 
 
 def resolve_config_path(config: str) -> str:
@@ -54,8 +54,8 @@ class Context:
 
     @classmethod
     def from_command_line(cls, mode: Mode, args: argparse.Namespace, overrides: list[str]) -> Context:
-        """The session's context from `python -m dist_llama.session` arguments; OSError when the work folder
-        cannot be made."""
+        """The session's context from `python -m dist_llama.session` arguments.
+        OSError when the work folder cannot be made."""
         deadline_s = args.deadline_s if args.deadline_s is not None else mode.deadline_s
         work = (
             Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="dist_llama_session_"))
@@ -134,8 +134,8 @@ class Context:
         cwd: Path | None = None,
         progress: ProgressMarks | None = None,
     ) -> Child:
-        """A child process with its log in logs/LABEL.log, stopped at `timeout` or when it misses a mark of
-        `progress`."""
+        """A child process with its log in logs/LABEL.log (dist_llama.stages.run_child), stopped at
+        `timeout` or when it misses a mark of `progress`."""
         return run_child(
             self.logs / f"{label}.log", command, timeout, env or self.env(), cwd or REPO, progress
         )
@@ -157,19 +157,6 @@ class Context:
         ]
 
 
-@dataclass
-class Outcome:
-    """What one stage did, as summary.json and the closing table show it."""
-
-    stage: str
-    status: str = "skipped"  # ok | failed | skipped (running while it runs)
-    seconds: float = 0.0
-    detail: str = ""
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 @dataclass(frozen=True)
 class PreflightFacts:
     """What the preflight found (its preflight.json: the machine, the packages, the resolved config), and the
@@ -184,8 +171,8 @@ class PreflightFacts:
 
 
 class TrainingInterrupted(Interrupted):
-    """SIGTERM during the training stage; the runs it made (the one stopped too) are still summarised and
-    packed."""
+    """SIGTERM during the training stage: the runs it made, the one stopped too, are still summarised
+    and packed."""
 
     def __init__(self, runs: tuple[Path, ...]):
         super().__init__()

@@ -1,5 +1,5 @@
-"""The session's time: its stages, the two modes it runs in (GPU, CPU rehearsal) with their planned times
-and limits, and Deadline, the arithmetic of what each stage may take.
+"""The session's time: the two modes it runs in (GPU, CPU rehearsal) with their planned times and limits,
+and Deadline, the arithmetic of what each stage may take (the option dist_llama.stages' runner asks).
 
 Every stage but training has a planned time, and training gets the rest of the deadline: stage_times() says
 how much (`python -m dist_llama.session plan [--rehearse]` prints it). Every stage also has a time range
@@ -14,7 +14,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-STAGES = ("install", "preflight", "train", "release", "evaluate", "bench", "report")
+from dist_llama.stages import chain
+
+STAGES = chain("install", "preflight", "train", "release", "evaluate", "bench", "report")
 AFTER_TRAINING = ("release", "evaluate", "report")  # kept free when training's budget is set
 UNRESERVED = ("bench",)  # runs on what is left; no earlier stage keeps time for it
 FINISH_S = 5  # kept after every stage for the summary and the pack
@@ -46,8 +48,8 @@ class Mode:
 
     @property
     def after_train_s(self) -> float:
-        """Planned time of release + evaluate + report, and the summary: kept free when training's
-        budget is set."""
+        """Planned time of release + evaluate + report, and the summary: what is kept free when
+        training's budget is set."""
         return sum(self.planned[stage] for stage in AFTER_TRAINING) + FINISH_S
 
 
@@ -131,9 +133,9 @@ REHEARSAL = Mode(
     train_overrides=("--train.device=cpu", "--train.budget_safety=0.25"),
     # The debug model scores ~13 items/s here: 1,400 would take two minutes.
     mmlu_spread_limit=100,
-    # On 2 cores the cache of the bundle's ~39M tokens takes longer than the whole training
-    # stage (seen: 2 shards of 5 in 26 s); the GPU machine's 16 cores build it in seconds.
-    # On the fly here.
+    # On 2 cores the cache of the bundle's ~39M tokens takes longer than the whole training stage (seen:
+    # 2 shards of 5 in 26 s), so the rehearsal tokenizes on the fly; the GPU machine's 16 cores build it
+    # in seconds.
     token_cache=False,
 )
 
@@ -181,7 +183,11 @@ class Deadline:
         later = STAGES[STAGES.index(stage) + 1 :]
         return FINISH_S + sum(self.least(s) for s in later if s not in self.skip and s not in UNRESERVED)
 
-    def allowance(self, stage: str) -> float:
+    def allowance(self, stage: str) -> float | None:
+        """The seconds `stage` may take if it starts now; None for training, which sets its own time
+        budget (training_budget)."""
+        if stage == "train":
+            return None
         most = self.mode.limits[stage][1]
         reserve = self.minimum_after(stage)
         if STAGES.index(stage) < STAGES.index("train") and "train" not in self.skip:
@@ -190,13 +196,13 @@ class Deadline:
         available = self.remaining() - reserve
         return min(most, available) if most else available
 
-    def worth_starting(self, stage: str, allowance: float) -> bool:
+    def worth_starting(self, stage: str, allowance: float | None) -> bool:
         """Training decides for itself (training_budget); 1 s is rounding, not a plan."""
-        return stage == "train" or allowance + 1 >= self.least(stage)
+        return allowance is None or allowance + 1 >= self.least(stage)
 
     def training_budget(self) -> float:
-        """train.time_budget_s of a training attempt started now: the time left less the later stages'
-        planned time."""
+        """train.time_budget_s of a training attempt started now: the time left, less the planned time
+        of the later stages."""
         return self.remaining() - self.mode.after_train_s
 
     def training_timeout(self, budget: float) -> float:

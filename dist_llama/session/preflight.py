@@ -1,5 +1,5 @@
-"""The environment check, in its own process (it imports torch): this machine, the bundle, the resolved
-config.
+"""The environment check, in its own process since it imports torch: this machine, the bundle and the
+resolved config.
 
 The preflight stage runs `python -m dist_llama.session preflight`, which writes preflight_report's facts
 and problems as JSON, and prints the package versions it found.
@@ -70,8 +70,8 @@ def preflight_report(
 
 
 def _machine(report: dict, require_gpu: bool) -> list[str]:
-    """Package versions, CUDA and the GPU into report; the problem when a GPU is required and there is
-    none."""
+    """Package versions, CUDA and the GPU into report; the problem, when a GPU is required and there
+    is none."""
     import importlib.metadata
 
     import torch

@@ -93,8 +93,8 @@ def _load_release_and_stock_llama(custom, device):
 
 
 def _compare_on_prompts(model, llama, tokenizer, prompts, generation, device):
-    """(largest absolute logit difference between the two models, largest absolute stock logit, each prompt's
-    generations)."""
+    """(largest absolute logit difference between the two models, largest absolute stock logit,
+    each prompt's generations)."""
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -110,8 +110,8 @@ def _compare_on_prompts(model, llama, tokenizer, prompts, generation, device):
 
 
 def _generate(model, llama, tokenizer, prompt, inputs, generation, pad):
-    """The release's greedy and seeded sampled continuations of a prompt, and whether stock Llama's greedy one
-    is the same tokens."""
+    """The release's greedy and seeded sampled continuations of a prompt, and whether stock Llama's
+    greedy one is the same tokens."""
     import torch
 
     max_new_tokens = generation["max_new_tokens"]

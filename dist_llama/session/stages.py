@@ -1,8 +1,8 @@
-"""The stages, one function each, in the order they run: install, preflight, train, release, evaluate, bench,
-report. Each is given the Context, what it needs of the earlier stages' products, and the seconds the
-Deadline allows it; it runs its child processes and returns its Outcome, with its own product where a later
-stage uses one (the preflight's facts, the runs trained, the release folder). Train and evaluate share their
-time step by step (Deadline.training_budget, evaluation_step_allowance).
+"""The session's stages, one function each: install, preflight, train, release, evaluate, bench, report.
+Each is given the Context, what it needs of the earlier stages' products, and the seconds the Deadline
+allows it; it runs its child processes and returns its Outcome, with its own product where a later stage
+uses one (the preflight's facts, the runs trained, the release folder). Training sets its own time budget
+and the evaluation shares its time step by step (Deadline.training_budget, evaluation_step_allowance).
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from pathlib import Path
 from dist_llama.session import read_json
 from dist_llama.session.context import (
     Context,
-    Outcome,
     PreflightFacts,
     TrainingInterrupted,
     python,
     reported_run,
     trained_run,
 )
-from dist_llama.session.processes import Child, Interrupted, ProgressMarks
 from dist_llama.session.wheels import install_wheels
+from dist_llama.stages import Child, Interrupted, Outcome, ProgressMarks
 
 # Fixed prompts of the release check: a fact, a story opening, a date (the project's usual three).
 PROMPTS = ("The capital of France is", "Once upon a time, there was a", "In 1905, Albert Einstein published")
@@ -43,18 +42,16 @@ def install(context: Context, allowance: float) -> Outcome:
     puts that folder on every later child's import path (Context.site_installed)."""
     if not context.manifest["wheels"]:
         if not context.mode.require_gpu:
-            return Outcome(
-                "install",
-                "skipped",
-                detail="the bundle holds no wheels: this machine's packages "
-                "are used (launch/prepare_gpu_bundle.sh puts them in)",
+            detail = (
+                "the bundle holds no wheels: this machine's packages are used "
+                "(launch/prepare_gpu_bundle.sh puts them in)"
             )
-        return Outcome(
-            "install",
-            "failed",
-            detail=f"the bundle {context.bundle} holds no wheels; lm-eval "
-            "will be missing (build the bundle with launch/prepare_gpu_bundle.sh)",
+            return Outcome("install", "skipped", detail=detail)
+        detail = (
+            f"the bundle {context.bundle} holds no wheels, so lm-eval will be missing "
+            "(build the bundle with launch/prepare_gpu_bundle.sh)"
         )
+        return Outcome("install", "failed", detail=detail)
     try:
         installed, present = install_wheels(context.bundle, context.manifest, context.site, timeout=allowance)
     except (RuntimeError, OSError, subprocess.SubprocessError) as error:
@@ -112,7 +109,7 @@ def _preflight_detail(report: dict) -> str:
     return "; ".join([facts, *notes])
 
 
-def train(context: Context, preflight: PreflightFacts, allowance: float) -> tuple[Outcome, tuple[Path, ...]]:
+def train(context: Context, preflight: PreflightFacts) -> tuple[Outcome, tuple[Path, ...]]:
     """The config with the time budget the deadline leaves. A compiled run that fails, or misses a progress
     mark (its first step, then its time-budget plan, each within the mode's compile_limit_s of the one before:
     the training graphs, then the evaluation graphs compile before them), is run again eager with the time
@@ -129,10 +126,8 @@ def train(context: Context, preflight: PreflightFacts, allowance: float) -> tupl
         for attempt, (run_name, extra) in enumerate(attempts):
             budget = context.deadline.training_budget()
             if budget < context.deadline.least("train"):
-                notes.append(
-                    f"{budget:.0f} s left for training, less than the "
-                    f"{context.deadline.least('train'):.0f} s worth starting"
-                )
+                least = context.deadline.least("train")
+                notes.append(f"{budget:.0f} s left for training, less than the {least:.0f} s worth starting")
                 break
             run_dir = context.work / "runs" / run_name
             runs.append(run_dir)
@@ -157,7 +152,7 @@ def train(context: Context, preflight: PreflightFacts, allowance: float) -> tupl
 USER_ERROR_EXIT = 2  # dist_llama.cli: a one-line user error, which an eager run would repeat
 # What a compiled run reaches, in order, and the record in metrics.jsonl that shows it.
 TRAINING_MARKS = {"first step": "started", "time-budget plan": "plan"}
-# Stopping a child takes up to this long (processes.stop_process_group: SIGTERM, then SIGKILL).
+# Stopping a child takes up to this long (dist_llama.stages.stop_process_group: SIGTERM, then SIGKILL).
 STOP_S = 15
 
 
@@ -233,9 +228,9 @@ def release(context: Context, runs: tuple[Path, ...], allowance: float) -> tuple
     return Outcome(
         "release",
         "ok",
-        detail=f"{result['class']} loads without dist_llama; logits vs stock "
-        f"Llama max |diff| {result['max_abs_logit_diff']:.2e}; {len(result['generations'])} "
-        "prompts generated",
+        detail=f"{result['class']} loads without dist_llama; "
+        f"logits vs stock Llama max |diff| {result['max_abs_logit_diff']:.2e}; "
+        f"{len(result['generations'])} prompts generated",
     ), folder
 
 

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from dist_llama.session import read_json
-from dist_llama.session.context import Context, Outcome, PreflightFacts, reported_run
+from dist_llama.session.context import Context, PreflightFacts, reported_run
 from dist_llama.session.deadline import stage_times
+from dist_llama.stages import Outcome
 
 BUNDLE_FACTS = (
     "created",
