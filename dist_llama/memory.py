@@ -2,7 +2,12 @@
 
 Per rank, at the start of backward (where the saved activations peak):
 - weights, gradients and optimizer state: fp32 shards of every parameter (FSDP2), so 4 + 4 + 8 bytes per
-  parameter for AdamW over the world size (Muon keeps one fp32 momentum per hidden-matrix parameter instead);
+  parameter for AdamW over the ranks that shard them: every rank under plain FSDP, one shard group under HSDP
+  (world size / parallel.replicate). Muon keeps one fp32 momentum per hidden-matrix parameter instead;
+- with parallel.reduce_grads=last_micro and several micro-batches, each FSDP unit also keeps its whole,
+  unsharded gradient in the reduce dtype until the last micro-batch reduces it: 4 (fp32) or 2 (bf16) bytes
+  per parameter, not divided by any rank count. HSDP's deferred all-reduce keeps a buffer the size of the
+  sharded gradient instead of it, so it adds nothing;
 - gathered parameters: FSDP2 unshards a block in the compute dtype while it runs (and prefetches the next),
   and the root's embedding and output head stay gathered through forward and backward;
 - activations: what autograd keeps per token and block (below), or only each block's input for a checkpointed
@@ -86,8 +91,9 @@ def activation_bytes_per_token(args: ModelArgs, compute_bytes: int) -> int:
 @dataclass(frozen=True)
 class StepShape:
     """What a training step's memory depends on: the model, the compute precision, the optimizer, the
-    micro-batch and its tokens, activation checkpointing, the ranks sharding the state and the loss's chunk.
-    rows_per_rank bounds the micro-batches a fitting setting may use (each divides it)."""
+    micro-batch and its tokens, activation checkpointing, the ranks (world_size, of which world_size /
+    replicate shard the state) and the loss's chunk, and when gradients are reduced. rows_per_rank bounds
+    the micro-batches a fitting setting may use (each divides it)."""
 
     args: ModelArgs
     precision: str
@@ -98,9 +104,14 @@ class StepShape:
     world_size: int
     loss_chunk_tokens: int
     rows_per_rank: int
+    replicate: int = (
+        1  # HSDP's replicas (parallel.replicate): each holds the whole state over its shard ranks
+    )
+    reduce_grads: str = "every_micro"  # parallel.reduce_grads
+    reduce_dtype: str = "fp32"  # parallel.reduce_dtype
 
     @classmethod
-    def of(cls, config, layout, precision: str, world_size: int) -> StepShape:
+    def of(cls, config, layout, precision: str, world_size: int, replicate: int = 1) -> StepShape:
         """The configured step: config.Config, step.BatchLayout."""
         return cls(
             config.model,
@@ -112,7 +123,19 @@ class StepShape:
             world_size,
             config.train.loss_chunk_tokens,
             layout.rows_per_rank,
+            replicate,
+            config.parallel.reduce_grads,
+            config.parallel.reduce_dtype,
         )
+
+    @property
+    def shard_ranks(self) -> int:
+        return self.world_size // self.replicate
+
+    @property
+    def keeps_unsharded_grads(self) -> bool:
+        """last_micro with several micro-batches: every unit's whole gradient waits for the last one."""
+        return self.reduce_grads == "last_micro" and self.rows_per_rank > self.micro_batch
 
 
 def estimate_memory(shape: StepShape) -> MemoryEstimate:
@@ -138,10 +161,11 @@ def estimate_memory(shape: StepShape) -> MemoryEstimate:
         loss = chunk * args.vocab_size * CHUNKED_LOSS_BYTES_PER_LOGIT + gradient_buffers
     else:
         loss = tokens * args.vocab_size * UNCHUNKED_LOSS_BYTES_PER_LOGIT
+    unsharded_grads = BYTES[shape.reduce_dtype] * total if shape.keeps_unsharded_grads else 0
     return MemoryEstimate(
-        weights=4 * total / shape.world_size,
-        gradients=4 * total / shape.world_size,
-        optimizer=state / shape.world_size,
+        weights=4 * total / shape.shard_ranks,
+        gradients=4 * total / shape.shard_ranks + unsharded_grads,
+        optimizer=state / shape.shard_ranks,
         gathered=b * root + per_block * (3 * b + 4),
         activations=activations,
         loss=loss,
@@ -152,20 +176,33 @@ def divisors_down_from(limit: int, rows: int) -> list[int]:
     return [d for d in range(min(limit, rows), 0, -1) if rows % d == 0]
 
 
+def _sharding_options(shape: StepShape) -> list[dict]:
+    """What may change beside the micro-batch and checkpointing, least first: nothing; the reduce-scatter on
+    every micro-batch (no unsharded gradients kept); then the state sharded over every rank (no replicas)."""
+    options = [{}]
+    if shape.reduce_grads == "last_micro":
+        options.append({"reduce_grads": "every_micro"})
+    if shape.replicate > 1:
+        options.append({**options[-1], "replicate": 1})
+    return options
+
+
 def _first_fit(shape: StepShape, capacity_bytes: float) -> StepShape | None:
     """The first setting that fits, in the order check_memory_fits names; None when none does."""
-    for mode in CHECKPOINTING:
-        for micro in divisors_down_from(shape.micro_batch, shape.rows_per_rank):
-            candidate = dataclasses.replace(shape, micro_batch=micro, checkpointing=mode)
-            if estimate_memory(candidate).total <= capacity_bytes:
-                return candidate
+    for changes in _sharding_options(shape):
+        for mode in CHECKPOINTING:
+            for micro in divisors_down_from(shape.micro_batch, shape.rows_per_rank):
+                candidate = dataclasses.replace(shape, micro_batch=micro, checkpointing=mode, **changes)
+                if estimate_memory(candidate).total <= capacity_bytes:
+                    return candidate
     return None
 
 
 def check_memory_fits(shape: StepShape, capacity_bytes: float) -> MemoryEstimate:
     """The estimate of the configured step; ConfigError in one line when it exceeds the card, naming the first
     setting that fits: the least recomputation (none, then selective, then full checkpointing), then the
-    largest micro-batch that divides the rank's rows."""
+    largest micro-batch that divides the rank's rows; failing those, with gradients reduced every micro-batch,
+    then with the state sharded over every rank rather than replicated."""
     estimate = estimate_memory(shape)
     if estimate.total <= capacity_bytes:
         return estimate
@@ -173,7 +210,9 @@ def check_memory_fits(shape: StepShape, capacity_bytes: float) -> MemoryEstimate
     where = (
         f"; --train.micro_batch_size={fits.micro_batch} "
         f"--parallel.activation_checkpointing={fits.checkpointing} "
-        f"fits (~{estimate_memory(fits).total / GIB:.1f} GiB)"
+        + (f"--parallel.reduce_grads={fits.reduce_grads} " if fits.reduce_grads != shape.reduce_grads else "")
+        + (f"--parallel.replicate={fits.replicate} " if fits.replicate != shape.replicate else "")
+        + f"fits (~{estimate_memory(fits).total / GIB:.1f} GiB)"
         if fits
         else "; no micro-batch or checkpointing setting fits: use more GPUs (FSDP shards the weights and "
         "optimizer state) or a smaller model"

@@ -1,7 +1,13 @@
-"""Everything distributed: process group, device, FSDP2 sharding, activation checkpointing, compile.
+"""Everything distributed: process group, device, the device mesh, FSDP2 sharding (HSDP on a 2-D mesh),
+gradient synchronisation across micro-batches, activation checkpointing, compile.
 
 The model (model.py) knows nothing of this file. `python -m dist_llama.train` without torchrun runs
 the same code path with a one-process group, so there is no second, untested single-device branch.
+
+The mesh is (replicate, shard): FSDP2 shards parameters, gradients and optimizer state over the `shard`
+ranks, and each of the `replicate` groups holds a whole copy (HSDP). A block's all-gather and reduce-scatter
+then stay within a shard group (a node, by default), and only one all-reduce per FSDP unit and step crosses
+between groups. With replicate 1 the mesh is the 1-D mesh of plain FSDP.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from dist_llama.config import ConfigError, ParallelConfig
@@ -26,16 +32,64 @@ from dist_llama.model import Transformer
 log = logging.getLogger(__name__)
 
 
+MESH_DIMS = ("replicate", "shard")
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # the ranks on this node (torchrun's LOCAL_WORLD_SIZE)
+    mesh_shape: tuple[int, int] | None = None  # (replicate, shard); None: plain FSDP over every rank
+    mesh_why: str = ""  # how mesh_shape was chosen, for the log
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def replicate(self) -> int:
+        return self.mesh_shape[0] if self.mesh_shape else 1
+
+    @property
+    def shard(self) -> int:
+        return self.mesh_shape[1] if self.mesh_shape else self.world_size
+
+
+def mesh_shape(
+    parallel: ParallelConfig, world_size: int, local_world_size: int
+) -> tuple[tuple[int, int], str]:
+    """((replicate, shard), why). parallel.replicate and parallel.shard when set (one of them: the other is
+    what divides the world); neither: shard over each node's ranks and replicate across nodes when the run
+    spans several nodes of several ranks each, else plain FSDP over every rank. A shape that does not make
+    the world stops in one line."""
+    replicate, shard = parallel.replicate, parallel.shard
+    if replicate is None and shard is None:
+        if 1 < local_world_size < world_size and world_size % local_world_size == 0:
+            nodes = world_size // local_world_size
+            return (nodes, local_world_size), f"auto: {nodes} nodes of {local_world_size} ranks"
+        if local_world_size == world_size:
+            return (1, world_size), "auto: one node"
+        return (1, world_size), f"auto: {local_world_size} rank(s) on this node of {world_size}"
+    if replicate is not None and shard is not None:
+        if replicate * shard != world_size:
+            raise ConfigError(
+                f"parallel.replicate={replicate} x parallel.shard={shard} is {replicate * shard} ranks, but "
+                f"the run has {world_size}; make their product {world_size}, or set one of them (the other "
+                "follows)"
+            )
+        return (replicate, shard), "set by parallel.replicate and parallel.shard"
+    key, given = ("parallel.replicate", replicate) if replicate is not None else ("parallel.shard", shard)
+    if world_size % given:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ConfigError(
+            f"{key}={given} does not divide the {world_size} ranks of the run; choose one of "
+            f"{', '.join(map(str, divisors))}, or null for the default"
+        )
+    other = world_size // given
+    return ((given, other) if replicate is not None else (other, given)), f"set by {key}"
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
@@ -70,6 +124,9 @@ def init_distributed(parallel: ParallelConfig, device_request: str, trace_dir: s
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    # Before any process group exists, so that an impossible shape stops with nothing to clean up.
+    shape, why = mesh_shape(parallel, world_size, local_world_size)
     device = resolve_device(device_request, local_rank)
     backend = (
         parallel.backend if parallel.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
@@ -90,7 +147,7 @@ def init_distributed(parallel: ParallelConfig, device_request: str, trace_dir: s
         else:
             # An in-process store: no ports, no environment variables for the single-process user.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return DistEnv(rank, world_size, local_rank, device)
+    return DistEnv(rank, world_size, local_rank, device, local_world_size, shape, why)
 
 
 def attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
@@ -186,8 +243,9 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
 def parallelize(
     model: Transformer, parallel: ParallelConfig, env: DistEnv, precision: str | None = None
 ) -> Transformer:
-    """Activation checkpointing, per-block compile, then FSDP2: each block its own unit, then the root,
-    computing in `precision` (default: training_precision's for the device).
+    """Activation checkpointing, per-block compile, then FSDP2 on env's mesh (device_mesh): each block its
+    own unit, then the root, computing in `precision` (default: training_precision's for the device) and
+    reducing gradients in parallel.reduce_dtype.
 
     The model must already hold its full, seeded weights (see Transformer.init_weights): sharding a
     meta-initialised model and re-initialising per rank gives every rank the same random stream.
@@ -197,15 +255,57 @@ def parallelize(
     if parallel.compile:
         for block in model.model.layers:
             block.compile()  # in place: parameter names stay those of transformers' Llama
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
-    # Parameters stay fp32 (the optimizer's master copy); 16 bits only for compute, fp32
-    # for gradient reduction.
+    mesh = device_mesh(env)
+    log.info("mesh: %s", describe_mesh(env, parallel))
+    # Parameters stay fp32 (the optimizer's master copy); 16 bits only for compute.
     precision = precision or training_precision(parallel, env.device)[0]
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=DTYPES[parallel.reduce_dtype])
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def device_mesh(env: DistEnv) -> DeviceMesh:
+    """The 1-D mesh of plain FSDP when nothing is replicated, else the 2-D (replicate, shard) mesh of HSDP.
+    Ranks r * shard ... (r + 1) * shard - 1 form shard group r: under torchrun, one node's ranks."""
+    if env.replicate == 1:
+        return init_device_mesh(env.device.type, (env.shard,), mesh_dim_names=MESH_DIMS[1:])
+    return init_device_mesh(env.device.type, (env.replicate, env.shard), mesh_dim_names=MESH_DIMS)
+
+
+def describe_mesh(env: DistEnv, parallel: ParallelConfig) -> str:
+    """E.g. "HSDP, 2 replicas x 8 shard ranks (auto: 2 nodes of 8 ranks); gradients in fp32 reduce-scattered
+    every micro-batch, all-reduced across replicas after the last micro-batch"."""
+    if env.replicate == 1:
+        mesh = f"FSDP over {env.shard} rank(s)"
+    else:
+        mesh = f"HSDP, {env.replicate} replicas x {env.shard} shard ranks"
+    collectives = []
+    if env.shard > 1:
+        when = "every micro-batch" if parallel.reduce_grads == "every_micro" else "after the last micro-batch"
+        collectives.append(f"reduce-scattered {when}")
+    if env.replicate > 1:
+        collectives.append("all-reduced across replicas after the last micro-batch")
+    sync = ", ".join(collectives) or "kept (one rank)"
+    return f"{mesh} ({env.mesh_why or 'set'}); gradients in {parallel.reduce_dtype} {sync}"
+
+
+def set_gradient_sync(model: torch.nn.Module, reduce_grads: str, last_micro_batch: bool) -> None:
+    """Before each micro-batch's forward and backward: which gradient collectives its backward runs.
+
+    HSDP's all-reduce across replicas runs on the last micro-batch only: until then FSDP2 adds each
+    micro-batch's reduce-scattered shard into a buffer the size of the sharded gradient (which the sharded
+    gradient is not yet), so deferring it costs no memory. With reduce_grads=last_micro the reduce-scatter
+    waits too: each FSDP unit then keeps its whole, unsharded gradient (in the reduce dtype) until the last
+    micro-batch, what memory.estimate_memory adds. FSDP2's setters recurse into every FSDP unit below the
+    module they are called on (each block, and the root)."""
+    if not isinstance(model, FSDPModule):
+        return
+    if reduce_grads == "last_micro":
+        model.set_requires_gradient_sync(last_micro_batch)
+    else:
+        model.set_requires_all_reduce(last_micro_batch)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

@@ -330,7 +330,9 @@ def check_gpu_memory(
     if env.device.type != "cuda":
         return None
     capacity = torch.cuda.get_device_properties(env.device).total_memory
-    estimate = check_memory_fits(StepShape.of(config, layout, precision, env.world_size), capacity)
+    estimate = check_memory_fits(
+        StepShape.of(config, layout, precision, env.world_size, env.replicate), capacity
+    )
     log.info("memory estimate per GPU: %s of %.1f GiB", estimate.describe(), capacity / GIB)
     return estimate
 

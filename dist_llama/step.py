@@ -13,7 +13,7 @@ import torch
 
 from dist_llama.config import Config, ConfigError, TrainConfig
 from dist_llama.optim import OptimizerGroup, set_learning_rates
-from dist_llama.parallel import CollectiveTimeouts, ShardedGradScaler, all_reduce_sum
+from dist_llama.parallel import CollectiveTimeouts, ShardedGradScaler, all_reduce_sum, set_gradient_sync
 
 
 @dataclass(frozen=True)
@@ -81,11 +81,19 @@ class TrainingStep:
     grad_clip: float | None = None  # 0 or None: no clipping
     loss_chunk_tokens: int = 0  # 0: the whole micro-batch's logits at once
     scaler: ShardedGradScaler | None = None  # fp16's loss scaler
+    reduce_grads: str = "every_micro"  # parallel.reduce_grads: when the micro-batches' gradients are reduced
 
     @classmethod
     def of(cls, config: Config, model, optimizer, layout: BatchLayout, device, scaler) -> TrainingStep:
         return cls(
-            model, optimizer, layout, device, config.optim.grad_clip, config.train.loss_chunk_tokens, scaler
+            model,
+            optimizer,
+            layout,
+            device,
+            config.optim.grad_clip,
+            config.train.loss_chunk_tokens,
+            scaler,
+            config.parallel.reduce_grads,
         )
 
     def step(self, batch, lr_scale: float) -> StepResult:
@@ -94,7 +102,10 @@ class TrainingStep:
         inputs, labels = (t.to(self.device, non_blocking=True) for t in batch)
         micro = self.layout.micro_batch_size
         loss_sum = torch.zeros((), device=self.device)
-        for start in range(0, self.layout.rows_per_rank, micro):
+        starts = range(0, self.layout.rows_per_rank, micro)
+        for start in starts:
+            # HSDP's all-reduce across replicas (and with last_micro the reduce-scatter) on the last one only
+            set_gradient_sync(self.model, self.reduce_grads, last_micro_batch=start == starts[-1])
             loss_sum += self.forward_backward(inputs[start : start + micro], labels[start : start + micro])
         if self.scaler is not None:  # clipping and the logged norm see the true gradients
             for each in self.optimizer:

@@ -259,6 +259,19 @@ class ParallelConfig(Section):
     # that waits longer for another stops the run.
     init_timeout_s: float = setting(600.0, positive=True, resumable=True)
     timeout_s: float = setting(300.0, positive=True, resumable=True)
+    # The device mesh (replicate x shard ranks): FSDP2 shards the model over the `shard` ranks and each of
+    # the `replicate` groups holds a copy (HSDP). null: worked out from the launch (parallel.mesh_shape):
+    # shard within a node and replicate across nodes, plain FSDP on one node. replicate=WORLD_SIZE,
+    # shard=1 is DDP-like. A resume may change it: the checkpoint reshards.
+    replicate: int | None = setting(None, positive=True, resumable=True)
+    shard: int | None = setting(None, positive=True, resumable=True)
+    # every_micro: each micro-batch's gradients are reduce-scattered over the shard ranks as backward runs;
+    # last_micro: only the last micro-batch's backward reduces (each FSDP unit keeps its whole, unsharded
+    # gradient in the reduce dtype until then). The all-reduce across replicas runs once per step either way.
+    reduce_grads: str = setting("every_micro", choices=("every_micro", "last_micro"), resumable=True)
+    # The dtype gradients are reduced in: bf16 sends half fp32's bytes and rounds each reduction's result to
+    # bf16 (HSDP's sum over the micro-batches before its all-reduce is kept in bf16 too)
+    reduce_dtype: str = setting("fp32", choices=("fp32", "bf16"))
 
 
 @dataclass(frozen=True)
