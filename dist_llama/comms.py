@@ -120,7 +120,7 @@ class CollectiveCounter:
     def _record(self, bound, op: str, counted: str, per_rank: bool, functional: bool) -> Collective:
         arguments = bound.arguments
         group = arguments.get("group")
-        if functional:
+        if functional:  # a mesh and dimension, a group name or a list of ranks: a process group
             group = dist.distributed_c10d._resolve_process_group(funcol._resolve_group_name(group))
         ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
         tensor: torch.Tensor = arguments[counted]

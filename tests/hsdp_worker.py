@@ -60,7 +60,7 @@ def global_batch(step: int, rows: int, seq_len: int, vocab: int) -> tuple[torch.
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def run_case(name: str, overrides: list[str], env) -> dict:
+def run_case(overrides: list[str], env) -> dict:
     config = load_config(None, BASE + overrides)
     shape, why = mesh_shape(config.parallel, env.world_size, env.local_world_size)
     env = dataclasses.replace(env, mesh_shape=shape, mesh_why=why)
@@ -141,7 +141,7 @@ def main(out: str, cases: list[str]) -> None:
         for case in cases:
             name, _, overrides = case.partition("=")
             start = time.perf_counter()
-            results[name] = run_case(name, [o for o in overrides.split(",") if o], env)
+            results[name] = run_case([o for o in overrides.split(",") if o], env)
             results[name]["seconds"] = time.perf_counter() - start
     finally:
         shutdown_distributed()
