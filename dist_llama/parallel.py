@@ -8,6 +8,10 @@ The mesh is (replicate, shard): FSDP2 shards parameters, gradients and optimizer
 ranks, and each of the `replicate` groups holds a whole copy (HSDP). A block's all-gather and reduce-scatter
 then stay within a shard group (a node, by default), and only one all-reduce per FSDP unit and step crosses
 between groups. With replicate 1 the mesh is the 1-D mesh of plain FSDP.
+What else spans ranks needs nothing of its own on the 2-D mesh: the gradient norm (DTensor's) is reduced once,
+over the shard ranks only, since the replicas hold copies; Muon gathers each matrix over the shard ranks;
+the loss, validation and the fp16 scaler's overflow flag are summed over every rank, each of which holds its
+own data lanes (tests/test_hsdp.py counts these collectives).
 """
 
 from __future__ import annotations
@@ -295,11 +299,11 @@ def set_gradient_sync(model: torch.nn.Module, reduce_grads: str, last_micro_batc
     """Before each micro-batch's forward and backward: which gradient collectives its backward runs.
 
     HSDP's all-reduce across replicas runs on the last micro-batch only: until then FSDP2 adds each
-    micro-batch's reduce-scattered shard into a buffer the size of the sharded gradient (which the sharded
-    gradient is not yet), so deferring it costs no memory. With reduce_grads=last_micro the reduce-scatter
-    waits too: each FSDP unit then keeps its whole, unsharded gradient (in the reduce dtype) until the last
-    micro-batch, what memory.estimate_memory adds. FSDP2's setters recurse into every FSDP unit below the
-    module they are called on (each block, and the root)."""
+    micro-batch's reduce-scattered shard into a buffer the size of the sharded gradient, which stands in for
+    it (the sharded gradient is made on the last micro-batch only), so deferring it costs no memory. With
+    reduce_grads=last_micro the reduce-scatter waits too: each FSDP unit then keeps its whole, unsharded
+    gradient (in the reduce dtype) until the last micro-batch, what memory.estimate_memory adds. FSDP2's
+    setters recurse into every FSDP unit below the module they are called on (each block, and the root)."""
     if not isinstance(model, FSDPModule):
         return
     if reduce_grads == "last_micro":
