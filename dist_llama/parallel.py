@@ -199,10 +199,8 @@ class CollectiveTimeouts:
             return None
         return CollectiveTimeout(
             f"step {step}: a collective waited more than {self.key}={self.seconds:g} s for another rank, "
-            "which is "
-            "hung, stopped or far slower; every rank stops so that torchrun or Slurm can restart the job. "
-            "If steps "
-            f"(or checkpoints) really take this long, raise --{self.key}"
+            "which is hung, stopped or far slower; every rank stops so that torchrun or Slurm can restart "
+            f"the job. If steps (or checkpoints) really take this long, raise --{self.key}"
         )
 
 
@@ -227,9 +225,8 @@ def loss_scaler(precision: str, device: torch.device, initial_scale: float) -> S
     overflow across the ranks, so every rank skips the same steps and keeps the same scale."""
     if precision != "fp16":
         return None
-    # Its found-inf flag meets FSDP2's DTensor gradients as a one-element tensor, which
-    # DTensor replicates with
-    # a warning on every run; the replication is what the scaler needs.
+    # Its found-inf flag meets FSDP2's DTensor gradients as a one-element tensor, which DTensor replicates
+    # with a warning on every run; the replication is what the scaler needs.
     warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1", category=UserWarning)
     return ShardedGradScaler(device=device.type, init_scale=initial_scale)
 
