@@ -47,6 +47,9 @@ class BudgetPlan:
     measured_at_step: int
     budget_s: float
     age_s: float  # seconds since the process started, when planned
+    # The step count the run followed before this plan: train.steps, or the plan it replaced (a resume
+    # with train.budget_on_resume=replan). The learning rate is continuous from that schedule.
+    steps_before: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,7 +116,9 @@ class StepBoundary:
             if is_main
             else None
         )
-        self.budget.plan = self.share(made)
+        if made is not None:  # what the run followed until now, for a learning rate without a jump
+            made = dataclasses.replace(made, steps_before=self.total_steps)
+        self.budget.plan, self.budget.replanning = self.share(made), False
         check_budget_plan(self.budget.plan)
         return self.budget.plan
 
@@ -176,13 +181,15 @@ class TimeBudget:
     def __init__(self, train: TrainConfig, start_step: int, saved_plan: BudgetPlan | None):
         self.enabled = train.time_budget_s is not None
         self.plan = saved_plan if self.enabled else None
+        # replan: the saved plan holds until this process has measured and planned its own
+        self.replanning = self.enabled and saved_plan is not None and train.budget_on_resume == "replan"
         self.measure_from = start_step + train.budget_warmup_steps
         self.measure_to = self.measure_from + train.budget_measure_steps
         self.measure_start = 0.0
 
     @property
     def waiting(self) -> bool:
-        return self.enabled and self.plan is None
+        return self.enabled and (self.plan is None or self.replanning)
 
     def starts_measuring(self, step: int) -> bool:
         return self.waiting and step == self.measure_from

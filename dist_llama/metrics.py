@@ -369,7 +369,7 @@ class StepMeter:
 
 def train_record(run, result, lr_scale: float, speed: dict) -> dict:
     """After a step: its loss, gradient norm and learning rate, the batch, the speed (StepMeter.take), memory,
-    and fp16's loss scale. `run` is train.Run."""
+    and fp16's loss scale. `run` is run.Run."""
     optim, progress = run.config.optim, run.progress
     record = {
         "kind": "train",

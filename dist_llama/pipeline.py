@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         fail("pipeline", str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from dist_llama.evaluation import EvaluationError
-    from dist_llama.train import NonFiniteError
+    from dist_llama.run import NonFiniteError
 
     try:
         config = load_config(args.config, overrides)

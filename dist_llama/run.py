@@ -170,13 +170,13 @@ class Run:
 
     def lr_scale(self, step: int) -> float:
         """The schedule's factor for 0-based `step`, continuous across the time budget's plan."""
-        plan = self.boundary.plan_made
+        plan, steps = self.boundary.plan_made, self.config.train.steps
         return lr_factor(
             step,
             self.config.optim,
             self.total_steps,
             plan.measured_at_step if plan else None,
-            total_before_plan=self.config.train.steps,
+            total_before_plan=plan.steps_before or steps if plan else steps,
         )
 
     def step(self, batch, lr_scale: float) -> StepResult:

@@ -116,3 +116,30 @@ def test_the_training_clock_leaves_pauses_out_of_throughput(monkeypatch):
     wall[0] += 2.0
     throughput.add(1000)
     assert throughput.take() == (pytest.approx(500.0), pytest.approx(4.0))
+
+
+def test_a_resume_may_replan_its_budget_and_keeps_the_old_plan_until_then():
+    """train.budget_on_resume=replan (the GPU session's eager rerun): the kept plan's step count holds while
+    this process measures, then its own plan replaces it, noting the count it replaces."""
+    saved = BudgetPlan(300, 0.1, 1.0, 1.0, measured_at_step=8, budget_s=370, age_s=40, steps_before=100000)
+    now = [0.0]
+    steps, _ = make(
+        "--train.time_budget_s=60",
+        "--train.steps=100000",
+        "--train.budget_on_resume=replan",
+        "--train.budget_warmup_steps=2",
+        "--train.budget_measure_steps=2",
+        start_step=200,
+        saved_plan=saved,
+        clock=lambda: now[0],
+    )
+    assert steps.total_steps == 300 and not steps.after(201).plan
+    now[0] = 10.0
+    assert not steps.after(202).plan and not steps.after(203).plan  # timed from step 202
+    now[0] = 11.0
+    assert steps.after(204).plan
+    replanned = steps.plan(204, eval_s=1.0, checkpoint_s=1.0, age_s=20.0, is_main=True)
+    assert replanned.steps_before == 300 and replanned.measured_at_step == 204
+    assert steps.total_steps == replanned.planned_steps != 300 and not steps.after(205).plan
+    kept, _ = make("--train.time_budget_s=60", "--train.steps=100000", start_step=200, saved_plan=saved)
+    assert kept.total_steps == 300 and not any(kept.after(s).plan for s in range(201, 210))

@@ -21,11 +21,11 @@ import psutil
 import pytest
 import torch
 
-from dist_llama.stopping import STOPPED_FILE, parse_slurm_duration
 from dist_llama.checkpoint import complete_checkpoints, load_full_model_state
 from dist_llama.config import ConfigError, load_config
 from dist_llama.parallel import set_nccl_environment
 from dist_llama.report import read_metrics
+from dist_llama.stopping import STOPPED_FILE, parse_slurm_duration
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 30, 5

@@ -200,6 +200,10 @@ class TrainConfig(Section):
     budget_measure_steps: int = setting(5, positive=True, resumable=True)
     # With a budget: share of the remaining time kept free for step-time jitter.
     budget_safety: float = setting(0.03, interval="[0, 1)", resumable=True)
+    # A resumed run with a budget keeps the plan its checkpoint holds (keep: a budget does not span sessions),
+    # or measures and plans again for this process's budget (replan: the GPU session's eager rerun, whose
+    # time and step speed are not the compiled run's).
+    budget_on_resume: str = setting("keep", choices=("keep", "replan"), resumable=True)
     # Cross-entropy this many tokens at a time (no full fp32 logits); 0: in one piece.
     loss_chunk_tokens: int = setting(4096, non_negative=True, resumable=True)
     # Signals that stop training at the next step with a checkpoint (preemption, Slurm's --signal before

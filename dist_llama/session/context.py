@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -179,16 +181,25 @@ class TrainingInterrupted(Interrupted):
         self.runs = runs
 
 
+def saved_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first: step_N folders with their meta.json, which a save writes
+    last (dist_llama.checkpoint.complete_checkpoints, read here without importing torch)."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "meta.json").is_file()
+    )
+
+
 def trained_run(runs: tuple[Path, ...]) -> Path | None:
     """The training attempt whose latest checkpoint saw the most tokens (a timed-out run keeps its last one;
     an eager attempt may resume the compiled one's folder), or None when none left a checkpoint."""
-    from dist_llama.checkpoint import complete_checkpoints, read_meta
-
     seen = {}
     for run in dict.fromkeys(runs):
-        checkpoints = complete_checkpoints(run / "checkpoints")
+        checkpoints = saved_checkpoints(run)
         if checkpoints:
-            seen[run] = read_meta(checkpoints[-1]).tokens_seen
+            seen[run] = json.loads((checkpoints[-1] / "meta.json").read_text())["tokens_seen"]
     return max(seen, key=seen.get) if seen else None
 
 

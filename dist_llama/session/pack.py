@@ -20,7 +20,7 @@ def pack(out: Path, work: Path, runs: list[Path], logs: Path) -> list[str]:
     ]
     for name in ("preflight.json", "bench.json", "release_check.json"):
         chosen.append((work / name, name))
-    for run_dir in runs:
+    for run_dir in dict.fromkeys(runs):  # an eager rerun may have resumed the same folder
         for path in sorted(run_dir.rglob("*")):
             relative = path.relative_to(run_dir)
             if relative.parts[0] in ("checkpoints",) or path.name.endswith(

@@ -22,6 +22,7 @@ from dist_llama.session.context import (
     TrainingInterrupted,
     python,
     reported_run,
+    saved_checkpoints,
     trained_run,
 )
 from dist_llama.session.wheels import install_wheels
@@ -116,8 +117,6 @@ def train(context: Context, preflight: PreflightFacts) -> tuple[Outcome, tuple[P
     left; one that stopped on a user error (exit 2, said in one line) is not. The compiled run saves after its
     first step too, and the eager run resumes its latest checkpoint (a new run only where it left none), so a
     late failure keeps the steps done. Returns the runs made, in order."""
-    from dist_llama.checkpoint import complete_checkpoints
-
     name = preflight.resolved("train", "name", "run")
     compiled = bool(preflight.resolved("parallel", "compile"))
     attempts = [(name, ["--checkpoint.first_step=true"] if compiled else [])]
@@ -130,10 +129,11 @@ def train(context: Context, preflight: PreflightFacts) -> tuple[Outcome, tuple[P
                 notes.append(f"{budget:.0f} s left for training, less than the {least:.0f} s worth starting")
                 break
             run_dir = context.work / "runs" / run_name
-            runs.append(run_dir)
+            if run_dir not in runs:  # an eager rerun may resume the compiled run's folder
+                runs.append(run_dir)
             label = f"train_{run_name}" + ("_eager" if attempt else "")
             child = _training_run(context, run_dir, label, budget, extra, watch=compiled and attempt == 0)
-            checkpoints = complete_checkpoints(run_dir / "checkpoints")
+            checkpoints = saved_checkpoints(run_dir)
             if child.ok:
                 notes.append(f"{run_name}: budget {budget:.0f} s, final checkpoint {checkpoints[-1].name}")
                 return Outcome("train", "ok", detail="; ".join(notes)), tuple(runs)
@@ -143,7 +143,7 @@ def train(context: Context, preflight: PreflightFacts) -> tuple[Outcome, tuple[P
             )
             if attempt == 0 and compiled and not child.timed_out and child.returncode != USER_ERROR_EXIT:
                 eager = run_name if checkpoints else f"{name}_eager"  # resume the steps done, if any
-                attempts.append((eager, ["--parallel.compile=false"]))
+                attempts.append((eager, ["--parallel.compile=false", "--train.budget_on_resume=replan"]))
     except Interrupted:
         raise TrainingInterrupted(tuple(runs)) from None
     return Outcome("train", "failed", detail="; ".join(notes)), tuple(runs)

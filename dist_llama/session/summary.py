@@ -72,8 +72,14 @@ def trainer_budget_record(run_dir: Path) -> dict | None:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     except OSError:
         return None
-    records = [record for record in map(json.loads, filter(str.strip, lines)) if record.get("kind") == "plan"]
-    return records[-1] if records else None
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a stopped trainer
+            continue
+    plans = [record for record in records if record.get("kind") == "plan"]
+    return plans[-1] if plans else None
 
 
 def _fmt(value, digits: int = 4) -> str:
