@@ -1,8 +1,11 @@
 # `make run`: set up a virtual environment and run the pipeline on the debug preset.
 # `make test`: set up the same environment and run the whole test suite.
 # `make lint`: the formatter and linter (ruff, configured in pyproject.toml) check the code as it is.
-# `make test-gpu-stack`: the release tests and the whole GPU session rehearsal in a second environment that
-#   is the GPU machine's (launch/gpu_machine.txt, Python 3.12), with the bundle's wheels installed as the
+# `make llama-cpp`: llama.cpp's llama-perplexity and llama-tokenize for tests/test_clients.py, from pinned
+#   sources (PyPI's llama-cpp-python sdist), built once into ~/.cache/dist_llama (tools/llama_cpp.py; needs
+#   cmake and g++).
+# `make test-gpu-stack`: the release and client tests and the whole GPU session rehearsal in a second environment
+#   that is the GPU machine's (launch/gpu_machine.txt, Python 3.12), with the bundle's wheels installed as the
 #   session installs them: a version drift that would break the GPU run fails here.
 # TORCH_SPEC pins torch before the project is installed: on a CPU-only machine with a local
 # torch 2.13.0 CPU wheel pip takes that one; on a GPU machine the same pin installs the CUDA build.
@@ -36,7 +39,7 @@ $(STACK)/.installed: pyproject.toml launch/gpu_machine.txt
 	$(STACK_PY) -m pip install -q --no-deps -e .
 	touch $@
 
-.PHONY: setup run test lint test-gpu-stack
+.PHONY: setup run test lint llama-cpp test-gpu-stack
 setup: $(VENV)/.installed
 
 run: $(VENV)/.installed
@@ -49,11 +52,15 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 
+llama-cpp: $(VENV)/.installed
+	$(PY) tools/llama_cpp.py build
+
 # The bundle is built here as always (the default environment); one training shard is enough for the rehearsal.
 test-gpu-stack: $(VENV)/.installed $(STACK)/.installed
 	PYTHON=$(PY) launch/prepare_gpu_bundle.sh $(STACK)/bundle --train-data $(STACK_SHARD)
 	$(STACK_PY) -m dist_llama.session install --bundle $(STACK)/bundle --target $(STACK)/bundle_site
-	PYTHONPATH=$(abspath $(STACK))/bundle_site OMP_NUM_THREADS=1 $(STACK_PY) -m pytest -q -p no:cacheprovider tests/test_release.py
+	PYTHONPATH=$(abspath $(STACK))/bundle_site OMP_NUM_THREADS=1 $(STACK_PY) -m pytest -q -p no:cacheprovider \
+		tests/test_release.py tests/test_clients.py
 	rm -rf $(STACK)/rehearsal
 	PYTHON=$(STACK_PY) launch/gpu_session.sh --rehearse --bundle $(STACK)/bundle --out $(STACK)/rehearsal/out \
 		--work $(STACK)/rehearsal/work

@@ -15,6 +15,13 @@ from dist_llama.model import count_parameters
 
 # The transformers releases the release code was run on (pyproject.toml's range; README: "Tested versions").
 TESTED_TRANSFORMERS = ("5.17.0", "5.25.0")
+# The other clients the release tests run (tests/test_clients.py, tests/test_release.py): llama.cpp as the
+# llama-cpp-python sdist of that version vendors it (tools/llama_cpp.py pins and builds it), and peft (the
+# test extra; launch/gpu_machine.txt pins the same version for the 5.17.0 run).
+TESTED_LLAMA_CPP = {"llama-cpp-python": "0.3.36", "commit": "0c1e57098bba43ac29e6e3b677cdceebdd22334f"}
+TESTED_PEFT = "0.21.2"
+# What tests/test_clients.py holds llama.cpp's perplexity to, against transformers' on the same text.
+LLAMA_CPP_TOLERANCE = {"f32": 1e-3, "q8_0": 0.03}
 
 
 def format_value(value, digits: int = 4) -> str:
@@ -50,8 +57,10 @@ def model_card(
     repo_name: str,
     stock_llama: bool,
     dtype: str,
+    sentencepiece: bool,
 ) -> str:
-    """A release's README.md: architecture, parameters, training, the evaluation's scalars, and usage."""
+    """A release's README.md: architecture, parameters, training, the evaluation's scalars, usage, and the
+    clients tested. sentencepiece: whether the folder carries tokenizer.model (llama.cpp needs it)."""
     counts = count_parameters(config.model)
     sections = [
         _FRONT_MATTER,
@@ -61,6 +70,7 @@ def model_card(
         _training_section(config, meta),
         _evaluation_section(eval_summary),
         _usage_section(repo_name, stock_llama, dtype),
+        _clients_section(stock_llama, sentencepiece),
     ]
     return "\n".join(sections)
 
@@ -144,7 +154,7 @@ def _usage_section(repo_name: str, stock_llama: bool, dtype: str) -> str:
         weights_note = "."
         requirements = ""
     else:
-        weights_note = ", and the same files also load into stock `LlamaForCausalLM` with a Llama config."
+        weights_note = ", and without `trust_remote_code` the same folder loads as stock `LlamaForCausalLM`."
         requirements = (
             f"\nThe model code needs transformers {TESTED_TRANSFORMERS[0]} to "
             f"{TESTED_TRANSFORMERS[1]} (the versions it was tested with) and PyTorch >= 2.11.\n"
@@ -175,3 +185,51 @@ def _loading_code(repo_name: str, stock_llama: bool) -> str:
         '\n\ninputs = tokenizer("The capital of France is", return_tensors="pt")\n'
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20, do_sample=False)[0]))"
     )
+
+
+def _clients_section(stock_llama: bool, sentencepiece: bool) -> str:
+    """Which client reads what in the folder, and the versions the release tests ran each with."""
+    low, high = TESTED_TRANSFORMERS
+    rows = []
+    if not stock_llama:
+        rows.append(
+            ("transformers, `trust_remote_code=True`", "`auto_map`: this model's own code", f"{low}, {high}")
+        )
+    transformers = "transformers" if stock_llama else "transformers, without it"
+    rows.append((transformers, "`model_type`: stock `LlamaForCausalLM`", f"{low}, {high}"))
+    commit, version = TESTED_LLAMA_CPP["commit"][:7], TESTED_LLAMA_CPP["llama-cpp-python"]
+    if sentencepiece:
+        f32, q8 = LLAMA_CPP_TOLERANCE["f32"], LLAMA_CPP_TOLERANCE["q8_0"]
+        llama_cpp = (
+            f"{commit} (as llama-cpp-python {version} vendors it): training's token ids; perplexity within "
+            f"{f32:.1%} (f32) and {q8:.0%} (q8_0) of transformers' on held-out text"
+        )
+    else:
+        llama_cpp = (
+            "not supported: this release has no `tokenizer.model`, and a vocabulary built from "
+            "`tokenizer.json` gave other token ids than training's"
+        )
+    rows.append(("llama.cpp (Ollama, LM Studio)", "`architectures`, `tokenizer.model`", llama_cpp))
+    if not stock_llama:  # LoRA on this model's code; on stock Llama it is transformers' own model
+        rows.append(
+            ("peft (LoRA)", "Llama's module names", f"{TESTED_PEFT}, on transformers {low} and {high}")
+        )
+    rows.append(("vLLM, TGI", "`architectures`, `model_type`", "not run"))
+    table = "\n".join(f"| {client} | {reads} | {tested} |" for client, reads, tested in rows)
+    code = "." if stock_llama else ", and its `auto_map` names this model's own code."
+    return (
+        "## Clients\n\nOne folder for every client: `config.json` declares a stock Llama "
+        f"(`model_type: llama`, `architectures: [LlamaForCausalLM]`){code}\n\n"
+        f"| client | reads | tested |\n|---|---|---|\n{table}\n" + (_GGUF_USAGE if sentencepiece else "")
+    )
+
+
+# llama-completion continues a prompt; llama-cli is a chat, which needs the chat template a base model lacks.
+_GGUF_USAGE = """
+A GGUF file for llama.cpp, Ollama or LM Studio, with llama.cpp's own converter (`--outtype` f16, q8_0 or f32):
+
+```bash
+python llama.cpp/convert_hf_to_gguf.py THIS_FOLDER --outtype q8_0 --outfile model-q8_0.gguf
+llama-completion -m model-q8_0.gguf -no-cnv -p "The capital of France is" -n 20
+```
+"""

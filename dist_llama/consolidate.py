@@ -1,30 +1,39 @@
 """Turn a sharded training checkpoint into a Hugging Face release folder, on one CPU process.
 
 `python -m dist_llama.consolidate --checkpoint CKPT_OR_RUN_DIR [--out DIR] [--dtype bf16|fp32]
-[--stock-llama]` writes everything `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` needs:
+[--stock-llama]` writes one folder for every client: `AutoModelForCausalLM.from_pretrained(DIR,
+trust_remote_code=True)` runs this project's model code, and whatever decides by config.json's declared
+architecture (transformers without trust_remote_code, llama.cpp's convert_hf_to_gguf.py, vLLM, TGI) sees a
+stock Llama. The folder holds:
 
 - model.safetensors (or shards + model.safetensors.index.json), with transformers' Llama parameter names;
-- config.json (model_type dist_llama, auto_map) and generation_config.json;
-- the tokenizer the run trained with (`data.tokenizer`), saved with save_pretrained;
+- config.json: model_type "llama" and architectures ["LlamaForCausalLM"], which the other clients read,
+  and auto_map naming the code files, which only transformers with trust_remote_code follows; and
+  generation_config.json;
+- the tokenizer the run trained with (`data.tokenizer`), saved with save_pretrained, and beside it
+  tokenizer.model, the SentencePiece model it is built from (tokenizer.release_sentencepiece_model), from
+  which llama.cpp's converter builds the GGUF vocabulary;
 - the model code: dist_llama/model.py and interop.py plus dist_llama/hub_release/*.py (package data, so
   a plain `pip install` carries them), copied at release time so the release runs the very code that
   trained (one source of truth), and loads without dist_llama;
 - README.md (model card filled from the run) and training_config.yaml (the resolved run config).
 
-With --stock-llama, config.json is a stock LlamaConfig instead (no code files, no trust_remote_code):
-the weights need no conversion, since model.py uses Llama's names and layouts.
+With --stock-llama, the folder is the same without the code files and auto_map: for a Hub repository that
+should hold no code. The weights need no conversion, since model.py uses Llama's names and layouts.
 No weights are ever unpickled: the checkpoint is read through DCP, the release holds safetensors only.
 
 Without --out the folder is hub_release/<the run's train.name> (release_dir): the hub_release/ at the top of
 the checkout dist_llama runs from, or ./hub_release in the working directory when dist_llama is an installed
 wheel with no checkout around it. A new release of the same run replaces the folder whole: it is written
-beside it and renamed into place once complete, and a folder that is not a release is never overwritten.
+beside it and renamed into place once complete, and a folder that is not a release is never overwritten
+(release_folder.py: that, and what a complete release holds).
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import logging
 import re
 import shutil
 import sys
@@ -39,6 +48,15 @@ from dist_llama.config import ConfigError, from_dict, save_config
 from dist_llama.devices import DTYPES, dtype_name
 from dist_llama.interop import llama_config_dict
 from dist_llama.model import ModelArgs, Transformer
+from dist_llama.release_folder import (
+    SENTENCEPIECE_FILE,
+    ReleaseError,
+    check_release_folder,
+    move_into_place,
+    prepare_output,
+)
+
+log = logging.getLogger(__name__)
 
 RELEASE_DTYPES = ("fp32", "bf16")
 PACKAGE = Path(__file__).resolve().parent
@@ -49,14 +67,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_dist_llama.DistLlamaConfig",
     "AutoModelForCausalLM": "modeling_dist_llama.DistLlamaForCausalLM",
 }
-WEIGHTS_NAME, WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
-UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-class ReleaseError(RuntimeError):
-    """A release that cannot be built or loaded: missing files, mismatched vocab or dtype, bad checkpoint."""
-
-
+# What config.json declares to clients that decide by it (configuration_dist_llama.py says which reads what).
+DECLARED_ARCHITECTURES = ["LlamaForCausalLM"]
 # `name` or `namespace/name`, as the Hub spells repository ids.
 HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
 
@@ -165,7 +177,8 @@ def _release_config_class():
 
 
 def model_config(args: ModelArgs, dtype: str, stock_llama: bool, bos_id: int, eos_id: int):
-    """The transformers config object of a release (DistLlamaConfig, or LlamaConfig with stock_llama)."""
+    """The transformers config object of a release: DistLlamaConfig with auto_map naming the code files, or
+    with stock_llama LlamaConfig. Both declare model_type "llama" and architectures LlamaForCausalLM."""
     fields = {
         **llama_config_dict(args),
         "bos_token_id": bos_id,
@@ -176,12 +189,11 @@ def model_config(args: ModelArgs, dtype: str, stock_llama: bool, bos_id: int, eo
         from transformers import LlamaConfig
 
         config = LlamaConfig(**fields)
-        config.architectures = ["LlamaForCausalLM"]
-        return config
-    # The training backend may be xformers (training-only, no masks); inference uses SDPA, same weights.
-    config = _release_config_class()(**fields, attention="eager" if args.attention == "eager" else "sdpa")
-    config.architectures = ["DistLlamaForCausalLM"]
-    config.auto_map = dict(AUTO_MAP)
+    else:
+        # The training backend may be xformers (training-only, no masks); inference uses SDPA, same weights.
+        config = _release_config_class()(**fields, attention="eager" if args.attention == "eager" else "sdpa")
+        config.auto_map = dict(AUTO_MAP)
+    config.architectures = list(DECLARED_ARCHITECTURES)
     return config
 
 
@@ -248,35 +260,30 @@ def _find_eval_summary(checkpoint_dir: Path, eval_summary) -> dict | None:
     return summary
 
 
-# --- The release ------------------------------------------------------------------------------------
+# --- The tokenizer ----------------------------------------------------------------------------------
 
 
-def _prepare_output(out: Path) -> Path:
-    """A fresh staging folder beside out, hidden so that a listing of releases passes over it; out itself
-    is replaced only when the release is complete (_move_into_place)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
-        raise ReleaseError(f"{out} exists and is not a release folder; refusing to overwrite it")
-    staging = out.with_name(f".{out.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted release
-    staging.mkdir(parents=True)
-    return staging
+def release_tokenizer(source: str, args: ModelArgs):
+    """(the tokenizer `source` gives, checked against the model; the SentencePiece model it is built from,
+    the release's tokenizer.model, or None where there is none: see tokenizer.release_sentencepiece_model)."""
+    from dist_llama.tokenizer import check_tokenizer, load_tokenizer, release_sentencepiece_model
 
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename the complete staging folder to out. An earlier release there is renamed aside first and
-    deleted after, so an interruption leaves out as the old release or the new one, never half of either
-    (between the two renames there is briefly no folder at out)."""
-    previous = out.with_name(f".{out.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if out.exists():
-        out.rename(previous)
     try:
-        staging.rename(out)
-    except OSError:
-        if previous.exists():
-            previous.rename(out)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
+        tok = load_tokenizer(source, model_max_length=args.max_seq_len)
+        check_tokenizer(tok, args.vocab_size)
+        sentencepiece, found = release_sentencepiece_model(tok)
+    except (ValueError, OSError) as error:
+        raise ReleaseError(f"tokenizer {source!r} does not fit the model: {error}") from None
+    if sentencepiece is None:
+        log.warning(
+            "the release has no tokenizer.model (%s): llama.cpp's converter will build its vocabulary from "
+            "tokenizer.json, and that gave other ids than the tokenizer's on real text",
+            found,
+        )
+    return tok, sentencepiece
+
+
+# --- The release ------------------------------------------------------------------------------------
 
 
 def consolidate(
@@ -300,8 +307,6 @@ def consolidate(
     """
     from transformers import GenerationConfig
 
-    from dist_llama.tokenizer import check_tokenizer, load_tokenizer
-
     if dtype not in RELEASE_DTYPES:
         raise ReleaseError(f"dtype {dtype!r} is not supported; choose one of {', '.join(RELEASE_DTYPES)}")
     checkpoint_dir = resolve_checkpoint(checkpoint)
@@ -310,16 +315,10 @@ def consolidate(
     args = config.model
     weights = release_state_dict(state, args, DTYPES[dtype])
     summary = _find_eval_summary(checkpoint_dir, eval_summary)
-    try:
-        tok = load_tokenizer(tokenizer or config.data.tokenizer, model_max_length=args.max_seq_len)
-        check_tokenizer(tok, args.vocab_size)
-    except (ValueError, OSError) as error:
-        raise ReleaseError(
-            f"tokenizer {tokenizer or config.data.tokenizer!r} does not fit the model: {error}"
-        ) from None
+    tok, sentencepiece = release_tokenizer(tokenizer or config.data.tokenizer, args)
 
     out = Path(out_dir if out_dir is not None else release_dir(config.train.name, release_root)).resolve()
-    staging = _prepare_output(out)
+    staging = prepare_output(out)
     try:
         save_weights(weights, staging, max_shard_size)
         model_config(args, dtype, stock_llama, tok.bos_token_id, tok.eos_token_id).save_pretrained(staging)
@@ -328,14 +327,18 @@ def consolidate(
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad_id
         ).save_pretrained(staging)
         tok.save_pretrained(staging)
+        if sentencepiece is not None:
+            (staging / SENTENCEPIECE_FILE).write_bytes(sentencepiece)
         if not stock_llama:
             for name, source in release_code_files().items():
                 (staging / name).write_text(source)
         save_config(config, staging / "training_config.yaml")
-        card = model_card(config, meta, summary, repo_name or out.name, stock_llama, dtype)
+        card = model_card(
+            config, meta, summary, repo_name or out.name, stock_llama, dtype, sentencepiece is not None
+        )
         (staging / "README.md").write_text(card)
         check_release_folder(staging)
-        _move_into_place(staging, out)
+        move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -362,47 +365,12 @@ def write_model_card(
         meta,
         _find_eval_summary(checkpoint_dir, eval_summary),
         repo_name or release.resolve().name,
-        released.get("model_type") == "llama",
+        "auto_map" not in released,
         dtype,
+        (release / SENTENCEPIECE_FILE).is_file(),
     )
     (release / "README.md").write_text(card)
     return release / "README.md"
-
-
-def check_release_folder(folder: str | Path) -> list[Path]:
-    """Check that a release folder is complete and pickle-free; returns its files. Raises ReleaseError."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ReleaseError(f"release folder {folder} not found")
-    if not (folder / "config.json").is_file():
-        raise ReleaseError(
-            f"{folder} has no config.json; it is not a release folder (make one with "
-            "python -m dist_llama.consolidate)"
-        )
-    index = folder / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [name for name in shards if not (folder / name).is_file()]
-        if missing:
-            raise ReleaseError(
-                f"{folder} is missing weight shards listed in {WEIGHTS_INDEX_NAME}: {', '.join(missing)}"
-            )
-    elif not (folder / WEIGHTS_NAME).is_file():
-        raise ReleaseError(f"{folder} has no weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME})")
-    if not (folder / "tokenizer.json").is_file():
-        raise ReleaseError(f"{folder} has no tokenizer.json")
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    unsafe = [p.name for p in files if p.suffix in UNSAFE_SUFFIXES]
-    if unsafe:
-        raise ReleaseError(
-            f"{folder} holds pickle-based files ({', '.join(unsafe)}); releases hold safetensors only"
-        )
-    config = json.loads((folder / "config.json").read_text())
-    for name in set((config.get("auto_map") or {}).values()):
-        module = name.split("--")[-1].split(".")[0] + ".py"
-        if not (folder / module).is_file():
-            raise ReleaseError(f"{folder} has no {module}, which config.json's auto_map names")
-    return files
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -424,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--stock-llama",
         action="store_true",
-        help="write a stock LlamaForCausalLM config.json (no custom code, no trust_remote_code)",
+        help="leave out the model code and config.json's auto_map: a folder stock Llama loads, without "
+        "trust_remote_code",
     )
     parser.add_argument(
         "--eval-summary",

@@ -2,7 +2,8 @@
 
 This file owns how the project gets its tokenizer: built offline from the SentencePiece model that
 ships in the mistral-common wheel (`build_offline_tokenizer`), fetched from the Hub or read from a
-saved folder (`load_tokenizer`), and checked against the model's vocabulary (`check_tokenizer`).
+saved folder (`load_tokenizer`), checked against the model's vocabulary (`check_tokenizer`), and the
+SentencePiece model a release carries beside it as tokenizer.model (`release_sentencepiece_model`).
 `python -m dist_llama.tokenizer --save DIR` writes the offline build as a folder that
 `AutoTokenizer.from_pretrained(DIR)` reloads unchanged.
 """
@@ -21,6 +22,8 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from dist_llama.release_folder import SENTENCEPIECE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,9 @@ _METASPACE_WORDS = "▁*[^▁]+|▁+"
 
 # Only the files that make up a tokenizer: `PreTrainedTokenizerFast.from_pretrained(repo)` asks the
 # Hub for a dozen files, each with five retries, and took over 2 min to fail without a network;
-# `snapshot_download` failed in under a second.
-_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+# `snapshot_download` failed in under a second. tokenizer.model (the SentencePiece model) is not needed
+# to tokenize: a release carries it for llama.cpp (release_sentencepiece_model).
+_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", SENTENCEPIECE_FILE]
 
 
 def sentencepiece_model() -> bytes:
@@ -230,6 +234,38 @@ def check_tokenizer(tok, vocab_size: int = VOCAB_SIZE) -> None:
             if found[name] != expected[name]
         )
         raise ValueError(f"tokenizer special ids do not match Mistral-7B-v0.1's: {wrong}")
+
+
+def release_sentencepiece_model(tok) -> tuple[bytes | None, str]:
+    """(the SentencePiece model `tok` is built from, where it was found), or (None, why none was).
+
+    A release carries it as tokenizer.model beside tokenizer.json for llama.cpp: its converter builds the
+    GGUF vocabulary from tokenizer.model when the folder has one (SentencePiece's ids), and otherwise from
+    tokenizer.json, whose conversion gave other ids on real text. Looked for in the folder `tok` was loaded
+    from (a saved folder, or the Hub snapshot, which load_tokenizer fetches it into), else mistral-common's
+    Mistral-7B-v0.1 model, which the offline build is made from. A model counts only when its pieces are
+    `tok`'s vocabulary, id for id: a folder's tokenizer.model that is not raises ValueError; when
+    mistral-common's is not either (a tokenizer.json of other pieces), there is none to release.
+    """
+    vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
+    folder = Path(tok.name_or_path) if tok.name_or_path else None
+    if folder is not None and (folder / SENTENCEPIECE_FILE).is_file():
+        model = (folder / SENTENCEPIECE_FILE).read_bytes()
+        if _pieces(model) != vocab:
+            raise ValueError(
+                f"{folder / SENTENCEPIECE_FILE} is not the SentencePiece model of the tokenizer.json "
+                "beside it: their vocabularies differ"
+            )
+        return model, str(folder / SENTENCEPIECE_FILE)
+    model = sentencepiece_model()
+    if _pieces(model) != vocab:
+        where = f"{folder} has no {SENTENCEPIECE_FILE}, and " if folder is not None else ""
+        return None, f"{where}{_SP_MODEL_PACKAGE}/{_SP_MODEL_FILE} has other pieces than the tokenizer"
+    return model, f"{_SP_MODEL_PACKAGE}/{_SP_MODEL_FILE}"
+
+
+def _pieces(model: bytes) -> list[str]:
+    return [piece for piece, _, _ in read_sentencepiece_pieces(model)]
 
 
 def _hub_offline() -> bool:

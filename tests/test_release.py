@@ -1,5 +1,6 @@
 """The Hub release: consolidate a DCP checkpoint, load it with transformers where dist_llama is absent,
-and check it computes what the trained model computes; stock Llama, push --dry-run, errors, dtypes."""
+and check it computes what the trained model computes; the same folder as stock Llama, push --dry-run,
+errors, dtypes, fine-tuning with Trainer. llama.cpp and peft's LoRA: tests/test_clients.py."""
 
 import json
 import os
@@ -17,11 +18,13 @@ from safetensors.torch import load_file
 
 from dist_llama import consolidate as release
 from dist_llama import generate, push
-from dist_llama.cards import TESTED_TRANSFORMERS
+from dist_llama.cards import TESTED_LLAMA_CPP, TESTED_PEFT, TESTED_TRANSFORMERS
 from dist_llama.checkpoint import CheckpointError, load_full_model_state, resolve_checkpoint
 from dist_llama.config import from_dict
 from dist_llama.interop import llama_config_dict
 from dist_llama.model import Transformer, count_parameters
+from dist_llama.release_folder import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from dist_llama.tokenizer import sentencepiece_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARP = "--model.init_std=0.2"  # larger weights: clear argmax margins, so greedy tokens are stable
@@ -173,7 +176,7 @@ def test_release_loads_without_dist_llama(loaded_elsewhere, releases):
     per_release, report = loaded_elsewhere
     assert report["dist_llama_importable"] is False
     for name, (info, _) in per_release.items():
-        assert info["model_type"] == "dist_llama" and info["class"] == "DistLlamaForCausalLM", name
+        assert info["model_type"] == "llama" and info["class"] == "DistLlamaForCausalLM", name
         assert not any(info["loading_info"].values()), (
             name,
             info["loading_info"],
@@ -233,7 +236,11 @@ def test_release_folder_carries_model_py_verbatim(releases):
     interop = (folder / "interop.py").read_text()
     assert "from .model import" in interop and not release._absolute_dist_llama_imports(interop)
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"] == release.AUTO_MAP and config["architectures"] == ["DistLlamaForCausalLM"]
+    # One folder for every client: trust_remote_code follows auto_map, the others read a stock Llama.
+    assert config["auto_map"] == release.AUTO_MAP and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["model_type"] == "llama"
+    # The SentencePiece model the offline tokenizer is built from, for llama.cpp's converter.
+    assert (folder / "tokenizer.model").read_bytes() == sentencepiece_model()
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
     assert config["max_position_embeddings"] == 256 and config["dtype"] == "float32"
     scaled = json.loads((releases["linear4_tied"] / "config.json").read_text())
@@ -333,13 +340,14 @@ def test_consolidate_from_an_installed_wheel(runs, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["plain", "linear4_tied"])
 def test_stock_llama_gives_same_logits(runs, releases, tmp_path, name):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """--stock-llama is the release without code, and the release without trust_remote_code is stock Llama."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     stock = release.consolidate(runs[name], tmp_path / "stock", stock_llama=True)
     config = json.loads((stock / "config.json").read_text())
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
     assert "auto_map" not in config and not list(stock.glob("*.py"))
-    for file in ("model.safetensors", "tokenizer.json"):
+    for file in ("model.safetensors", "tokenizer.json", "tokenizer.model"):
         assert (stock / file).read_bytes() == (releases[name] / file).read_bytes()
 
     trained = trained_model(runs[name])
@@ -352,18 +360,52 @@ def test_stock_llama_gives_same_logits(runs, releases, tmp_path, name):
     converted = LlamaForCausalLM.from_pretrained(
         releases[name], config=LlamaConfig(**llama_config_dict(trained.args))
     )
-    for llama in (from_stock_folder, converted):
+    without_remote_code, info = AutoModelForCausalLM.from_pretrained(releases[name], output_loading_info=True)
+    assert type(without_remote_code) is LlamaForCausalLM and not any(info.values()), info
+    for llama in (from_stock_folder, converted, without_remote_code):
         with torch.no_grad():
             torch.testing.assert_close(llama.eval()(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_the_sentencepiece_model_is_the_tokenizers(runs, tmp_path, caplog):
+    """tokenizer.model is the SentencePiece model of the tokenizer released: a tokenizer folder's own (as the
+    Hub's snapshot has one), else mistral-common's when its pieces are the tokenizer's vocabulary; a folder's
+    file of other pieces is refused, and a tokenizer no SentencePiece model fits is released without one."""
+    from dist_llama.tokenizer import load_tokenizer
+
+    saved = tmp_path / "tokenizer"
+    load_tokenizer("offline").save_pretrained(saved)
+    folder = release.consolidate(runs["plain"], tmp_path / "from_mistral_common", tokenizer=str(saved))
+    assert (folder / "tokenizer.model").read_bytes() == sentencepiece_model()
+
+    own = sentencepiece_model() + bytes([0xA0, 0x06, 0x01])  # an unknown field 100 = 1: same pieces
+    (saved / "tokenizer.model").write_bytes(own)
+    folder = release.consolidate(runs["plain"], tmp_path / "from_folder", tokenizer=str(saved))
+    assert (folder / "tokenizer.model").read_bytes() == own
+
+    (saved / "tokenizer.model").write_bytes(sentencepiece_model().replace(b"<0x41>", b"<0x4G>"))
+    with pytest.raises(release.ReleaseError, match="is not the SentencePiece model of the tokenizer.json"):
+        release.consolidate(runs["plain"], tmp_path / "mismatch", tokenizer=str(saved))
+
+    (saved / "tokenizer.model").unlink()
+    spec = json.loads((saved / "tokenizer.json").read_text())
+    spec["model"]["vocab"]["<0x4G>"] = spec["model"]["vocab"].pop("<0x41>")
+    (saved / "tokenizer.json").write_text(json.dumps(spec))
+    with caplog.at_level("WARNING", logger="dist_llama.consolidate"):
+        folder = release.consolidate(runs["plain"], tmp_path / "none", tokenizer=str(saved))
+    assert not (folder / "tokenizer.model").exists()
+    assert "has no tokenizer.model" in caplog.text and "other pieces than the tokenizer" in caplog.text
+    card = (folder / "README.md").read_text()
+    assert "not supported: this release has no `tokenizer.model`" in card and "convert_hf_to_gguf" not in card
 
 
 def test_sharded_release_loads(runs, tmp_path):
     from transformers import LlamaForCausalLM
 
     folder = release.consolidate(runs["plain"], tmp_path / "sharded", stock_llama=True, max_shard_size="3MB")
-    index = json.loads((folder / release.WEIGHTS_INDEX_NAME).read_text())
+    index = json.loads((folder / WEIGHTS_INDEX_NAME).read_text())
     shards = set(index["weight_map"].values())
-    assert len(shards) > 1 and not (folder / release.WEIGHTS_NAME).exists()
+    assert len(shards) > 1 and not (folder / WEIGHTS_NAME).exists()
     release.check_release_folder(folder)
     ids = torch.arange(1, 20)[None]
     with torch.no_grad():
@@ -553,6 +595,14 @@ def test_model_card_and_training_config(runs, tmp_path):
     assert from_dict(yaml.safe_load((folder / "training_config.yaml").read_text())) == from_dict(meta.config)
     low, high = TESTED_TRANSFORMERS
     assert f"needs transformers {low} to {high}" in card
+    clients = card[card.index("## Clients") :]
+    assert (
+        f"| transformers, `trust_remote_code=True` | `auto_map`: this model's own code | {low}, {high} |"
+        in clients
+    )
+    assert TESTED_LLAMA_CPP["commit"][:7] in clients and TESTED_LLAMA_CPP["llama-cpp-python"] in clients
+    assert f"| peft (LoRA) | Llama's module names | {TESTED_PEFT}," in clients
+    assert "convert_hf_to_gguf.py THIS_FOLDER --outtype q8_0" in clients
 
 
 def test_the_transformers_range_is_the_tested_one():

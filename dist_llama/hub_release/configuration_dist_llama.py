@@ -1,15 +1,22 @@
 """DistLlamaConfig: the transformers configuration of a dist_llama release.
 
-Field names are LlamaConfig's, so a release's config.json reads like a Llama one and the same weights
-also load into stock LlamaForCausalLM (`python -m dist_llama.consolidate --stock-llama`). Translation
-to the model's own ModelArgs happens in modeling_dist_llama.py, through interop.py.
+Field names are LlamaConfig's, and model_type is "llama": one release folder serves every client, each
+deciding by what it reads in config.json.
+- transformers with trust_remote_code=True follows auto_map: this class, then DistLlamaForCausalLM,
+  which runs model.py (the code that trained).
+- transformers without it takes model_type "llama": stock LlamaConfig and LlamaForCausalLM, same weights.
+- llama.cpp's convert_hf_to_gguf.py loads the config with trust_remote_code=False and picks its converter by
+  architectures[0], LlamaForCausalLM; vLLM picks its model class by architectures, TGI by model_type.
+So architectures always says LlamaForCausalLM, even when transformers saves this config for
+DistLlamaForCausalLM (a fine-tune re-saved with save_pretrained): see to_dict. Translation to the model's
+own ModelArgs happens in modeling_dist_llama.py, through interop.py.
 """
 
 from transformers import PreTrainedConfig
 
 
 class DistLlamaConfig(PreTrainedConfig):
-    model_type = "dist_llama"
+    model_type = "llama"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 32000
@@ -39,6 +46,13 @@ class DistLlamaConfig(PreTrainedConfig):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        # save_pretrained sets architectures to the saving class's name, DistLlamaForCausalLM, which no other
+        # client knows; what this class's code computes is stock Llama's model.
+        output = super().to_dict()
+        output["architectures"] = ["LlamaForCausalLM"]
+        return output
 
     def validate_architecture(self):
         if self.hidden_size != self.num_attention_heads * self.head_dim:
