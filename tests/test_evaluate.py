@@ -549,7 +549,7 @@ def custom_release_mmlu(custom_release, mmlu_items, tmp_path_factory) -> tuple[P
 
 def test_mmlu_on_our_release_with_remote_code(custom_release, custom_release_mmlu):
     config = json.loads((custom_release[1] / "config.json").read_text())
-    assert config["model_type"] == "dist_llama" and "auto_map" in config
+    assert config["model_type"] == "llama" and "auto_map" in config  # stock Llama, our code by auto_map
     out, summary = custom_release_mmlu
     samples = _read_jsonl(out / "samples_tinymmlu_local.jsonl")
     assert [s["doc_id"] for s in samples] == list(range(8))
