@@ -112,3 +112,40 @@ def tiny_hf_model_dir(tmp_path_factory) -> Path:
         LlamaForCausalLM(config).save_pretrained(folder)
     load_tokenizer("offline").save_pretrained(folder)
     return folder
+
+
+def train_on_two_nodes(args: list[str], nproc_per_node: int, env: dict, rdzv_id: str) -> str:
+    """The trainer under two torchrun agents (--nnodes=2) meeting on 127.0.0.1, as slurm/train.sbatch launches
+    one per node; returns their output, both agents having exited 0."""
+    import os
+    import subprocess
+    import sys
+
+    port = 29000 + os.getpid() % 1000
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                f"--nproc_per_node={nproc_per_node}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                f"--rdzv_id={rdzv_id}",
+                "-m",
+                "dist_llama.train",
+                *args,
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), "\n".join(output[-3000:] for output in outputs)
+    return "\n".join(outputs)

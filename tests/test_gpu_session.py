@@ -363,13 +363,9 @@ def test_bench_checks_the_weights_and_reports_what_the_summary_shows(tmp_path):
     assert "| ours |" in markdown and "| transformers |" in markdown and "ours/transformers" in markdown
 
 
-def test_a_compile_that_hangs_costs_the_compile_limit_and_training_runs_eager(bundle, tmp_path):
-    """No separate smoke run: the compiled training run itself is watched. A C++ compiler that never answers
-    hangs inductor, as a broken compile stack could on a GPU machine; without a time-budget plan after
-    --compile-limit-s the run is stopped and run again eager, with the time left."""
-    hanging = tmp_path / "hanging_cxx"
-    hanging.write_text("#!/bin/sh\nsleep 600\n")
-    hanging.chmod(0o755)
+def compiled_rehearsal(bundle: Path, tmp_path: Path, skip: str, limit_s: int, env: dict, *extra: str) -> dict:
+    """A rehearsal whose training run is compiled and watched with --compile-limit-s `limit_s`, 12 tiny
+    steps; returns summary.json, the session having exited 0."""
     out = tmp_path / "out"
     result = subprocess.run(
         [
@@ -381,22 +377,35 @@ def test_a_compile_that_hangs_costs_the_compile_limit_and_training_runs_eager(bu
             str(out),
             "--work",
             str(tmp_path / "work"),
-            "--skip=bench,release,evaluate,report",
+            f"--skip={skip}",
             "--compile-limit-s",
-            "25",
+            str(limit_s),
             "--parallel.compile=true",
             "--train.steps=12",
             *TINY_RUN,
-            "--checkpoint.every=2",
+            *extra,
         ],
         cwd=REPO,
-        env={**environment(), "CXX": str(hanging)},
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_a_compile_that_hangs_costs_the_compile_limit_and_training_runs_eager(bundle, tmp_path):
+    """No separate smoke run: the compiled training run itself is watched. A C++ compiler that never answers
+    hangs inductor, as a broken compile stack could on a GPU machine; without a time-budget plan after
+    --compile-limit-s the run is stopped and run again eager, with the time left."""
+    hanging = tmp_path / "hanging_cxx"
+    hanging.write_text("#!/bin/sh\nsleep 600\n")
+    hanging.chmod(0o755)
+    env = {**environment(), "CXX": str(hanging)}
+    summary = compiled_rehearsal(
+        bundle, tmp_path, "bench,release,evaluate,report", 25, env, "--checkpoint.every=2"
+    )
     train = next(s for s in summary["stages"] if s["stage"] == "train")
     assert train["status"] == "ok", train
     assert (
@@ -427,33 +436,9 @@ def test_a_compiled_run_that_hangs_after_its_first_step_is_resumed_eager_and_rel
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(HANG_AFTER_FIRST_STEP)
-    out = tmp_path / "out"
-    result = subprocess.run(
-        [
-            str(REPO / "launch/gpu_session.sh"),
-            "--rehearse",
-            "--bundle",
-            str(bundle),
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work"),
-            "--skip=bench,evaluate,report",
-            "--compile-limit-s",
-            "20",
-            "--parallel.compile=true",
-            "--train.steps=12",
-            *TINY_RUN,
-            "--checkpoint.every=100",  # the first step's checkpoint is the only one before the hang
-        ],
-        cwd=REPO,
-        env={**environment(), "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    env = {**environment(), "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+    # The first step's checkpoint is the only one before the hang.
+    summary = compiled_rehearsal(bundle, tmp_path, "bench,evaluate,report", 20, env, "--checkpoint.every=100")
     stages = {s["stage"]: s for s in summary["stages"]}
     train = stages["train"]
     assert train["status"] == "ok", train

@@ -12,13 +12,13 @@ under a second, 144 s for the file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import train_on_two_nodes
 from test_train import assert_close_losses, environment, run, tiny_overrides, train_losses
 
 from dist_llama.config import ConfigError, load_config
@@ -327,36 +327,8 @@ RESUMES = [(4, "1x4", MESHES["flat"]), (4, "4x1", MESHES["ddp"]), (1, "one proce
 
 
 def run_on_two_nodes(args: list[str]) -> str:
-    """The trainer under two torchrun agents of 2 processes each (--nnodes=2), as slurm/train.sbatch launches
-    one per node; returns their output."""
-    port = 29000 + os.getpid() % 1000
-    agents = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                f"--node_rank={rank}",
-                "--nproc_per_node=2",
-                "--rdzv_backend=c10d",
-                f"--rdzv_endpoint=127.0.0.1:{port}",
-                "--rdzv_id=dist_llama_hsdp_test",
-                "-m",
-                "dist_llama.train",
-                *args,
-            ],
-            cwd=REPO,
-            env=environment(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
-    assert all(agent.returncode == 0 for agent in agents), "\n".join(output[-3000:] for output in outputs)
-    return "\n".join(outputs)
+    """The trainer on two "nodes" of 2 processes each, as slurm/train.sbatch launches one agent per node."""
+    return train_on_two_nodes(args, 2, environment(), "dist_llama_hsdp_test")
 
 
 def test_a_run_resumes_across_meshes(corpus, tmp_path):

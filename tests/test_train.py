@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_on_two_nodes
 
 from dist_llama.checkpoint import CheckpointMeta
 from dist_llama.config import ConfigError, load_config, to_dict
@@ -263,33 +264,7 @@ def test_corrupted_latest_checkpoint_falls_back_and_explicit_path_fails(runs, co
 def test_two_node_rendezvous_on_localhost(corpus, tmp_path):
     """Two torchrun agents (--nnodes=2) rendezvous on 127.0.0.1 as slurm/train.sbatch does across nodes."""
     args = tiny_overrides(*corpus, tmp_path, "two_nodes") + ["--train.steps=3", "--checkpoint.every=3"]
-    port = 29000 + os.getpid() % 1000
-    agents = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                f"--node_rank={rank}",
-                "--nproc_per_node=1",
-                "--rdzv_backend=c10d",
-                f"--rdzv_endpoint=127.0.0.1:{port}",
-                "--rdzv_id=dist_llama_test",
-                "-m",
-                "dist_llama.train",
-                *args,
-            ],
-            cwd=REPO,
-            env=environment(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
-    assert all(agent.returncode == 0 for agent in agents), outputs
+    train_on_two_nodes(args, 1, environment(), "dist_llama_test")
     (environment_record,) = json.loads((tmp_path / "two_nodes" / "environment.json").read_text())
     assert environment_record["world_size"] == 2
     assert sorted(train_losses(tmp_path / "two_nodes")) == [1, 2, 3]
