@@ -162,7 +162,8 @@ def test_a_child_that_misses_a_progress_mark_is_stopped_and_one_that_reaches_the
         "if sys.argv[2] == 'both': (folder / 'second').touch()\n"
         "time.sleep(2 if sys.argv[2] == 'both' else 60)"
     )
-    progress = ProgressMarks(("first", "second"), 1.8, lambda mark: (tmp_path / mark).exists())
+    # 5 s per mark: the child's 1 s sleeps and its start-up, with room for a loaded machine.
+    progress = ProgressMarks(("first", "second"), 5, lambda mark: (tmp_path / mark).exists())
     hung = run_child(
         tmp_path / "a.log",
         [sys.executable, "-c", script, str(tmp_path), "one"],
@@ -171,8 +172,8 @@ def test_a_child_that_misses_a_progress_mark_is_stopped_and_one_that_reaches_the
         tmp_path,
         progress,
     )
-    assert not hung.ok and not hung.timed_out and hung.missed == "second" and hung.seconds < 10
-    assert hung.why().startswith("stopped: no second within 2 s")
+    assert not hung.ok and not hung.timed_out and hung.missed == "second" and hung.seconds < 20
+    assert hung.why().startswith("stopped: no second within 5 s")
     for name in ("first", "second"):
         (tmp_path / name).unlink(missing_ok=True)
     both = run_child(
@@ -184,16 +185,16 @@ def test_a_child_that_misses_a_progress_mark_is_stopped_and_one_that_reaches_the
         progress,
     )
     assert both.ok and both.missed is None and both.seconds >= 4
-    # Each mark in time, but not all of them by all_by (the time an eager rerun needs): stopped there.
+    # A mark limit far off, but all marks due by all_by (the time an eager rerun needs): stopped there.
     for name in ("first", "second"):
         (tmp_path / name).unlink(missing_ok=True)
-    late = ProgressMarks(progress.marks, 1.8, progress.reached, all_by=time.monotonic() + 1.5)
+    late = ProgressMarks(progress.marks, 30, progress.reached, all_by=time.monotonic() + 1.5)
     cut = run_child(
         tmp_path / "c.log",
-        [sys.executable, "-c", script, str(tmp_path), "both"],
-        30,
+        [sys.executable, "-c", script, str(tmp_path), "one"],
+        60,
         dict(os.environ),
         tmp_path,
         late,
     )
-    assert cut.missed == "second" and cut.seconds < 3.5, cut.why()
+    assert cut.missed in ("first", "second") and not cut.timed_out and cut.seconds < 15, cut.why()
