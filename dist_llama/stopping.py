@@ -54,6 +54,9 @@ def parse_slurm_duration(text: str) -> float | None:
     return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
 
 
+TIME_LIMIT = 1  # StopRequest.reason's code for the job's time limit; a signal's is this plus its number
+
+
 @dataclass
 class StopRequest:
     """Collects stop requests between steps; `reason` turns them into one decision every rank shares."""
@@ -88,19 +91,20 @@ class StopRequest:
         self.received = signal.Signals(signum).name
 
     def reason(self) -> str | None:
-        """One collective: 'signal SIGUSR1' / 'time limit' if any rank asks to stop, the same on every
-        rank."""
+        """One collective: 'signal SIGUSR1' / 'time limit' if any rank asks to stop, the same on every rank.
+        The ranks agree on the largest code (TIME_LIMIT, else a signal's number above it), so a rank that did
+        not receive the signal names it too, and a signal wins over the time limit."""
         local = 0
         if self.received:
-            local = 1
+            local = TIME_LIMIT + signal.Signals[self.received].value
         elif self.end_time is not None and time.time() >= self.end_time:
-            local = 2
-        flag = all_reduce_max(torch.tensor([local], device=self.device)).item()
-        if flag == 0:
+            local = TIME_LIMIT
+        code = int(all_reduce_max(torch.tensor([local], device=self.device)).item())
+        if code == 0:
             return None
-        if flag == 1:
-            return f"signal {self.received}" if self.received else "signal (on another rank)"
-        return "time limit"
+        if code == TIME_LIMIT:
+            return "time limit"
+        return f"signal {signal.Signals(code - TIME_LIMIT).name}"
 
     def close(self) -> None:
         for name in self.signals:
