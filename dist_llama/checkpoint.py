@@ -31,12 +31,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from dist_llama.checkpoint_folders import META_FILE, PREFIX, checkpoint_name, complete_checkpoints
 from dist_llama.parallel import all_gather_objects, broadcast_object
 
 log = logging.getLogger(__name__)
 
-META_FILE = "meta.json"
-PREFIX = "step_"
 # The shape of meta.json. 0: written before it was versioned (the same fields as 1, no `format`). A change of
 # its fields raises this, and CheckpointMeta.from_json learns to read the older shapes.
 META_FORMAT = 3  # 3: the precision the run computes in; 2: fp16's loss scaler and overflow count (older read
@@ -102,10 +101,6 @@ class CheckpointMeta:
         return cls(**{**values, "format": META_FORMAT})
 
 
-def checkpoint_name(step: int) -> str:
-    return f"{PREFIX}{step:08d}"
-
-
 def _files_digest(folder: Path) -> dict[str, str]:
     digests = {}
     for path in sorted(folder.iterdir()):
@@ -116,21 +111,6 @@ def _files_digest(folder: Path) -> dict[str, str]:
                     sha.update(chunk)
             digests[path.name] = sha.hexdigest()
     return digests
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Finished checkpoints under folder, oldest first (temporary `.tmp` folders are never listed)."""
-    if not folder.is_dir():
-        return []
-    found = [
-        p
-        for p in folder.iterdir()
-        if p.is_dir()
-        and p.name.startswith(PREFIX)
-        and not p.name.endswith(".tmp")
-        and (p / META_FILE).is_file()
-    ]
-    return sorted(found, key=lambda p: p.name)
 
 
 def read_meta(checkpoint: Path) -> CheckpointMeta:

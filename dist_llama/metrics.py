@@ -259,13 +259,12 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
-            prefix = record.get("kind", "train")
             for key, value in record.items():
                 if key not in ("step", "kind") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+                    self.writer.add_scalar(f"{kind}/{key}", value, record["step"])
         if self.progress:
             print(self._progress_line(record, total_steps, start_step), flush=True)
-        if record.get("kind", "train") == "train":
+        if kind == "train":
             self.train_records += 1
             self._warn_data_wait(record)
 

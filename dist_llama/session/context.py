@@ -15,12 +15,12 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dist_llama.checkpoint_folders import META_FILE, complete_checkpoints
 from dist_llama.session import REPO
 from dist_llama.session.bundle import data_overrides
 from dist_llama.session.deadline import Deadline, Mode
@@ -181,25 +181,14 @@ class TrainingInterrupted(Interrupted):
         self.runs = runs
 
 
-def saved_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's complete checkpoints, oldest first: step_N folders with their meta.json, which a save writes
-    last (dist_llama.checkpoint.complete_checkpoints, read here without importing torch)."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p for p in folder.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / "meta.json").is_file()
-    )
-
-
 def trained_run(runs: tuple[Path, ...]) -> Path | None:
     """The training attempt whose latest checkpoint saw the most tokens (a timed-out run keeps its last one;
     an eager attempt may resume the compiled one's folder), or None when none left a checkpoint."""
     seen = {}
     for run in dict.fromkeys(runs):
-        checkpoints = saved_checkpoints(run)
+        checkpoints = complete_checkpoints(run / "checkpoints")
         if checkpoints:
-            seen[run] = json.loads((checkpoints[-1] / "meta.json").read_text())["tokens_seen"]
+            seen[run] = json.loads((checkpoints[-1] / META_FILE).read_text())["tokens_seen"]
     return max(seen, key=seen.get) if seen else None
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from dist_llama.checkpoint_folders import complete_checkpoints
 from dist_llama.session import read_json
 from dist_llama.session.context import (
     Context,
@@ -22,7 +23,6 @@ from dist_llama.session.context import (
     TrainingInterrupted,
     python,
     reported_run,
-    saved_checkpoints,
     trained_run,
 )
 from dist_llama.session.wheels import install_wheels
@@ -133,7 +133,7 @@ def train(context: Context, preflight: PreflightFacts) -> tuple[Outcome, tuple[P
                 runs.append(run_dir)
             label = f"train_{run_name}" + ("_eager" if attempt else "")
             child = _training_run(context, run_dir, label, budget, extra, watch=compiled and attempt == 0)
-            checkpoints = saved_checkpoints(run_dir)
+            checkpoints = complete_checkpoints(run_dir / "checkpoints")
             if child.ok:
                 notes.append(f"{run_name}: budget {budget:.0f} s, final checkpoint {checkpoints[-1].name}")
                 return Outcome("train", "ok", detail="; ".join(notes)), tuple(runs)
