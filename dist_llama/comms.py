@@ -12,7 +12,7 @@ CommDebugMode would count them, but it raised IndexError in its module hook on a
 Bytes are the collective's whole buffer, as nccl-tests count a collective's size: the gathered output of an
 all-gather, the input of a reduce-scatter, the tensor of an all-reduce or broadcast. Over a ring of n ranks
 each rank sends (n - 1) / n of that for an all-gather or a reduce-scatter and 2 (n - 1) / n for an
-all-reduce (`Collective.wire_bytes`). A communication model should reproduce `bytes` exactly.
+all-reduce (`ring_bytes`). dist_llama/comm_model.py reproduces `bytes` exactly (tests/test_hsdp.py).
 """
 
 from __future__ import annotations
@@ -63,8 +63,12 @@ class Collective:
     @property
     def wire_bytes(self) -> float:
         """What each rank sends over a ring of the group's ranks."""
-        n = self.group_size
-        return RING_SHARE[self.op] * self.bytes * (n - 1) / n
+        return ring_bytes(self.op, self.bytes, self.group_size)
+
+
+def ring_bytes(op: str, size: float, ranks: int) -> float:
+    """What each of `ranks` ranks sends over a ring for a collective of `size` bytes (the whole buffer)."""
+    return RING_SHARE[op] * size * (ranks - 1) / ranks
 
 
 class CollectiveCounter:

@@ -9,7 +9,10 @@ Per rank, at the start of backward (where the saved activations peak):
   per parameter, not divided by any rank count. HSDP's deferred all-reduce keeps a buffer the size of the
   sharded gradient instead of it, so it adds nothing;
 - gathered parameters: FSDP2 unshards a block in the compute dtype while it runs (and prefetches the next),
-  and the root's embedding and output head stay gathered through forward and backward;
+  and the root's embedding and output head stay gathered through forward and backward. With
+  parallel.reshard_after_forward=never every block stays gathered from its forward to its backward; the
+  default (all but the last block freed) and `always` peak alike, the last block being gathered when
+  backward starts either way;
 - activations: what autograd keeps per token and block (below), or only each block's input for a checkpointed
   block plus one block's activations while it is recomputed;
 - the loss: the chunked loss (model.ChunkedCrossEntropy) holds one chunk's fp32 logits and their fp32
@@ -109,6 +112,7 @@ class StepShape:
     )
     reduce_grads: str = "every_micro"  # parallel.reduce_grads
     reduce_dtype: str = "fp32"  # parallel.reduce_dtype
+    reshard_after_forward: str = "default"  # parallel.reshard_after_forward
 
     @classmethod
     def of(cls, config, layout, precision: str, world_size: int, replicate: int = 1) -> StepShape:
@@ -126,6 +130,7 @@ class StepShape:
             replicate,
             config.parallel.reduce_grads,
             config.parallel.reduce_dtype,
+            config.parallel.reshard_after_forward,
         )
 
     @property
@@ -162,11 +167,17 @@ def estimate_memory(shape: StepShape) -> MemoryEstimate:
     else:
         loss = tokens * args.vocab_size * UNCHUNKED_LOSS_BYTES_PER_LOGIT
     unsharded_grads = BYTES[shape.reduce_dtype] * total if shape.keeps_unsharded_grads else 0
+    # The block at work (b), the next one prefetched (b), and its gradient in the compute dtype and in fp32
+    # for the reduction (b + 4); kept gathered, every block's b and no prefetch on top.
+    if shape.reshard_after_forward == "never":
+        blocks_gathered = args.n_layers * per_block * b + per_block * (b + 4)
+    else:
+        blocks_gathered = per_block * (3 * b + 4)
     return MemoryEstimate(
         weights=4 * total / shape.shard_ranks,
         gradients=4 * total / shape.shard_ranks + unsharded_grads,
         optimizer=state / shape.shard_ranks,
-        gathered=b * root + per_block * (3 * b + 4),
+        gathered=b * root + blocks_gathered,
         activations=activations,
         loss=loss,
     )
@@ -177,11 +188,14 @@ def divisors_down_from(limit: int, rows: int) -> list[int]:
 
 
 def _sharding_options(shape: StepShape) -> list[dict]:
-    """What may change beside the micro-batch and checkpointing, least first: nothing; the reduce-scatter on
-    every micro-batch (no unsharded gradients kept); then the state sharded over every rank (no replicas)."""
+    """What may change beside the micro-batch and checkpointing, least first: nothing; blocks freed after
+    their forward; the reduce-scatter on every micro-batch (no unsharded gradients kept); then the state
+    sharded over every rank (no replicas)."""
     options = [{}]
+    if shape.reshard_after_forward == "never":
+        options.append({"reshard_after_forward": "default"})
     if shape.reduce_grads == "last_micro":
-        options.append({"reduce_grads": "every_micro"})
+        options.append({**options[-1], "reduce_grads": "every_micro"})
     if shape.replicate > 1:
         options.append({**options[-1], "replicate": 1})
     return options
@@ -201,8 +215,9 @@ def _first_fit(shape: StepShape, capacity_bytes: float) -> StepShape | None:
 def check_memory_fits(shape: StepShape, capacity_bytes: float) -> MemoryEstimate:
     """The estimate of the configured step; ConfigError in one line when it exceeds the card, naming the first
     setting that fits: the least recomputation (none, then selective, then full checkpointing), then the
-    largest micro-batch that divides the rank's rows; failing those, with gradients reduced every micro-batch,
-    then with the state sharded over every rank rather than replicated."""
+    largest micro-batch that divides the rank's rows; failing those, with blocks freed after their forward,
+    then with gradients reduced every micro-batch, then with the state sharded over every rank rather than
+    replicated."""
     estimate = estimate_memory(shape)
     if estimate.total <= capacity_bytes:
         return estimate
@@ -210,6 +225,11 @@ def check_memory_fits(shape: StepShape, capacity_bytes: float) -> MemoryEstimate
     where = (
         f"; --train.micro_batch_size={fits.micro_batch} "
         f"--parallel.activation_checkpointing={fits.checkpointing} "
+        + (
+            f"--parallel.reshard_after_forward={fits.reshard_after_forward} "
+            if fits.reshard_after_forward != shape.reshard_after_forward
+            else ""
+        )
         + (f"--parallel.reduce_grads={fits.reduce_grads} " if fits.reduce_grads != shape.reduce_grads else "")
         + (f"--parallel.replicate={fits.replicate} " if fits.replicate != shape.replicate else "")
         + f"fits (~{estimate_memory(fits).total / GIB:.1f} GiB)"

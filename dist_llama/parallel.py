@@ -261,10 +261,23 @@ def parallelize(
     # Parameters stay fp32 (the optimizer's master copy); 16 bits only for compute.
     precision = precision or training_precision(parallel, env.device)[0]
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=DTYPES[parallel.reduce_dtype])
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    blocks = model.model.layers
+    for index, block in enumerate(blocks):
+        reshard = reshards_after_forward(parallel.reshard_after_forward, index, len(blocks))
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    # The root (embedding, final norm, output head) stays gathered: its backward starts as its forward ends.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     return model
+
+
+def reshards_after_forward(policy: str, index: int, blocks: int) -> bool:
+    """Whether block `index` frees its gathered parameters after its forward (parallel.reshard_after_forward).
+    `default` keeps the last block's: backward needs them at once, so freeing them would only gather them
+    again (one all-gather per micro-batch saved, no memory at the peak added: the last block is gathered
+    when backward starts either way)."""
+    if policy == "default":
+        return index < blocks - 1
+    return policy == "always"
 
 
 def device_mesh(env: DistEnv) -> DeviceMesh:

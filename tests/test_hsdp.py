@@ -18,13 +18,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import train_on_two_nodes
 from test_train import assert_close_losses, environment, run, tiny_overrides, train_losses
 
+from dist_llama.comm_model import StepLayout, step_collectives
 from dist_llama.config import ConfigError, load_config
 from dist_llama.memory import StepShape, check_memory_fits, estimate_memory
 from dist_llama.model import PRESETS, count_parameters
-from dist_llama.parallel import mesh_shape
+from dist_llama.parallel import mesh_shape, training_precision
 from dist_llama.report import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +45,7 @@ VARIANTS = {  # 4 micro-batches, AdamW, on the flat and the HSDP mesh
     # A loss scale this high overflows in the first steps: every rank must skip the same steps.
     "fp16": ["--parallel.mixed_precision=fp16", f"--parallel.initial_loss_scale={2**20}"],
 }
+RESHARD = {policy: [f"--parallel.reshard_after_forward={policy}"] for policy in ("always", "never")}
 
 
 def four_rank_cases() -> dict[str, list[str]]:
@@ -57,6 +60,10 @@ def four_rank_cases() -> dict[str, list[str]]:
     for variant, overrides in VARIANTS.items():
         for mesh in ("flat", "hsdp"):
             cases[f"{mesh}-{variant}-4"] = MESHES[mesh] + MICRO[4] + overrides
+    for policy, overrides in RESHARD.items():
+        cases[f"hsdp-{policy}-4"] = MESHES["hsdp"] + MICRO[4] + overrides
+    # 250 rows of the embedding and output head over 4 shard ranks: FSDP2 pads them to 252.
+    cases["flat-padded-1"] = MESHES["flat"] + MICRO[1] + ["--model.vocab_size=250"]
     return cases
 
 
@@ -167,6 +174,21 @@ def test_the_state_is_sharded_over_one_replica_and_last_micro_keeps_whole_gradie
     assert not one_micro_batch.keeps_unsharded_grads, "with one micro-batch nothing waits"
 
 
+def test_blocks_kept_gathered_cost_every_block_s_16_bit_parameters():
+    kept = StepShape(**{**vars(MAIN_STEP), "reshard_after_forward": "never"})
+    always = StepShape(**{**vars(MAIN_STEP), "reshard_after_forward": "always"})
+    args = PRESETS["main"]
+    per_block = (count_parameters(args)["non_embedding"] - args.dim) // args.n_layers
+    assert estimate_memory(always) == estimate_memory(MAIN_STEP), "default and always peak alike"
+    # every block's bf16 parameters, less the prefetched block the policies that free them hold
+    extra = (args.n_layers - 2) * 2 * per_block
+    assert estimate_memory(kept).gathered - estimate_memory(MAIN_STEP).gathered == extra
+    least = {"micro_batch": 1, "checkpointing": "full"}
+    capacity = estimate_memory(StepShape(**{**vars(MAIN_STEP), **least})).total + 1
+    with pytest.raises(ConfigError, match="checkpointing=full --parallel.reshard_after_forward=default fits"):
+        check_memory_fits(StepShape(**{**vars(kept), **least}), capacity)
+
+
 def test_a_step_that_fits_only_unreplicated_names_the_setting():
     shape = StepShape(**{**vars(MAIN_STEP), "world_size": 64, "replicate": 64, "reduce_grads": "last_micro"})
     least = {"replicate": 1, "reduce_grads": "every_micro", "micro_batch": 1, "checkpointing": "full"}
@@ -205,7 +227,7 @@ def test_reduce_scatter_after_the_last_micro_batch_only_gives_the_same_curve(wor
 def test_checkpointed_blocks_defer_the_all_reduce_too(worker):
     """Activation checkpointing wraps each block before FSDP2 shards it: the deferral reaches those units as
     well (one all-reduce per unit, on the last micro-batch), and the curve is the unwrapped one's."""
-    assert counted(worker["hsdp-ac-4"]) == expected_collectives("hsdp", 4)
+    assert counted(worker["hsdp-ac-4"]) == counted(worker["hsdp-adamw-4"])
     assert_close_losses(curve(worker["hsdp-ac-4"]), curve(worker["hsdp-adamw-4"]), rel=1e-6)
 
 
@@ -243,68 +265,70 @@ def test_16_bit_compute_on_the_hsdp_mesh_is_flat_fsdp_s(worker):
 # --- the collectives of one step -------------------------------------------------------------------------
 
 
-def expected_collectives(mesh: str, micro_batches: int, muon: bool = False, last_micro: bool = False) -> dict:
-    """{(phase, op, dimension, dtype): [count, bytes]} for one fp32 step, from the model's shape alone.
-
-    Per micro-batch, over the shard ranks: an all-gather of the root (embedding, final norm, output head),
-    kept gathered through backward, and of each block in forward and again in backward (resharded after
-    forward); a reduce-scatter of each unit's whole gradient (with last_micro on the last micro-batch only).
-    Under HSDP, one all-reduce per unit of its sharded gradient across the replicas, on the last micro-batch.
-    Then the step: the gradient norm (one all-reduce of every parameter's partial norm, over the shard ranks:
-    the replicas hold copies), the loss (over every rank), and Muon's all-gather of each hidden matrix.
-    """
+def modelled(case: str, result: dict) -> dict:
+    """The communication model's table (dist_llama.comm_model) for a 4-rank case: from the model's shapes and
+    the case's settings alone, never from what the worker counted."""
     from hsdp_worker import BASE
 
-    from dist_llama.model import Transformer
-    from dist_llama.optim import is_hidden_matrix
-
-    model = Transformer(load_config(None, BASE).model)
-    sizes = {name: p.numel() for name, p in model.named_parameters()}
-    block = sum(n for name, n in sizes.items() if name.startswith("model.layers.0."))
-    total, layers = sum(sizes.values()), model.args.n_layers
-    root = total - layers * block
-    replicate, shard = {"flat": (1, 4), "hsdp": (2, 2)}[mesh]
-    world = "world" if replicate > 1 else "shard"
-    table: dict[tuple, list[int]] = {}
-
-    def add(key, count, size):
-        row = table.setdefault(key, [0, 0])
-        row[0], row[1] = row[0] + count, row[1] + size
-
-    for index in range(1, micro_batches + 1):
-        phase = f"micro-batch {index}"
-        add((phase, "all_gather", "shard", "float32"), 1 + 2 * layers, 4 * (root + 2 * layers * block))
-        if not last_micro or index == micro_batches:
-            add((phase, "reduce_scatter", "shard", "float32"), layers + 1, 4 * total)
-    if replicate > 1:
-        add(
-            (f"micro-batch {micro_batches}", "all_reduce", "replicate", "float32"),
-            layers + 1,
-            4 * total // shard,
-        )
-    add(("step", "all_reduce", "shard", "float32"), 1, 4 * len(sizes))
-    add(("step", "all_reduce", world, "float32"), 1, 4)
-    if muon:
-        hidden = [p.numel() for name, p in model.named_parameters() if is_hidden_matrix(name, p)]
-        add(("step", "all_gather", "shard", "float32"), len(hidden), 4 * sum(hidden))
-    return table
+    config = load_config(None, BASE + four_rank_cases()[case])
+    parallel = config.parallel
+    layout = StepLayout(
+        *result["mesh"],
+        result["micro_batches"],
+        training_precision(parallel, torch.device("cpu"))[0],
+        parallel.reduce_dtype,
+        parallel.reshard_after_forward,
+        parallel.reduce_grads,
+        config.optim.name,
+    )
+    return step_collectives(config.model, layout)
 
 
 def counted(result: dict) -> dict:
     return {tuple(row[:4]): row[4:] for row in result["collectives"]}
 
 
-@pytest.mark.parametrize("mesh", ["flat", "hsdp"])
-@pytest.mark.parametrize("micro", MICRO)
-def test_the_collectives_of_a_step(worker, mesh, micro):
-    assert counted(worker[f"{mesh}-adamw-{micro}"]) == expected_collectives(mesh, micro)
-    assert counted(worker[f"{mesh}-muon-{micro}"]) == expected_collectives(mesh, micro, muon=True)
+def test_the_communication_model_counts_every_collective_of_a_step_exactly(worker):
+    """Every 4-rank case (flat, HSDP and DDP-like meshes; 1 and 4 micro-batches; AdamW and Muon;
+    reduce-scatter deferred; bf16 reduction and compute; reshard policies; a vocabulary whose rows do not
+    divide over the ranks): which collectives, on which mesh dimension, in which dtype, how many and how many
+    bytes, per micro-batch and for the rest of the step, as the recorder counted them. fp16 adds its scaler's
+    overflow agreement, which the model leaves out (a 4-byte flag)."""
+    cases = [case for case in four_rank_cases() if "fp16" not in case]
+    for case in cases:
+        assert counted(worker[case]) == modelled(case, worker[case]), case
+    per_micro_batch = {
+        row[0]: row[4] for row in worker["hsdp-adamw-4"]["collectives"] if row[1] == "all_gather"
+    }
+    layers = load_config(None, ["--model.vocab_size=256"]).model.n_layers
+    # The root once, each block in forward, and each block but the last again in backward.
+    assert per_micro_batch == {f"micro-batch {i}": 1 + 2 * layers - 1 for i in range(1, 5)}
+
+
+def test_reshard_policies_change_the_all_gathers_not_the_curve(worker):
+    """default frees every block but the last after its forward, always every block, never none (no all-gather
+    in backward); the losses are the same to the bit."""
+    gathers = {
+        policy: sum(
+            row[4]
+            for row in worker[f"hsdp-{policy}-4"]["collectives"]
+            if row[:2] == ["micro-batch 1", "all_gather"]
+        )
+        for policy in ("adamw", "always", "never")
+    }
+    layers = load_config(None, ["--model.vocab_size=256"]).model.n_layers
+    assert gathers == {"adamw": 2 * layers, "always": 2 * layers + 1, "never": layers + 1}
+    for policy in ("always", "never"):
+        assert worker[f"hsdp-{policy}-4"]["loss"] == worker["hsdp-adamw-4"]["loss"], policy
 
 
 def test_last_micro_reduces_once_and_holds_the_whole_gradient_the_estimate_counts(worker):
     total = sum(row[5] for row in worker["flat-adamw-1"]["collectives"] if row[1] == "reduce_scatter")
     for mesh in ("flat", "hsdp"):
-        assert counted(worker[f"{mesh}-last-4"]) == expected_collectives(mesh, 4, last_micro=True)
+        reduce_scatters = [
+            row for row in worker[f"{mesh}-last-4"]["collectives"] if row[1] == "reduce_scatter"
+        ]
+        assert [row[0] for row in reduce_scatters] == ["micro-batch 4"], reduce_scatters
         assert worker[f"{mesh}-last-4"]["held_after_micro_1"]["unsharded"] == total  # 4 bytes per parameter
     shape = StepShape(PRESETS["debug"], "fp32", "adamw", 1, 32, "none", 4, 0, rows_per_rank=4)
     extra = estimate_memory(StepShape(**{**vars(shape), "reduce_grads": "last_micro"})).gradients

@@ -231,6 +231,10 @@ class CheckpointConfig(Section):
     # before the time budget's plan (the GPU session sets it for a compiled run: a compile that hangs later
     # loses no step).
     first_step: bool = setting(False)
+    # Write checkpoints in the background (DCP's async save on a gloo group of its own): training waits only
+    # while the model and optimizer state are copied out of its memory, not for the write. At most one save
+    # is in flight; a checkpoint is complete (resumable, consolidated) only once its write has finished.
+    async_save: bool = setting(False)
     # keys that may differ from the checkpoint's recipe on resume
     allow_changes: list[str] = setting(factory=list)
 
@@ -276,6 +280,12 @@ class ParallelConfig(Section):
     # The dtype gradients are reduced in: bf16 sends half fp32's bytes and rounds each reduction's result to
     # bf16 (HSDP's sum over the micro-batches before its all-reduce is kept in bf16 too)
     reduce_dtype: str = setting("fp32", choices=("fp32", "bf16"))
+    # When a block's gathered parameters are freed after its forward (to be gathered again for its
+    # backward): default: every block but the last, whose backward comes straight after the forward
+    # (torchtitan's choice); always: every block; never: none (ZeRO-2-like: no all-gather in backward, the
+    # whole model's 16-bit parameters held from forward to backward). The root's are never freed: its
+    # backward starts at once.
+    reshard_after_forward: str = setting("default", choices=("default", "always", "never"), resumable=True)
 
 
 @dataclass(frozen=True)
