@@ -46,7 +46,7 @@ run: $(VENV)/.installed
 	$(PY) -m dist_llama.pipeline --config $(CONFIG)
 
 test: $(VENV)/.installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=20
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
