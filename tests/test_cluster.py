@@ -1,8 +1,9 @@
 """Surviving a cluster on CPU (gloo): a stop signal, a dead worker under torchrun --max-restarts, a hung
 rank, and slurm/train.sbatch on a real two-node Slurm (slurm/local_cluster.sh) preempted and requeued.
 
-Every interrupted run must end bitwise equal to the uninterrupted 2-rank run: the losses of every step
-and the final checkpoint's weights.
+Every interrupted run must end bitwise equal to the uninterrupted run on its mesh: the losses of every step
+and the final checkpoint's weights. The torchrun runs are FSDP over 2 ranks; the Slurm job runs 2 ranks on
+each of its 2 nodes, HSDP 2x2, and is compared with the same mesh under two torchrun agents.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import train_on_two_nodes
 
 from dist_llama.checkpoint import complete_checkpoints, load_full_model_state
 from dist_llama.config import ConfigError, load_config
@@ -29,6 +31,7 @@ from dist_llama.stopping import STOPPED_FILE, parse_slurm_duration
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 30, 5
+HSDP_MESH = "mesh: HSDP, 2 replicas x 2 shard ranks (auto: 2 nodes of 2 ranks)"
 
 
 def tiny_overrides(corpus: Path, val: Path, run_root: Path, name: str) -> list[str]:
@@ -93,7 +96,7 @@ def start(command: list[str], log: Path) -> subprocess.Popen:
 def stopped_by(reason: str, signal_name: str) -> bool:
     """A stop record's reason for a signal that Slurm sends to every node of a 2-node job. The ranks agree on
     the signal at the step boundary (stopping.StopRequest.reason), so rank 0's record names it even when the
-    signal reached rank 1 first (each node's slurmd delivers it; they are milliseconds apart)."""
+    signal reached another rank first (each node's slurmd delivers it; they are milliseconds apart)."""
     return reason == f"signal {signal_name}"
 
 
@@ -170,6 +173,18 @@ def reference(tmp_path_factory, corpus) -> Path:
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return root / "reference"
+
+
+@pytest.fixture(scope="module")
+def hsdp_reference(tmp_path_factory, corpus) -> Path:
+    """The uninterrupted run on 2 "nodes" of 2 ranks (two torchrun agents on this machine): the HSDP 2x2
+    mesh of the 2-node Slurm job, whose gradients are summed in another order than the 2-rank run's."""
+    root = tmp_path_factory.mktemp("hsdp_reference")
+    output = train_on_two_nodes(
+        tiny_overrides(*corpus, root, "reference"), 2, environment(), "dist_llama_cluster_hsdp"
+    )
+    assert HSDP_MESH in output, output[-3000:]
     return root / "reference"
 
 
@@ -357,12 +372,20 @@ def release(job: str, slurm_env: dict) -> None:
     slurm_run(["scontrol", "update", f"JobId={job}", "StartTime=now"], slurm_env)
 
 
-def test_a_preempted_slurm_job_requeues_resumes_and_ends_like_torchrun(slurm, reference, corpus, tmp_path):
-    """Two preemptions of one 2-node job: the time-limit signal (scancel --signal=USR1: the trainer stops
-    and the job requeues itself) and Slurm's own requeue (scontrol requeue: SIGTERM, Slurm requeues)."""
+def test_a_preempted_hsdp_slurm_job_requeues_resumes_and_ends_like_torchrun(
+    slurm, hsdp_reference, corpus, tmp_path
+):
+    """Two preemptions of one job of 2 nodes x 2 ranks (HSDP 2x2: replicas across the nodes, shards within
+    each): the time-limit signal (scancel --signal=USR1: the trainer stops and the job requeues itself) and
+    Slurm's own requeue (scontrol requeue: SIGTERM, Slurm requeues). Every start must build the same mesh,
+    and the job must end bitwise equal to the uninterrupted run on it. The nodes have no GPUs, so
+    DIST_LLAMA_PROCS_PER_NODE asks for 2 ranks each, in the job's environment, which a requeue keeps (they
+    share the node's one Slurm CPU: nothing is bound here). ~100 s on 2 cores (three starts of 4 ranks)."""
     run_dir = tmp_path / "preempted"
     output = tmp_path / "job.out"
-    job = submit(slurm, output, tiny_overrides(*corpus, tmp_path, "preempted"))
+    job = submit(
+        {**slurm, "DIST_LLAMA_PROCS_PER_NODE": "2"}, output, tiny_overrides(*corpus, tmp_path, "preempted")
+    )
 
     wait_for(lambda: steps_done(run_dir) >= 4, 300, "step 4 of the first start")
     slurm_run(["scancel", "--signal=USR1", job], slurm)
@@ -386,7 +409,8 @@ def test_a_preempted_slurm_job_requeues_resumes_and_ends_like_torchrun(slurm, re
     assert len(stops) == 2, stops
     assert stopped_by(stops[0]["reason"], "SIGUSR1") and stopped_by(stops[1]["reason"], "SIGTERM"), stops
     assert text.count("resumed from") == 2
-    assert_bitwise_equal_runs(run_dir, reference)
+    assert text.count(HSDP_MESH) == 3, text[-4000:]  # rank 0 logs it once per start
+    assert_bitwise_equal_runs(run_dir, hsdp_reference)
 
 
 def test_slurm_time_limit_stops_with_a_checkpoint_and_the_requeue_bound_holds(slurm, corpus, tmp_path):
