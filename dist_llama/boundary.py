@@ -8,9 +8,9 @@ tested without processes.
 - save: every checkpoint.every steps, at the last step, before a stop, and after the run's first step when
   checkpoint.first_step is set;
 - plan: the time budget (`train.time_budget_s`) ends its measurement here. After warm-up steps it timed a
-  few steps; the run then times one evaluation and one checkpoint and passes the seconds to
-  `StepBoundary.plan`, which sets the step count that fits (`plan_steps`). The plan is kept in every later
-  checkpoint, so a resume keeps it;
+  few steps; the run then times one evaluation and one checkpoint (the loop's stall, and the whole write,
+  which differ with checkpoint.async_save) and passes the seconds to `StepBoundary.plan`, which sets the
+  step count that fits (`plan_steps`). The plan is kept in every later checkpoint, so a resume keeps it;
 - stop: why the run stops here (a stop signal or the job's time limit: stopping.StopRequest), or None.
 `StepBoundary.total_steps` is the run's step count: train.steps, or the plan's once planned. The run reads
 it when it steps, logs and saves; nothing else keeps a copy.
@@ -43,6 +43,7 @@ class BudgetPlan:
     planned_steps: int
     step_s: float
     eval_s: float
+    # What a checkpoint holds the training loop (with checkpoint.async_save: the copy, not the write)
     checkpoint_s: float
     measured_at_step: int
     budget_s: float
@@ -50,6 +51,9 @@ class BudgetPlan:
     # The step count the run followed before this plan: train.steps, or the plan it replaced (a resume
     # with train.budget_on_resume=replan). The learning rate is continuous from that schedule.
     steps_before: int | None = None
+    # A checkpoint's whole write, which the run's end waits for after the last one (null: checkpoint_s, as
+    # in a synchronous save)
+    write_s: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,12 +111,21 @@ class StepBoundary:
             save=last or step % self.save_every == 0 or (step == 1 and self.save_first_step),
         )
 
-    def plan(self, step: int, eval_s: float, checkpoint_s: float, age_s: float, is_main: bool) -> BudgetPlan:
-        """Rank 0 plans from the measured costs (`age_s`: seconds since its process started); every rank takes
-        its plan and checks it (so a budget too small stops all of them). Returns the plan."""
+    def plan(
+        self,
+        step: int,
+        eval_s: float,
+        checkpoint_s: float,
+        age_s: float,
+        is_main: bool,
+        write_s: float | None = None,
+    ) -> BudgetPlan:
+        """Rank 0 plans from the measured costs (`age_s`: seconds since its process started; `write_s`: a
+        checkpoint's whole write where the loop waits less, `checkpoint_s`); every rank takes its plan and
+        checks it (so a budget too small stops all of them). Returns the plan."""
         step_s = self.budget.step_s(self.clock())
         made = (
-            plan_steps(self.train, self.save_every, step, step_s, eval_s, checkpoint_s, age_s)
+            plan_steps(self.train, self.save_every, step, step_s, eval_s, checkpoint_s, age_s, write_s)
             if is_main
             else None
         )
@@ -142,25 +155,36 @@ def plan_steps(
     eval_s: float,
     checkpoint_s: float,
     age_s: float,
+    write_s: float | None = None,
 ) -> BudgetPlan:
     """The step count that ends training, its evaluations and checkpoints (the final ones included) inside
     train.time_budget_s, given the measured costs and the seconds already gone; capped by train.steps. At
-    most `step` when even the next step does not fit (check_budget_plan then stops the run)."""
+    most `step` when even the next step does not fit (check_budget_plan then stops the run).
+
+    A checkpoint costs the loop `checkpoint_s`; with a background write (`write_s`, longer) a save also waits
+    for the previous write where the steps between them are shorter than it, and the last one's write is
+    waited for at the end."""
     budget = train.time_budget_s
     left = (budget - age_s) * (1 - train.budget_safety)
+    written = max(write_s if write_s is not None else checkpoint_s, checkpoint_s)
+    per_save = max(checkpoint_s, written - save_every * step_s)
+    last_write = written - checkpoint_s  # the end's wait after the last save's stall
 
     def cost(total: int) -> float:
         return (
             (total - step) * step_s
             + events_between(step, total, train.eval_every) * eval_s
-            + events_between(step, total, save_every) * checkpoint_s
+            + events_between(step, total, save_every) * per_save
+            + last_write
         )
 
-    rate = step_s + eval_s / train.eval_every + checkpoint_s / save_every
-    total = min(train.steps, step + max(0, int((left - eval_s - checkpoint_s) / rate)) + 1)
+    # From above: each cadence's events number at least (total - step) / its cadence, so no count past this
+    # one fits; the loop then steps down to the largest that does.
+    rate = step_s + eval_s / train.eval_every + per_save / save_every
+    total = min(train.steps, step + max(0, int((left - last_write) / rate)) + 1)
     while total > step and cost(total) > left:
         total -= 1
-    return BudgetPlan(total, step_s, eval_s, checkpoint_s, step, budget, age_s)
+    return BudgetPlan(total, step_s, eval_s, checkpoint_s, step, budget, age_s, write_s=write_s)
 
 
 def check_budget_plan(plan: BudgetPlan) -> None:

@@ -5,7 +5,13 @@ through the state-dict APIs, so wrapper prefixes never reach the files), and `me
 (step, tokens seen, the resolved config, the time budget's plan, the data-loader state of every lane, RNG
 states, and a sha256 of every file), versioned by its `format`. A checkpoint is written under `step_X.tmp` and
 renamed when complete, so an interrupted write is never picked; the checksums catch files damaged afterwards.
-DCP reshards on load: a checkpoint from N ranks resumes on M ranks."""
+DCP reshards on load: a checkpoint from N ranks resumes on M ranks.
+
+With checkpoint.async_save the save returns once the model and optimizer state are copied out of the model's
+memory (DCP's async save, on a gloo group of the checkpoints' own, so it runs beside NCCL training too); the
+files, meta.json and the rename follow in the background. One save is in flight at most: the next save, a
+stop and the end of training wait for it (`Checkpointer.wait`), and a write that failed stops every rank
+there with a CheckpointError. Until its rename the checkpoint is a `.tmp` folder, never resumed."""
 
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ import json
 import logging
 import random
 import shutil
+import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -190,14 +200,63 @@ def params_are_finite(model: torch.nn.Module) -> bool:
     return flag.item() == 0
 
 
+class ReusedCpuCopy(AsyncStager):
+    """Copies the state for an async save into CPU buffers made once and reused (pinned where CUDA is, for a
+    faster copy), so no later save allocates them again: DCP's default stager does at every save (and kept
+    across saves it is single-use in torch 2.11); BlockingAsyncStager's cache is pinned, which needs CUDA. A
+    write reads the buffers until it is done, and the next copy waits for it (one save in flight at most)."""
+
+    _synchronize_after_execute = False  # the copy is done when stage returns
+
+    buffers = layout = None
+
+    def stage(self, state_dict: dict) -> dict:
+        layout = list(_tensor_layout(state_dict))  # a state that does not fit the buffers gets new ones
+        if layout != self.layout:
+            self.buffers = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+            self.layout = layout
+        return _copy_state_dict(state_dict, self.buffers)
+
+    def close(self) -> None:
+        self.buffers = self.layout = None
+
+
+def _tensor_layout(value, path: tuple = ()):
+    if isinstance(value, torch.Tensor):
+        yield path, value.shape, value.dtype
+    elif isinstance(value, (dict, list, tuple)):
+        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+            yield from _tensor_layout(item, (*path, key))
+
+
+@dataclass
+class InFlight:
+    """A checkpoint written in the background: `done` gives the seconds from the save's start to this rank's
+    files written (on rank 0: to the rename)."""
+
+    step: int
+    staging: Path
+    stall_s: float  # how long the save held the training loop (the copy out of the model's memory)
+    done: Future
+
+
 class Checkpointer:
-    def __init__(self, folder: Path, keep_last: int, is_main: bool):
+    def __init__(self, folder: Path, keep_last: int, is_main: bool, async_save: bool = False):
         self.folder = Path(folder)
         self.keep_last = keep_last
         self.is_main = is_main
+        self.async_save = async_save
+        self.in_flight: InFlight | None = None
+        # Made at the first async save: the writes' own gloo group, the thread that waits for a write and then
+        # digests and renames, and the CPU copy the writes read
+        self._group = self._finisher = self._stager = None
 
     def save(self, model, optimizer, data_state: dict, meta: CheckpointMeta) -> Path:
-        """Collective: every rank calls it with this rank's loader state; rank 0 writes meta.json."""
+        """Collective: every rank calls it with this rank's loader state; rank 0 writes meta.json. With
+        async_save it returns once the state is copied out of the model's memory, and the checkpoint is
+        complete later (`wait`)."""
+        started = time.perf_counter()
+        self.wait()  # at most one save in flight
         step = meta.step
         if not params_are_finite(model):
             raise CheckpointError(
@@ -210,30 +269,93 @@ class Checkpointer:
             staging.mkdir(parents=True)
         dist.barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=staging)
-        lane_states = all_gather_objects(data_state)
-        rng_states = all_gather_objects(rng_state())
-        if self.is_main:
-            meta = dataclasses.replace(
-                meta,
-                data_lanes=lane_states,
-                rng=rng_states,
-                world_size=dist.get_world_size(),
-                files=_files_digest(staging),
-            )
-            (staging / META_FILE).write_text(meta.to_json())
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
-            self._prune()
-        dist.barrier()
+        state = {"model": model_state, "optimizer": optim_state}
+        # Gathered now, on the default group: the loader and RNG states of this step, not of a later one.
+        meta = dataclasses.replace(
+            meta,
+            data_lanes=all_gather_objects(data_state),
+            rng=all_gather_objects(rng_state()),
+            world_size=dist.get_world_size(),
+        )
+        if not self.async_save:
+            dcp.save(state, checkpoint_id=staging)
+            self._complete(meta, staging, final)
+            dist.barrier()
+            return final
+        self._start_async()
+        written = dcp.async_save(  # the copy is done when it returns, with the write's future
+            state, checkpoint_id=staging, process_group=self._group, async_stager=self._stager
+        )
+        done = self._finisher.submit(self._finish, written, meta, staging, final, started)
+        self.in_flight = InFlight(step, staging, time.perf_counter() - started, done)
         return final
+
+    def _start_async(self) -> None:
+        if self._group is not None:
+            return
+        self._group = dist.new_group(backend="gloo")  # every rank reaches its first async save together
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_finisher")
+        self._stager = ReusedCpuCopy()
+
+    def _finish(self, upload: Future, meta: CheckpointMeta, staging: Path, final: Path, started: float):
+        upload.result()  # rank 0's DCP save returns once every rank's files are written
+        self._complete(meta, staging, final)
+        return time.perf_counter() - started
+
+    def _complete(self, meta: CheckpointMeta, staging: Path, final: Path) -> None:
+        """Rank 0: meta.json with the checksums, then the rename that makes the checkpoint complete."""
+        if not self.is_main:
+            return
+        meta = dataclasses.replace(meta, files=_files_digest(staging))
+        (staging / META_FILE).write_text(meta.to_json())
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        self._prune()
+
+    def wait(self) -> None:
+        """Collective: the save in flight, if any, is complete on every rank when this returns. A write that
+        failed on any rank raises CheckpointError on all of them, naming the step (its `.tmp` folder is
+        left, and never resumed)."""
+        pending, self.in_flight = self.in_flight, None
+        if pending is None:  # saves are collective: the ranks agree on whether one is in flight
+            return
+        error = pending.done.exception()
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(
+            errors, None if error is None else f"{type(error).__name__}: {error}", self._group
+        )
+        failed = [f"rank {rank}: {text}" for rank, text in enumerate(errors) if text is not None]
+        if failed:
+            raise CheckpointError(
+                f"step {pending.step}: the checkpoint's background write failed ({'; '.join(failed)}); "
+                f"{pending.staging.name} is incomplete, and a resume takes the checkpoint before it"
+            )
+        log.info(
+            "checkpoint %s written: the loop waited %.2f s, and it was complete %.2f s after the save began",
+            checkpoint_name(pending.step),
+            pending.stall_s,
+            pending.done.result(),
+        )
+
+    def close(self) -> None:
+        """This rank's write in flight finishes before the process group goes (no collective: the run may
+        be stopping on an error); a failure is logged, the checkpoint left incomplete."""
+        pending, self.in_flight = self.in_flight, None
+        if pending is not None and pending.done.exception() is not None:
+            log.warning("checkpoint %s was not completed: %s", pending.staging, pending.done.exception())
+        if self._finisher is not None:
+            self._finisher.shutdown()
+            self._stager.close()
 
     def update_meta(self, step: int, **fields) -> None:
         """Rank 0 rewrites fields of a saved checkpoint's meta.json (outside its checksums), through a file
         renamed into place, so an interrupted write leaves the old meta.json."""
         if not self.is_main:
             return
+        if self.in_flight is not None and self.in_flight.step == step:  # its meta.json is not written yet
+            if self.in_flight.done.exception() is not None:
+                raise CheckpointError(f"step {step}: the checkpoint's background write failed")
         path = self.folder / checkpoint_name(step) / META_FILE
         meta = dataclasses.replace(read_meta(path.parent), **fields)
         staging = path.with_name(META_FILE + ".tmp")

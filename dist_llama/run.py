@@ -82,7 +82,8 @@ class Run:
     @classmethod
     def start(cls, config: Config, env: DistEnv, stop: StopRequest) -> Run:
         layout = BatchLayout.of(config.train, config.data.seq_len, env.world_size)
-        checkpointer = Checkpointer(config.run_dir / "checkpoints", config.checkpoint.keep_last, env.is_main)
+        saving, folder = config.checkpoint, config.run_dir / "checkpoints"
+        checkpointer = Checkpointer(folder, saving.keep_last, env.is_main, async_save=saving.async_save)
         resume_from = checkpointer.find_resume(config.checkpoint.resume)
         saved = read_meta(resume_from) if resume_from is not None else None
         # Both checks come before anything is written: a refusal changes nothing.
@@ -263,26 +264,31 @@ class Run:
         """The time budget's measurement ends: one evaluation (warm: a compiled model compiles its evaluation
         graphs in an untimed pass first; timed cold, the first evaluation cost 28x a warm one, and that cost
         charged to every planned evaluation left over a quarter of the budget unused) and one checkpoint are
-        timed, and the plan made from them. The checkpoint was saved before the plan existed: its meta.json
-        then records the plan too, so a run stopped here resumes with it."""
+        timed, and the plan made from them. A checkpoint costs the loop the time save() holds it (with
+        checkpoint.async_save only the copy out of the model's memory), and the run's end waits for the last
+        one's whole write: this one is waited for here to time that too. The checkpoint was saved before the
+        plan existed: its meta.json then records the plan too, so a run stopped here resumes with it."""
         self.validate(warm_up=True)
         start = self.clock.wall()
         self.validate()
         middle = self.clock.wall()
         self.save()
-        eval_s, checkpoint_s = middle - start, self.clock.wall() - middle
+        stalled = self.clock.wall()
+        self.checkpointer.wait()
+        eval_s, checkpoint_s, write_s = middle - start, stalled - middle, self.clock.wall() - middle
         step = self.progress.step
-        plan = self.boundary.plan(step, eval_s, checkpoint_s, process_age_s(), self.env.is_main)
+        plan = self.boundary.plan(step, eval_s, checkpoint_s, process_age_s(), self.env.is_main, write_s)
         self.logger.log(plan_record(step, plan), self.total_steps)
         self.checkpointer.update_meta(step, budget_plan=plan.to_dict(), planned_steps=self.total_steps)
         log.info(
-            "time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint %.1f s, "
-            "%.0f s used so far)",
+            "time budget %.0f s: %d steps planned (a step %.3f s, an evaluation %.1f s, a checkpoint %.1f s "
+            "of the loop's time and %.1f s written, %.0f s used so far)",
             plan.budget_s,
             self.total_steps,
             plan.step_s,
             plan.eval_s,
             plan.checkpoint_s,
+            plan.write_s,
             plan.age_s,
         )
 
@@ -311,6 +317,7 @@ class Run:
         self.logger.log(record, self.total_steps)
 
     def stop_early(self, reason: str) -> None:
+        self.checkpointer.wait()  # the stop's checkpoint is complete before the run says so
         step = self.progress.step
         self.logger.log(stop_record(step, reason), self.total_steps)
         log.info(stop_message(reason, step, self.total_steps))
@@ -318,6 +325,7 @@ class Run:
             write_stop_record(self.config.run_dir, step, reason)
 
     def close(self) -> None:
+        self.checkpointer.close()
         self.data.close()
         self.logger.close()
 

@@ -78,6 +78,9 @@ def training_loop(run: Run) -> dict:
         if todo.stop:
             run.stop_early(todo.stop)
             break
+
+    # the last checkpoint is complete before the run ends (checkpoint.async_save writes it in the background)
+    run.checkpointer.wait()
     return {**last, "val_loss": run.progress.val_loss}
 
 

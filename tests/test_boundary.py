@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dist_llama import metrics
-from dist_llama.boundary import BudgetError, BudgetPlan, StepBoundary, Todo
+from dist_llama.boundary import BudgetError, BudgetPlan, StepBoundary, Todo, plan_steps
 from dist_llama.config import load_config
 
 
@@ -143,3 +143,22 @@ def test_a_resume_may_replan_its_budget_and_keeps_the_old_plan_until_then():
     assert steps.total_steps == replanned.planned_steps != 300 and not steps.after(205).plan
     kept, _ = make("--train.time_budget_s=60", "--train.steps=100000", start_step=200, saved_plan=saved)
     assert kept.total_steps == 300 and not any(kept.after(s).plan for s in range(201, 210))
+
+
+def test_an_async_checkpoint_costs_the_plan_its_stall_and_the_end_its_last_write():
+    """With checkpoint.async_save a save holds the loop for the copy only (checkpoint_s, 1 s here) while the
+    write takes write_s (20 s): a save also waits for the previous write where the steps between two saves
+    take less than it, and the end of the run waits for the last one. 1000 s left, 1 s steps."""
+    config = load_config(
+        None, ["--train.time_budget_s=1000", "--train.budget_safety=0", "--train.steps=100000"]
+    )
+
+    def planned(every: int, checkpoint_s: float, write_s: float | None = None) -> int:
+        return plan_steps(config.train, every, 0, 1.0, 0.0, checkpoint_s, 0.0, write_s).planned_steps
+
+    assert planned(50, 20.0) == planned(50, 20.0, 20.0) == 700  # synchronous: 700 steps + 14 saves of 20 s
+    assert planned(50, 1.0, 20.0) == 961  # 961 steps + 20 stalls of 1 s + the last write's other 19 s
+    assert planned(10, 20.0) == 330
+    assert planned(10, 1.0, 20.0) == 490  # every save waits 10 s for the write before it: 490 + 49 x 10 + 19
+    older = {"planned_steps": 30, "step_s": 1.0, "eval_s": 1.0, "checkpoint_s": 1.0}
+    assert BudgetPlan.from_dict({**older, "measured_at_step": 8, "budget_s": 100, "age_s": 9}).write_s is None

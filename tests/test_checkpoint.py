@@ -1,10 +1,13 @@
-"""Checkpoint bookkeeping in one process: refusal of non-finite weights, atomicity, pruning, verification."""
+"""Checkpoint bookkeeping in one process: refusal of non-finite weights, atomicity, pruning, verification, and
+async saves (the state copied at save time, complete only once written, a failed write reported)."""
 
 import json
+import threading
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import filesystem
 
 from dist_llama.checkpoint import (
     META_FORMAT,
@@ -123,3 +126,72 @@ def test_a_saved_checkpoints_meta_can_be_updated_and_still_verifies(process_grou
         and updated.tokens_seen == 16
     )
     assert sorted(p.name for p in saved.iterdir() if p.name.startswith("meta")) == ["meta.json"]
+
+
+@pytest.fixture
+def held_writes(monkeypatch):
+    """DCP's file writer waits for the event before it writes: a background write stays in flight until the
+    test sets it."""
+    release = threading.Event()
+    write_data = filesystem._FileSystemWriter.write_data
+
+    def held(self, plan, planner):
+        assert release.wait(timeout=60), "the test never released the write"
+        return write_data(self, plan, planner)
+
+    monkeypatch.setattr(filesystem._FileSystemWriter, "write_data", held)
+    return release
+
+
+def test_an_async_save_copies_the_state_and_completes_only_when_written(process_group, tmp_path, held_writes):
+    model, optimizer = small_model()
+    checkpointer = Checkpointer(tmp_path, keep_last=3, is_main=True, async_save=True)
+    held_writes.set()
+    checkpointer.save(model, optimizer, {}, meta(1))
+    checkpointer.wait()
+    held_writes.clear()
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+    checkpointer.save(model, optimizer, {}, meta(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002.tmp"]
+    assert checkpointer.find_resume("auto").name == "step_00000001"
+    with torch.no_grad():  # the steps after a save change the model while its write is in flight
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    held_writes.set()
+    checkpointer.wait()
+    assert checkpointer.find_resume("auto").name == "step_00000002"
+    fresh, fresh_optimizer = small_model()
+    checkpointer.load(tmp_path / "step_00000002", fresh, fresh_optimizer)
+    assert all(torch.equal(saved[name], value) for name, value in fresh.state_dict().items())
+    checkpointer.close()
+
+
+def test_update_meta_waits_for_the_write_of_its_checkpoint(process_group, tmp_path, held_writes):
+    model, optimizer = small_model()
+    checkpointer = Checkpointer(tmp_path, keep_last=3, is_main=True, async_save=True)
+    checkpointer.save(model, optimizer, {}, meta(5))
+    threading.Timer(0.2, held_writes.set).start()
+    checkpointer.update_meta(5, val_loss=2.5)
+    assert verify_checkpoint(tmp_path / "step_00000005").val_loss == 2.5
+    checkpointer.wait()
+    checkpointer.close()
+
+
+def test_a_failed_background_write_stops_at_the_next_wait_and_is_never_resumed(
+    process_group, tmp_path, monkeypatch
+):
+    model, optimizer = small_model()
+    checkpointer = Checkpointer(tmp_path, keep_last=3, is_main=True, async_save=True)
+    checkpointer.save(model, optimizer, {}, meta(1))
+    checkpointer.wait()
+
+    def full_disk(self, plan, planner):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(filesystem._FileSystemWriter, "write_data", full_disk)
+    checkpointer.save(model, optimizer, {}, meta(2))
+    with pytest.raises(CheckpointError, match=r"step 2: the checkpoint's background write failed \(rank 0: "):
+        checkpointer.wait()
+    assert (tmp_path / "step_00000002.tmp").is_dir()
+    assert checkpointer.find_resume("auto").name == "step_00000001"
+    checkpointer.close()

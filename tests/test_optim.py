@@ -350,7 +350,7 @@ def test_the_budget_times_a_warm_evaluation():
     def save() -> None:
         now[0] += 2.0
 
-    def plan(step, eval_s, checkpoint_s, age_s, is_main):
+    def plan(step, eval_s, checkpoint_s, age_s, is_main, write_s):
         planned.update(eval_s=eval_s, checkpoint_s=checkpoint_s)
         return BudgetPlan(20, 0.1, eval_s, checkpoint_s, step, 100.0, age_s)
 
@@ -363,7 +363,7 @@ def test_the_budget_times_a_warm_evaluation():
         env=SimpleNamespace(is_main=True),
         total_steps=20,
         logger=SimpleNamespace(log=lambda record, total_steps: None),
-        checkpointer=SimpleNamespace(update_meta=lambda step, **fields: None),
+        checkpointer=SimpleNamespace(update_meta=lambda step, **fields: None, wait=lambda: None),
     )
     Run.plan_budget(run)
     assert calls == [True, False]
