@@ -351,7 +351,13 @@ def write_run_files(config: Config, env: DistEnv, precision: dict, start_step: i
     config.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, config.run_dir / "config.yaml")
     starts = read_environment(config.run_dir) if start_step else []
-    record = {**environment_record(env.device, env.world_size), "precision": precision, "step": start_step}
+    mesh = {"replicate": env.replicate, "shard": env.shard, "why": env.mesh_why}
+    record = {
+        **environment_record(env.device, env.world_size),
+        "mesh": mesh,
+        "precision": precision,
+        "step": start_step,
+    }
     (config.run_dir / "environment.json").write_text(json.dumps(starts + [record], indent=1))
 
 

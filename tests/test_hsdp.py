@@ -25,6 +25,7 @@ from test_train import assert_close_losses, environment, run, tiny_overrides, tr
 from dist_llama.comm_model import StepLayout, step_collectives
 from dist_llama.config import ConfigError, load_config
 from dist_llama.memory import StepShape, check_memory_fits, estimate_memory
+from dist_llama.metrics import read_environment
 from dist_llama.model import PRESETS, count_parameters
 from dist_llama.parallel import mesh_shape, training_precision
 from dist_llama.report import read_metrics
@@ -381,6 +382,8 @@ def test_a_run_resumes_across_meshes(corpus, tmp_path):
             mesh,
             result.stderr[-2000:],
         )
+    meshes = [(start["mesh"]["replicate"], start["mesh"]["shard"]) for start in read_environment(chain)]
+    assert meshes == [(2, 2), (1, 4), (4, 1), (1, 1)], "environment.json records each start's mesh"
     chained, uninterrupted = train_losses(chain), train_losses(tmp_path / "hsdp")
     assert sorted(chained) == list(range(3, 9))
     assert_close_losses(chained, uninterrupted, rel=1e-5, steps=list(range(3, 9)))
