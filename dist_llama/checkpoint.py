@@ -25,15 +25,14 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -42,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dist_llama.checkpoint_folders import META_FILE, PREFIX, checkpoint_name, complete_checkpoints
+from dist_llama.checkpoint_writes import InFlight, ReusedCpuCopy
 from dist_llama.parallel import all_gather_objects, broadcast_object
 
 log = logging.getLogger(__name__)
@@ -200,56 +200,32 @@ def params_are_finite(model: torch.nn.Module) -> bool:
     return flag.item() == 0
 
 
-class ReusedCpuCopy(AsyncStager):
-    """Copies the state for an async save into CPU buffers made once and reused (pinned where CUDA is, for a
-    faster copy), so no later save allocates them again: DCP's default stager does at every save (and kept
-    across saves it is single-use in torch 2.11); BlockingAsyncStager's cache is pinned, which needs CUDA. A
-    write reads the buffers until it is done, and the next copy waits for it (one save in flight at most)."""
-
-    _synchronize_after_execute = False  # the copy is done when stage returns
-
-    buffers = layout = None
-
-    def stage(self, state_dict: dict) -> dict:
-        layout = list(_tensor_layout(state_dict))  # a state that does not fit the buffers gets new ones
-        if layout != self.layout:
-            self.buffers = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
-            self.layout = layout
-        return _copy_state_dict(state_dict, self.buffers)
-
-    def close(self) -> None:
-        self.buffers = self.layout = None
-
-
-def _tensor_layout(value, path: tuple = ()):
-    if isinstance(value, torch.Tensor):
-        yield path, value.shape, value.dtype
-    elif isinstance(value, (dict, list, tuple)):
-        for key, item in value.items() if isinstance(value, dict) else enumerate(value):
-            yield from _tensor_layout(item, (*path, key))
-
-
-@dataclass
-class InFlight:
-    """A checkpoint written in the background: `done` gives the seconds from the save's start to this rank's
-    files written (on rank 0: to the rename)."""
-
-    step: int
-    staging: Path
-    stall_s: float  # how long the save held the training loop (the copy out of the model's memory)
-    done: Future
-
-
 class Checkpointer:
-    def __init__(self, folder: Path, keep_last: int, is_main: bool, async_save: bool = False):
+    def __init__(
+        self,
+        folder: Path,
+        keep_last: int,
+        is_main: bool,
+        async_save: bool = False,
+        write_timeout_s: float = 600,
+    ):
         self.folder = Path(folder)
         self.keep_last = keep_last
         self.is_main = is_main
         self.async_save = async_save
+        self.write_timeout_s = write_timeout_s  # how long the ranks wait for each other's background write
         self.in_flight: InFlight | None = None
         # Made at the first async save: the writes' own gloo group, the thread that waits for a write and then
         # digests and renames, and the CPU copy the writes read
         self._group = self._finisher = self._stager = None
+
+    @classmethod
+    def of(cls, config, is_main: bool) -> Checkpointer:
+        """The run's checkpointer (config.Config): run_dir/checkpoints, as checkpoint.* says. A background
+        write waits for the other ranks' as long as loading a checkpoint may (parallel.init_timeout_s)."""
+        saving = config.checkpoint
+        folder = config.run_dir / "checkpoints"
+        return cls(folder, saving.keep_last, is_main, saving.async_save, config.parallel.init_timeout_s)
 
     def save(self, model, optimizer, data_state: dict, meta: CheckpointMeta) -> Path:
         """Collective: every rank calls it with this rank's loader state; rank 0 writes meta.json. With
@@ -286,19 +262,21 @@ class Checkpointer:
         written = dcp.async_save(  # the copy is done when it returns, with the write's future
             state, checkpoint_id=staging, process_group=self._group, async_stager=self._stager
         )
-        done = self._finisher.submit(self._finish, written, meta, staging, final, started)
-        self.in_flight = InFlight(step, staging, time.perf_counter() - started, done)
+        completion = self._finisher.submit(self._finish, written, meta, staging, final, started)
+        self.in_flight = InFlight(step, staging, time.perf_counter() - started, completion)
         return final
 
     def _start_async(self) -> None:
         if self._group is not None:
             return
-        self._group = dist.new_group(backend="gloo")  # every rank reaches its first async save together
+        # Every rank reaches its first async save together. A group's timeout is fixed when it is made:
+        # without one, gloo's 30 minutes would keep the other ranks waiting that long for a dead rank's write.
+        self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.write_timeout_s))
         self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint_finisher")
         self._stager = ReusedCpuCopy()
 
-    def _finish(self, upload: Future, meta: CheckpointMeta, staging: Path, final: Path, started: float):
-        upload.result()  # rank 0's DCP save returns once every rank's files are written
+    def _finish(self, written: Future, meta: CheckpointMeta, staging: Path, final: Path, started: float):
+        written.result()  # rank 0's DCP save returns once every rank's files are written
         self._complete(meta, staging, final)
         return time.perf_counter() - started
 
@@ -320,7 +298,7 @@ class Checkpointer:
         pending, self.in_flight = self.in_flight, None
         if pending is None:  # saves are collective: the ranks agree on whether one is in flight
             return
-        error = pending.done.exception()
+        error = pending.completion.exception()
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(
             errors, None if error is None else f"{type(error).__name__}: {error}", self._group
@@ -335,15 +313,17 @@ class Checkpointer:
             "checkpoint %s written: the loop waited %.2f s, and it was complete %.2f s after the save began",
             checkpoint_name(pending.step),
             pending.stall_s,
-            pending.done.result(),
+            pending.completion.result(),
         )
 
     def close(self) -> None:
         """This rank's write in flight finishes before the process group goes (no collective: the run may
         be stopping on an error); a failure is logged, the checkpoint left incomplete."""
         pending, self.in_flight = self.in_flight, None
-        if pending is not None and pending.done.exception() is not None:
-            log.warning("checkpoint %s was not completed: %s", pending.staging, pending.done.exception())
+        if pending is not None and pending.completion.exception() is not None:
+            log.warning(
+                "checkpoint %s was not completed: %s", pending.staging, pending.completion.exception()
+            )
         if self._finisher is not None:
             self._finisher.shutdown()
             self._stager.close()
@@ -353,9 +333,11 @@ class Checkpointer:
         renamed into place, so an interrupted write leaves the old meta.json."""
         if not self.is_main:
             return
-        if self.in_flight is not None and self.in_flight.step == step:  # its meta.json is not written yet
-            if self.in_flight.done.exception() is not None:
-                raise CheckpointError(f"step {step}: the checkpoint's background write failed")
+        if self.in_flight is not None and self.in_flight.step == step:
+            # Its meta.json exists once the write is done. A write that failed is left to wait(), which stops
+            # every rank; raised here, it would stop rank 0 alone.
+            if self.in_flight.completion.exception() is not None:
+                return
         path = self.folder / checkpoint_name(step) / META_FILE
         meta = dataclasses.replace(read_meta(path.parent), **fields)
         staging = path.with_name(META_FILE + ".tmp")

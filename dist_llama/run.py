@@ -82,8 +82,7 @@ class Run:
     @classmethod
     def start(cls, config: Config, env: DistEnv, stop: StopRequest) -> Run:
         layout = BatchLayout.of(config.train, config.data.seq_len, env.world_size)
-        saving, folder = config.checkpoint, config.run_dir / "checkpoints"
-        checkpointer = Checkpointer(folder, saving.keep_last, env.is_main, async_save=saving.async_save)
+        checkpointer = Checkpointer.of(config, env.is_main)
         resume_from = checkpointer.find_resume(config.checkpoint.resume)
         saved = read_meta(resume_from) if resume_from is not None else None
         # Both checks come before anything is written: a refusal changes nothing.
@@ -268,6 +267,7 @@ class Run:
         checkpoint.async_save only the copy out of the model's memory), and the run's end waits for the last
         one's whole write: this one is waited for here to time that too. The checkpoint was saved before the
         plan existed: its meta.json then records the plan too, so a run stopped here resumes with it."""
+        self.checkpointer.wait()  # a write still in flight (checkpoint.first_step's) would slow what is timed
         self.validate(warm_up=True)
         start = self.clock.wall()
         self.validate()
