@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
 import pytest
-from test_train import REPO, STEPS, environment, run, tiny_overrides, train_losses
+from test_train import REPO, STEPS, command, environment, run, tiny_overrides, train_losses
 
 from dist_llama.checkpoint import verify_checkpoint
 from dist_llama.checkpoint_folders import checkpoint_name
@@ -32,18 +31,8 @@ def args_for(corpus, root: Path, name: str, *extra: str) -> list[str]:
 
 
 def slow_command(nproc: int, args: list[str]) -> list[str]:
-    """test_train.command with the slowed writer as the program."""
-    if nproc == 1:
-        return [sys.executable, SLOW_WRITER, *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        SLOW_WRITER,
-        *args,
-    ]
+    """The trainer with the slowed writer as the program."""
+    return command(nproc, args, (SLOW_WRITER,))
 
 
 def checkpoint(run_dir: Path, step: int) -> Path:

@@ -55,19 +55,12 @@ def tiny_overrides(corpus: Path, val: Path, run_root: Path, name: str) -> list[s
     ]
 
 
-def command(nproc: int, args: list[str]) -> list[str]:
+def command(nproc: int, args: list[str], program: tuple[str, ...] = ("-m", "dist_llama.train")) -> list[str]:
+    """The trainer (or another program taking its arguments) on one process, or under torchrun."""
     if nproc == 1:
-        return [sys.executable, "-m", "dist_llama.train", *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "dist_llama.train",
-        *args,
-    ]
+        return [sys.executable, *program, *args]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [sys.executable, *launcher, *program, *args]
 
 
 def environment() -> dict:
