@@ -2,14 +2,16 @@
 checkpoints that are the synchronous save's; the time budget's plan.
 
 tests/slow_checkpoint_writer.py slows DCP's file writer down for the runs that need a write in flight at a
-known moment; the trainer itself is unchanged. Three 2-rank launches and one 1-rank launch (the budget run
-waits for two 3 s writes): 55 s on the 2-core machine at a load average of ~2, 85 s at ~6.
+known moment; the trainer itself is unchanged. Three 2-rank launches and two 1-rank launches (the budget run
+waits for two 3 s writes, the stopped run for one of 8 s): 55 s on the 2-core machine at a load average of
+~2 (85 s at ~6) before the stopped run was added, which took 18 s more.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from test_train import REPO, STEPS, command, environment, run, tiny_overrides, t
 
 from dist_llama.checkpoint import verify_checkpoint
 from dist_llama.checkpoint_folders import checkpoint_name
+from dist_llama.stopping import STOPPED_FILE
 
 EVERY = 4  # checkpoints at steps 4, 8 and 12 of the 12
 SLOW_WRITER = str(REPO / "tests" / "slow_checkpoint_writer.py")
@@ -145,3 +148,41 @@ def test_the_time_budget_plans_with_the_loops_stall_and_waits_for_the_last_write
     assert plan["checkpoint_s"] < delay / 3 < delay <= plan["write_s"], plan
     assert verify_checkpoint(checkpoint(tmp_path / "budget", STEPS)).budget_plan["write_s"] == plan["write_s"]
     assert "checkpoint step_00000012 written: the loop waited" in result.stderr
+
+
+def test_a_stop_signal_during_an_async_write_waits_for_it_and_saves_the_stop_s_checkpoint(corpus, tmp_path):
+    """SIGUSR1 while step 4's write is held for 8 s: the run stops after the step in flight, waits for step
+    4's write, writes the stop's checkpoint, and exits 0 with every checkpoint complete and no .tmp folder
+    left (~18 s)."""
+    args = tiny_overrides(*corpus, tmp_path, "stopped") + [
+        "--checkpoint.async_save=true",
+        "--checkpoint.every=4",
+    ]
+    run_dir = tmp_path / "stopped"
+    held = checkpoint(run_dir, 4).with_name(checkpoint_name(4) + ".tmp")
+    process = subprocess.Popen(
+        slow_command(1, args),
+        cwd=REPO,
+        env={**environment(), "SLOW_CHECKPOINT_STEPS": "4", "SLOW_CHECKPOINT_S": "8"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while steps_logged(run_dir) < 5 or not list(held.glob("*.distcp")):
+        assert process.poll() is None, "the run ended before step 5"
+        assert time.monotonic() < deadline, "step 5 was not reached within 300 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    stop = json.loads((run_dir / STOPPED_FILE).read_text())
+    assert "SIGUSR1" in stop["reason"] and 5 <= stop["step"] < STEPS, stop
+    # Which step stops depends on how soon this poll sends the signal (a slow one: only after step 8's
+    # save); whichever it is, every write was waited for and renamed.
+    names = folders(run_dir)
+    assert not [name for name in names if name.endswith(".tmp")] and names[-1] == checkpoint_name(
+        stop["step"]
+    )
+    for name in names:
+        verify_checkpoint(run_dir / "checkpoints" / name)
