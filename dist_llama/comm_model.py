@@ -50,6 +50,20 @@ class StepLayout:
     reduce_grads: str = "every_micro"
     optimizer: str = "adamw"
 
+    @classmethod
+    def of(cls, config, mesh: tuple[int, int], micro_batches: int, precision: str) -> StepLayout:
+        """A configured run's step (config.Config) on a (replicate, shard) mesh, computing in `precision`."""
+        parallel = config.parallel
+        return cls(
+            *mesh,
+            micro_batches,
+            precision,
+            parallel.reduce_dtype,
+            parallel.reshard_after_forward,
+            parallel.reduce_grads,
+            config.optim.name,
+        )
+
     @property
     def world_size(self) -> int:
         return self.replicate * self.shard

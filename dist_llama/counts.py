@@ -40,9 +40,10 @@ COLUMNS = (
 def communication_table(config, cluster_args: dict, node_counts: list[int]) -> list[str]:
     """One line per node count and layout (FSDP over every GPU; HSDP once there are several nodes), the
     recommended layout marked with *."""
-    parallel, train, seq_len = config.parallel, config.train, config.data.seq_len
+    train, seq_len = config.train, config.data.seq_len
     # On the H100s this models, `auto` computes in bf16.
-    precision = "bf16" if parallel.mixed_precision == "auto" else parallel.mixed_precision
+    requested = config.parallel.mixed_precision
+    precision = "bf16" if requested == "auto" else requested
     per_token = flops_per_token(config.model, seq_len)
     lines = [COLUMNS]
     for nodes in node_counts:
@@ -52,16 +53,7 @@ def communication_table(config, cluster_args: dict, node_counts: list[int]) -> l
         meshes = {"FSDP": (1, gpus)} | ({"HSDP": (nodes, cluster.gpus_per_node)} if nodes > 1 else {})
         costs = {}
         for name, (replicate, shard) in meshes.items():
-            layout = StepLayout(
-                replicate,
-                shard,
-                batch.accumulation_steps,
-                precision,
-                parallel.reduce_dtype,
-                parallel.reshard_after_forward,
-                parallel.reduce_grads,
-                config.optim.name,
-            )
+            layout = StepLayout.of(config, (replicate, shard), batch.accumulation_steps, precision)
             costs[name] = step_cost(config.model, layout, cluster, batch.tokens_per_rank, per_token)
         best = min(costs, key=lambda name: (costs[name].step_s, costs[name].network_bytes))
         for name, cost in costs.items():

@@ -272,16 +272,8 @@ def modelled(case: str, result: dict) -> dict:
     from hsdp_worker import BASE
 
     config = load_config(None, BASE + four_rank_cases()[case])
-    parallel = config.parallel
-    layout = StepLayout(
-        *result["mesh"],
-        result["micro_batches"],
-        training_precision(parallel, torch.device("cpu"))[0],
-        parallel.reduce_dtype,
-        parallel.reshard_after_forward,
-        parallel.reduce_grads,
-        config.optim.name,
-    )
+    precision = training_precision(config.parallel, torch.device("cpu"))[0]
+    layout = StepLayout.of(config, tuple(result["mesh"]), result["micro_batches"], precision)
     return step_collectives(config.model, layout)
 
 
