@@ -38,8 +38,27 @@ def slow_command(nproc: int, args: list[str]) -> list[str]:
     return command(nproc, args, (SLOW_WRITER,))
 
 
+def slowed(steps: str, seconds: float) -> dict:
+    """The environment in which the slowed writer holds the writes of `steps` (or `all`) for `seconds`."""
+    return {**environment(), "SLOW_CHECKPOINT_STEPS": steps, "SLOW_CHECKPOINT_S": str(seconds)}
+
+
+def wait_while_running(process: subprocess.Popen, reached, what: str) -> None:
+    """Poll until `reached()`; the run must not end before, nor take more than 300 s."""
+    deadline = time.monotonic() + 300
+    while not reached():
+        assert process.poll() is None, f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"{what} did not come within 300 s"
+        time.sleep(0.05)
+
+
 def checkpoint(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / checkpoint_name(step)
+
+
+def being_written(run_dir: Path, step: int) -> Path:
+    """The folder a checkpoint is written into until its rename."""
+    return checkpoint(run_dir, step).with_name(checkpoint_name(step) + ".tmp")
 
 
 def folders(run_dir: Path) -> list[str]:
@@ -70,20 +89,20 @@ def killed(tmp_path_factory, corpus) -> SimpleNamespace:
     (unslowed). Returns what the kill left and the resumed run."""
     root = tmp_path_factory.mktemp("killed")
     args, run_dir = args_for(corpus, root, "killed", "--checkpoint.async_save=true"), root / "killed"
-    held = checkpoint(run_dir, 8).with_name(checkpoint_name(8) + ".tmp")
+    held = being_written(run_dir, 8)
     process = subprocess.Popen(
         slow_command(2, args),
         cwd=REPO,
-        env={**environment(), "SLOW_CHECKPOINT_STEPS": "8", "SLOW_CHECKPOINT_S": "600"},
+        env=slowed("8", 600),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 300
-        while steps_logged(run_dir) < STEPS or len(list(held.glob("*.distcp"))) < 2:
-            assert process.poll() is None, "the run ended while step 8's write was held"
-            assert time.monotonic() < deadline, "the loop did not reach the last step within 300 s"
-            time.sleep(0.05)
+        wait_while_running(
+            process,
+            lambda: steps_logged(run_dir) >= STEPS and len(list(held.glob("*.distcp"))) >= 2,
+            "the last step with step 8's write held",
+        )
     finally:  # torchrun starts each worker in a session of its own: they are killed one by one
         trainers = []
         with contextlib.suppress(psutil.NoSuchProcess):  # an agent that ended has no workers left
@@ -137,9 +156,8 @@ def test_the_time_budget_plans_with_the_loops_stall_and_waits_for_the_last_write
         "--checkpoint.every=100",  # only the plan's checkpoint and the last one
         "--train.time_budget_s=600",  # far more than 12 steps need: the plan keeps train.steps
     ]
-    slowed = {**environment(), "SLOW_CHECKPOINT_STEPS": "all", "SLOW_CHECKPOINT_S": str(delay)}
     result = subprocess.run(
-        slow_command(1, args), cwd=REPO, env=slowed, capture_output=True, text=True, timeout=600
+        slow_command(1, args), cwd=REPO, env=slowed("all", delay), capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
@@ -154,25 +172,24 @@ def test_a_stop_signal_during_an_async_write_waits_for_it_and_saves_the_stop_s_c
     """SIGUSR1 while step 4's write is held for 8 s: the run stops after the step in flight, waits for step
     4's write, writes the stop's checkpoint, and exits 0 with every checkpoint complete and no .tmp folder
     left (~18 s)."""
-    args = tiny_overrides(*corpus, tmp_path, "stopped") + [
-        "--checkpoint.async_save=true",
-        "--checkpoint.every=4",
-    ]
-    run_dir = tmp_path / "stopped"
-    held = checkpoint(run_dir, 4).with_name(checkpoint_name(4) + ".tmp")
+    args, run_dir = (
+        args_for(corpus, tmp_path, "stopped", "--checkpoint.async_save=true"),
+        tmp_path / "stopped",
+    )
+    held = being_written(run_dir, 4)
     process = subprocess.Popen(
         slow_command(1, args),
         cwd=REPO,
-        env={**environment(), "SLOW_CHECKPOINT_STEPS": "4", "SLOW_CHECKPOINT_S": "8"},
+        env=slowed("4", 8),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 300
-    while steps_logged(run_dir) < 5 or not list(held.glob("*.distcp")):
-        assert process.poll() is None, "the run ended before step 5"
-        assert time.monotonic() < deadline, "step 5 was not reached within 300 s"
-        time.sleep(0.05)
+    wait_while_running(
+        process,
+        lambda: steps_logged(run_dir) >= 5 and bool(list(held.glob("*.distcp"))),
+        "step 5 with step 4's write held",
+    )
     process.send_signal(signal.SIGUSR1)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
@@ -181,8 +198,7 @@ def test_a_stop_signal_during_an_async_write_waits_for_it_and_saves_the_stop_s_c
     # Which step stops depends on how soon this poll sends the signal (a slow one: only after step 8's
     # save); whichever it is, every write was waited for and renamed.
     names = folders(run_dir)
-    assert not [name for name in names if name.endswith(".tmp")] and names[-1] == checkpoint_name(
-        stop["step"]
-    )
+    assert not [name for name in names if name.endswith(".tmp")], names
+    assert names[-1] == checkpoint_name(stop["step"]), names
     for name in names:
         verify_checkpoint(run_dir / "checkpoints" / name)
